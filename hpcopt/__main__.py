@@ -1,0 +1,3 @@
+from hpcopt.cli import main
+
+raise SystemExit(main())

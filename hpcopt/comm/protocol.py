@@ -1,0 +1,63 @@
+"""Wire protocol between workers and servers (all point-to-point on one communicator).
+
+An exchange from a worker to each server rank s is:
+  1. a header: HEADER_SIZE float64 (fields below), tag TAG_HEADER;
+  2. the worker's parameters of shard s, float32, in chunks of at most `chunk` elements, tag
+     TAG_PARAMS (MPI's non-overtaking rule keeps chunks in order);
+and the server answers with the elastic difference d = alpha (x - center) of that shard, in the
+same chunks, tag TAG_REPLY. A DONE header (no parameters) says the worker has finished.
+Servers talk to each other only through TAG_CONTROL messages from server 0 that start a
+collective flush of the trajectory file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TAG_HEADER = 11
+TAG_PARAMS = 12
+TAG_REPLY = 13
+TAG_CONTROL = 14
+
+# header kinds
+EXCHANGE = 1.0
+DONE = 2.0
+
+# header fields (float64 holds integers exactly up to 2**53)
+KIND, WORKER_ID, STEP, EXCHANGE_INDEX, TRAIN_LOSS, SAMPLES, LR, TIME = range(8)
+HEADER_SIZE = 8
+
+# control message fields: [sequence number, final?, evaluate?]
+CONTROL_SIZE = 3
+
+
+def make_header(kind: float, worker_id: int, step: int = 0, exchange_index: int = 0,
+                train_loss: float = float("nan"), samples: int = 0, lr: float = 0.0,
+                time: float = 0.0) -> np.ndarray:
+    h = np.empty(HEADER_SIZE, dtype=np.float64)
+    h[:] = (kind, worker_id, step, exchange_index, train_loss, samples, lr, time)
+    return h
+
+
+def shard_bounds(n_params: int, n_servers: int) -> list[tuple[int, int]]:
+    """Contiguous slices [lo, hi) of the flat parameter vector, one per server.
+
+    Every shard but the last has ceil(P / S) elements, so HDF5 chunks of that width line up
+    with shards and each server writes whole chunks of its own."""
+    if n_servers < 1:
+        raise ValueError("need at least one server")
+    width = -(-n_params // n_servers)
+    bounds = []
+    for s in range(n_servers):
+        lo = min(s * width, n_params)
+        bounds.append((lo, min(lo + width, n_params)))
+    if any(hi - lo == 0 for lo, hi in bounds):
+        raise ValueError(f"{n_params} parameters cannot be split over {n_servers} servers "
+                         f"(some shards would be empty); use fewer servers")
+    return bounds
+
+
+def chunk_bounds(lo: int, hi: int, chunk: int) -> list[tuple[int, int]]:
+    """Split [lo, hi) into pieces of at most `chunk` elements (at least one piece)."""
+    chunk = max(1, int(chunk))
+    return [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)] or [(lo, hi)]

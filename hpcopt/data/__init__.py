@@ -1,0 +1,74 @@
+"""Data sets: MNIST-1D (generated locally), a user HDF5 file, or a user 'module:function'.
+
+Every source yields the same dict of numpy arrays: x_train, y_train, x_test, y_test
+(x float32 of shape [n, ...], y integer class labels of shape [n]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+
+KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def mnist1d(seed: int = 42) -> dict:
+    """The standard MNIST-1D split (4000 train / 1000 test, 40 samples each), generated locally."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = seed
+    with contextlib.redirect_stdout(io.StringIO()):  # the generator prints progress
+        d = make_dataset(args)
+    return {"x_train": d["x"], "y_train": d["y"], "x_test": d["x_test"], "y_test": d["y_test"]}
+
+
+def from_hdf5(path: Path) -> dict:
+    """A user data set: an HDF5 file with datasets x_train, y_train, x_test, y_test."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as e:
+        raise ValueError(f"data file {path} is not a readable HDF5 file ({e})") from None
+    with f:
+        missing = [k for k in KEYS if k not in f]
+        if missing:
+            raise ValueError(f"data file {path} lacks dataset(s) {', '.join(missing)}; "
+                             f"it needs {', '.join(KEYS)}")
+        return {k: f[k][()] for k in KEYS}
+
+
+def load_data(name: str, seed: int = 42) -> dict:
+    if name == "mnist1d":
+        data = mnist1d(seed)
+    elif name.endswith((".h5", ".hdf5", ".hdf")) or Path(name).is_file():
+        if not Path(name).is_file():
+            raise ValueError(f"data file {name} does not exist")
+        data = from_hdf5(Path(name))
+    elif ":" in name:
+        from hpcopt.models import resolve
+
+        data = resolve(name, "data")()
+        if not isinstance(data, dict) or any(k not in data for k in KEYS):
+            raise ValueError(f"data factory {name!r} must return a dict with keys {', '.join(KEYS)}")
+    else:
+        raise ValueError(f"data {name!r} is not 'mnist1d', an existing HDF5 file, nor 'module:function'")
+    return _check({k: np.asarray(data[k]) for k in KEYS}, name)
+
+
+def _check(data: dict, name: str) -> dict:
+    for split in ("train", "test"):
+        x, y = data[f"x_{split}"], data[f"y_{split}"]
+        if len(x) != len(y):
+            raise ValueError(f"data {name}: x_{split} has {len(x)} rows but y_{split} has {len(y)}")
+        if len(x) == 0:
+            raise ValueError(f"data {name}: x_{split} is empty")
+    data["x_train"] = data["x_train"].astype(np.float32, copy=False)
+    data["x_test"] = data["x_test"].astype(np.float32, copy=False)
+    data["y_train"] = data["y_train"].astype(np.int64, copy=False)
+    data["y_test"] = data["y_test"].astype(np.int64, copy=False)
+    return data

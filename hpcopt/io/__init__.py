@@ -1,0 +1,1 @@
+"""The trajectory file (parallel HDF5 through h5py's mpio driver) and its schema."""

@@ -1,0 +1,98 @@
+"""Reading a trajectory file back: a summary for `hpcopt inspect`, with plain h5py.
+
+Opens without file locking, so a run that is still writing can be inspected."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import schema
+
+
+class TrajectoryError(ValueError):
+    """The file is missing, not HDF5, not an hpcopt trajectory, or of an unknown schema."""
+
+
+def open_trajectory(path: str | Path):
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise TrajectoryError(f"{path} does not exist")
+    if path.is_dir():
+        if (path / "trajectory.h5").exists():
+            path = path / "trajectory.h5"
+        else:
+            raise TrajectoryError(f"{path} is a directory without a trajectory.h5")
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except OSError as e:
+        raise TrajectoryError(f"{path} is not a readable HDF5 file ({e})") from None
+    fmt = f.attrs.get("format")
+    if fmt != schema.FORMAT:
+        f.close()
+        raise TrajectoryError(f"{path} is an HDF5 file but not an hpcopt trajectory "
+                              f"(attribute format={fmt!r}, expected {schema.FORMAT!r})")
+    version = int(f.attrs.get("schema_version", -1))
+    if version > schema.SCHEMA_VERSION or version < 1:
+        f.close()
+        raise TrajectoryError(f"{path} has schema version {version}; this hpcopt reads 1..{schema.SCHEMA_VERSION}")
+    return f
+
+
+def summarize(path: str | Path) -> dict:
+    with open_trajectory(path) as f:
+        a = f.attrs
+        exchanges = f["exchanges"][()]
+        evals = f["evals"][()]
+        events = f["events"][()]
+        workers = sorted(int(w) for w in np.unique(exchanges["worker_id"])) if len(exchanges) else []
+        final_acc = float(evals["test_accuracy"][-1]) if len(evals) else None
+        best = int(np.argmax(evals["test_accuracy"])) if len(evals) else None
+        return {
+            "path": str(Path(f.filename)),
+            "schema_version": int(a["schema_version"]),
+            "method": str(a["method"]),
+            "status": str(a.get("status", "unknown")),
+            "created": str(a.get("created", "")),
+            "parameters": int(a["n_parameters"]),
+            "servers": int(a["n_servers"]),
+            "workers": workers,
+            "tau": int(a["tau"]),
+            "alpha": float(a["alpha"]),
+            "exchanges": int(len(exchanges)),
+            "center_snapshots": int(f["center/params"].shape[0]),
+            "worker_snapshots": int(f["workers/params"].shape[0]),
+            "evaluations": int(len(evals)),
+            "final_center_test_accuracy": final_acc,
+            "final_center_test_loss": float(evals["test_loss"][-1]) if len(evals) else None,
+            "best_center_test_accuracy": float(evals["test_accuracy"][best]) if best is not None else None,
+            "wall_seconds": float(a.get("wall_seconds", float("nan"))),
+            "samples_seen": int(exchanges["samples"].astype(np.int64).max()) if len(exchanges) else 0,
+            "bytes_moved": int(exchanges["bytes"].sum()) if len(exchanges) else 0,
+            "events": {k.decode(): int(n) for k, n in zip(*np.unique(events["kind"], return_counts=True))} if len(events) else {},
+            "hosts": sorted(set(json.loads(a.get("hosts", "{}")).values())),
+            "mpi_library": str(a.get("mpi_library", "")).splitlines()[0] if a.get("mpi_library") else "",
+        }
+
+
+def format_summary(s: dict) -> str:
+    acc = s["final_center_test_accuracy"]
+    lines = [
+        f"{s['path']}  (hpcopt trajectory, schema {s['schema_version']}, {s['status']})",
+        f"  method            {s['method']}  tau={s['tau']}  alpha={s['alpha']:.4g}",
+        f"  model             {s['parameters']:,} parameters over {s['servers']} server shard(s)",
+        f"  workers           {len(s['workers'])}: ids {s['workers']}",
+        f"  exchanges         {s['exchanges']:,}  ({s['bytes_moved'] / 1e6:,.1f} MB moved)",
+        f"  snapshots         {s['center_snapshots']} center, {s['worker_snapshots']} worker",
+        f"  evaluations       {s['evaluations']}",
+        "  center test acc   " + (f"{100 * acc:.2f}% final, {100 * s['best_center_test_accuracy']:.2f}% best" if acc is not None else "none yet"),
+        f"  wall time         {s['wall_seconds']:.1f} s",
+        f"  events            " + ", ".join(f"{k} x{n}" for k, n in s["events"].items()),
+        f"  hosts             {', '.join(s['hosts'])}",
+        f"  MPI               {s['mpi_library']}",
+    ]
+    return "\n".join(lines)

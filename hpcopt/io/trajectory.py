@@ -1,0 +1,90 @@
+"""Writing the trajectory file: collective over the server communicator.
+
+Every server rank opens OUT/trajectory.h5 with h5py's mpio driver and writes its own column
+slice [lo, hi) of the parameter datasets; server 0 alone writes the small tables. HDF5 needs
+every structural call (create, resize, attribute write, close) made by all ranks with the same
+arguments, so all writing happens in `flush`, which all servers enter together; between two
+flushes records are buffered in memory. Few, large, collective writes are also what parallel
+HDF5 is fastest at.
+"""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+from mpi4py import MPI
+
+from . import schema
+
+
+class TrajectoryWriter:
+    def __init__(self, path: str, comm: MPI.Comm, *, n_params: int, lo: int, hi: int,
+                 shard_width: int, attrs: dict, model_attrs: dict):
+        """Collective over `comm` (the server ranks): create the file and its datasets."""
+        self.comm, self.lo, self.hi, self.n_params = comm, lo, hi, n_params
+        self.leader = comm.rank == 0
+        self.f = h5py.File(path, "w", driver="mpio", comm=comm)
+        f = self.f
+        for k, v in attrs.items():
+            f.attrs[k] = str(v) if isinstance(v, str) else v
+        f.attrs["format"] = schema.FORMAT
+        f.attrs["schema_version"] = schema.SCHEMA_VERSION
+        f.attrs["status"] = "running"
+        model = f.create_group("model")
+        for k, v in model_attrs.items():
+            model.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
+        # Chunks line up with shards (every shard but the last is shard_width wide), so each
+        # server writes whole chunks; several rows per chunk when rows are small (~1 MB chunks).
+        rows = max(1, min(1024, (1 << 20) // (4 * shard_width)))
+        chunks = (rows, shard_width)
+        self.center = f.create_dataset("center/params", (0, n_params), "<f4", maxshape=(None, n_params), chunks=chunks)
+        self.center_meta = f.create_dataset("center/meta", (0,), schema.CENTER_META, maxshape=(None,), chunks=(1024,))
+        self.workers = f.create_dataset("workers/params", (0, n_params), "<f4", maxshape=(None, n_params), chunks=chunks)
+        self.workers_meta = f.create_dataset("workers/meta", (0,), schema.WORKER_META, maxshape=(None,), chunks=(1024,))
+        self.tables = {name: f.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(1024,))
+                       for name, dtype in schema.TABLES.items()}
+        f.flush()
+
+    def _append_params(self, dset, meta, rows: list[np.ndarray], meta_rows: np.ndarray | None) -> None:
+        """Collective: append len(rows) rows (same count on every rank); this rank's columns."""
+        n = len(rows)
+        if n == 0:
+            return
+        base = dset.shape[0]
+        dset.resize(base + n, axis=0)
+        meta.resize(base + n, axis=0)
+        block = np.stack(rows) if n > 1 else rows[0][None, :]
+        with dset.collective:
+            dset[base:base + n, self.lo:self.hi] = block
+        if self.leader:
+            meta[base:base + n] = meta_rows
+
+    def flush(self, *, center_rows: list[np.ndarray], center_meta: np.ndarray | None,
+              worker_rows: list[np.ndarray], worker_meta: np.ndarray | None,
+              tables: dict[str, list] | None, attrs: dict | None) -> None:
+        """Collective over the servers: append agreed rows, the leader's table rows, attributes.
+
+        `center_rows` and `worker_rows` must have the same length on every rank (the caller
+        agrees on them); `*_meta`, `tables` and `attrs` are taken from the leader."""
+        self._append_params(self.center, self.center_meta, center_rows, center_meta)
+        self._append_params(self.workers, self.workers_meta, worker_rows, worker_meta)
+        counts = {name: len(rows) for name, rows in (tables or {}).items()} if self.leader else None
+        counts = self.comm.bcast(counts, root=0)
+        for name, n in counts.items():
+            if n == 0:
+                continue
+            dset = self.tables[name]
+            base = dset.shape[0]
+            dset.resize(base + n, axis=0)
+            if self.leader:
+                dset[base:base + n] = np.array(tables[name], dtype=dset.dtype)
+        attrs = self.comm.bcast(attrs if self.leader else None, root=0)
+        for k, v in (attrs or {}).items():
+            self.f.attrs[k] = v
+        self.f.flush()
+
+    def close(self) -> None:
+        """Collective."""
+        self.f.close()

@@ -1,0 +1,1 @@
+"""Process management: who am I (rank, node, local rank), roles, and failing the whole job."""

@@ -1,0 +1,1 @@
+"""Optimizer math: pure functions on flat tensors, no MPI. Transport lives in hpcopt.comm."""

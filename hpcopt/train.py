@@ -1,0 +1,210 @@
+"""`hpcopt train`: asynchronous EASGD / EAMSGD under MPI.
+
+    mpirun -n 5 hpcopt train --config configs/mnist1d_easgd.toml --out runs/mine
+
+World ranks 0..S-1 are servers (each owns one contiguous shard of the center), the rest are
+workers. Every worker trains on its own and, every tau local steps, exchanges with the center
+(Zhang et al. 2015, Algorithm 1; Nesterov local steps make it EAMSGD, Algorithm 2). The servers
+record the trajectory to OUT/trajectory.h5; server 0 evaluates the center on the test set.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hpcopt import __version__
+from hpcopt.config import Config
+from hpcopt.data import load_data
+from hpcopt.launch.env import Environment
+from hpcopt.models import FlatModel, build_model
+from hpcopt.optim.easgd import default_alpha
+from hpcopt.optim.local import SGDStep
+from hpcopt.optim.schedule import learning_rate
+
+
+class UsageError(RuntimeError):
+    """A problem with what the user asked for, found identically on every rank."""
+
+
+def _on_root(world, fn):
+    """Run fn on rank 0 only; every rank gets its result, or the same UsageError."""
+    result, error = None, None
+    if world.rank == 0:
+        try:
+            result = fn()
+        except (ValueError, OSError, UsageError) as e:
+            error = str(e)
+    result, error = world.bcast((result, error), root=0)
+    if error:
+        raise UsageError(error)
+    return result
+
+
+def _prepare_run_dir(cfg: Config, force: bool) -> str:
+    out = Path(cfg.run.out)
+    path = out / "trajectory.h5"
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists; choose another --out, or pass --force to overwrite it")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(cfg.to_toml())
+    if path.exists():
+        path.unlink()
+    return str(path)
+
+
+def _load_data(cfg: Config, world) -> dict:
+    if cfg.data.name.endswith((".h5", ".hdf5", ".hdf")):
+        try:  # a user file: every rank reads it on its own
+            return load_data(cfg.data.name, cfg.data.seed)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return _on_root(world, lambda: load_data(cfg.data.name, cfg.data.seed))
+
+
+def train(cfg: Config, *, force: bool = False, log=print) -> dict | None:
+    """Run a training; collective over MPI.COMM_WORLD. Returns a summary on world rank 0."""
+    from mpi4py import MPI
+
+    from hpcopt.comm.client import CenterClient
+    from hpcopt.comm.protocol import shard_bounds
+
+    world = MPI.COMM_WORLD
+    env = Environment.from_mpi(world)
+    S = cfg.run.servers
+    if world.size < S + 1:
+        raise UsageError(f"{world.size} rank(s) cannot hold {S} server(s) and at least one worker; "
+                         f"run e.g. `mpirun -n {S + 4} hpcopt train ...` (S servers + 4 workers)")
+    torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    is_server = world.rank < S
+    role = world.Split(0 if is_server else 1, world.rank)
+
+    path = _on_root(world, lambda: _prepare_run_dir(cfg, force))
+    data = _load_data(cfg, world)
+    try:
+        model = build_model(cfg.model.name, cfg.model.kwargs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    flat = FlatModel(model)
+    world.Bcast(flat.params.numpy(), root=0)  # one initial point for center and workers
+    n_params = flat.numel
+    try:
+        bounds = shard_bounds(n_params, S)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    workers = {r: r - S for r in range(S, world.size)}
+    alpha = cfg.easgd.alpha or default_alpha(cfg.easgd.beta, len(workers))
+    chunk = max(1, int(cfg.comm.chunk_mb * 1e6 / 4))
+    hosts = dict(enumerate(world.allgather(env.host)))
+    if world.rank == 0:
+        log(f"hpcopt {__version__}: {cfg.run.method} with {S} server(s) + {len(workers)} worker(s), "
+            f"{n_params:,} parameters, tau={cfg.easgd.tau}, alpha={alpha:.4g}, out={path}")
+
+    world.Barrier()
+    start = time.monotonic()
+    if is_server:
+        return _serve(cfg, world, role, flat, data, bounds, workers, alpha, chunk, hosts, path, start, log)
+    client = CenterClient(world, list(range(S)), bounds, flat.params, chunk=chunk, timeout=cfg.comm.timeout)
+    run_worker(cfg, workers[world.rank], flat, data, client, start)
+    return None
+
+
+def _serve(cfg, world, role, flat, data, bounds, workers, alpha, chunk, hosts, path, start, log):
+    import h5py
+    from mpi4py import MPI
+
+    from hpcopt.comm.server import CenterServer
+    from hpcopt.evaluate import Evaluator
+    from hpcopt.io.trajectory import TrajectoryWriter
+
+    lo, hi = bounds[role.rank]
+    attrs = {
+        "method": cfg.run.method, "config": cfg.to_toml(), "hpcopt_version": __version__,
+        "torch_version": str(torch.__version__), "h5py_version": h5py.version.version,
+        "hdf5_version": h5py.version.hdf5_version, "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
+        "hosts": json.dumps(hosts), "server_ranks": json.dumps(list(range(len(bounds)))),
+        "n_servers": len(bounds), "n_workers": len(workers), "n_parameters": flat.numel,
+        "alpha": alpha, "beta": cfg.easgd.beta, "tau": cfg.easgd.tau, "seed": cfg.run.seed,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shard_bounds": json.dumps(bounds),
+    }
+    model_attrs = {"name": cfg.model.name, "kwargs": cfg.model.kwargs, **flat.layout()}
+    writer = TrajectoryWriter(path, role, n_params=flat.numel, lo=lo, hi=hi,
+                              shard_width=bounds[0][1] - bounds[0][0], attrs=attrs, model_attrs=model_attrs)
+    evaluator = None
+    if role.rank == 0:
+        eval_model = FlatModel(build_model(cfg.model.name, cfg.model.kwargs))
+        evaluator = Evaluator(eval_model, data["x_test"], data["y_test"])
+    server = CenterServer(
+        world=world, servers=role, workers=workers, bounds=bounds,
+        center=flat.params.numpy()[lo:hi].copy(), alpha=alpha, chunk=chunk, timeout=cfg.comm.timeout,
+        center_every=cfg.record.center_every, worker_every=cfg.record.worker_every,
+        flush_seconds=cfg.record.flush_seconds, eval_seconds=cfg.record.eval_seconds,
+        writer=writer, evaluator=evaluator, deterministic=cfg.run.deterministic, start=start,
+        hosts=hosts, log=log)
+    server.event("start", detail=f"{len(workers)} workers, {len(bounds)} servers")
+    for rank in sorted(workers):
+        server.event("join", rank, 0, "initial worker")
+    summary = server.serve()
+    if role.rank != 0:
+        return None
+    summary["path"] = path
+    summary["final_center_test_accuracy"] = evaluator.last[3] if evaluator.last else float("nan")
+    return summary
+
+
+def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client, start: float) -> None:
+    """A worker's local training with an exchange every tau steps (and one at the end)."""
+    from hpcopt.comm import protocol as P
+
+    x = torch.from_numpy(data["x_train"])
+    y = torch.from_numpy(data["y_train"])
+    n = len(x)
+    batch = min(cfg.data.batch_size, n)
+    steps_per_epoch = n // batch  # full batches only
+    total = max(1, round(cfg.train.epochs * steps_per_epoch))
+    warmup = round(cfg.train.warmup_epochs * steps_per_epoch)
+    tau = cfg.easgd.tau
+    gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + worker_id)
+    local = SGDStep(flat.params, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.train.weight_decay)
+    module = flat.module
+    module.train()
+    loss_of = getattr(module, "loss", None)  # a user model may define loss(x, y); else cross-entropy
+    loss_sum, loss_n, k, lr, perm = 0.0, 0, 0, cfg.train.lr, None
+
+    def exchange(step):
+        nonlocal loss_sum, loss_n, k
+        k += 1
+        header = P.make_header(P.EXCHANGE, worker_id, step, k, loss_sum / max(loss_n, 1),
+                               step * batch, lr, time.monotonic() - start)
+        client.exchange(header)
+        loss_sum, loss_n = 0.0, 0
+
+    for step in range(total):
+        if step and step % tau == 0:
+            exchange(step)
+        i = step % steps_per_epoch
+        if i == 0:
+            perm = torch.randperm(n, generator=gen)
+        idx = perm[i * batch:(i + 1) * batch]
+        lr = learning_rate(step, total, cfg.train.lr, cfg.train.schedule, warmup)
+        loss = loss_of(x[idx], y[idx]) if loss_of else F.cross_entropy(module(x[idx]), y[idx])
+        flat.zero_grad()
+        loss.backward()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"worker {worker_id}: training loss is {value} at local step {step}; "
+                                     f"lower train.lr (now {cfg.train.lr})")
+        local.step(flat.params, flat.grads, lr)
+        loss_sum += value
+        loss_n += 1
+    exchange(total)
+    client.done(worker_id, total)
+
