@@ -66,10 +66,11 @@ def _cmd_train(args) -> int:
         if rank == 0:
             print(f"hpcopt train: error: {e}", file=sys.stderr)
         return 2
-    if summary is not None:
+    if summary is not None and "path" in summary:
         acc = summary["final_center_test_accuracy"]
         log(f"done: {summary['exchanges']} exchanges in {summary['wall_seconds']:.1f} s; "
-            f"final center test accuracy {100 * acc:.2f}%")
+            f"final center test accuracy {100 * acc:.2f}%; server 0 used {summary['cpu_seconds']:.1f} s CPU "
+            f"({summary['polls']} polls)")
         log(f"trajectory: {summary['path']}   (see it with: hpcopt inspect {summary['path']})")
     return 0
 

@@ -68,8 +68,9 @@ def _load_data(cfg: Config, world) -> dict:
     return _on_root(world, lambda: load_data(cfg.data.name, cfg.data.seed))
 
 
-def train(cfg: Config, *, force: bool = False, log=print) -> dict | None:
-    """Run a training; collective over MPI.COMM_WORLD. Returns a summary on world rank 0."""
+def train(cfg: Config, *, force: bool = False, log=print) -> dict:
+    """Run a training; collective over MPI.COMM_WORLD. Returns a summary: the run's on server 0,
+    the worker's own counts on a worker, None on other servers."""
     from mpi4py import MPI
 
     from hpcopt.comm.client import CenterClient
@@ -112,8 +113,7 @@ def train(cfg: Config, *, force: bool = False, log=print) -> dict | None:
     if is_server:
         return _serve(cfg, world, role, flat, data, bounds, workers, alpha, chunk, hosts, path, start, log)
     client = CenterClient(world, list(range(S)), bounds, flat.params, chunk=chunk, timeout=cfg.comm.timeout)
-    run_worker(cfg, workers[world.rank], flat, data, client, start)
-    return None
+    return run_worker(cfg, workers[world.rank], flat, data, client, start)
 
 
 def _serve(cfg, world, role, flat, data, bounds, workers, alpha, chunk, hosts, path, start, log):
@@ -160,8 +160,9 @@ def _serve(cfg, world, role, flat, data, bounds, workers, alpha, chunk, hosts, p
     return summary
 
 
-def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client, start: float) -> None:
-    """A worker's local training with an exchange every tau steps (and one at the end)."""
+def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client, start: float) -> dict:
+    """A worker's local training with an exchange every tau steps (and one at the end).
+    Returns the worker's counts: steps, samples, seconds."""
     from hpcopt.comm import protocol as P
 
     x = torch.from_numpy(data["x_train"])
@@ -178,6 +179,7 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
     module.train()
     loss_of = getattr(module, "loss", None)  # a user model may define loss(x, y); else cross-entropy
     loss_sum, loss_n, k, lr, perm = 0.0, 0, 0, cfg.train.lr, None
+    t0 = time.perf_counter()
 
     def exchange(step):
         nonlocal loss_sum, loss_n, k
@@ -207,4 +209,6 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
         loss_n += 1
     exchange(total)
     client.done(worker_id, total)
+    return {"worker_id": worker_id, "steps": total, "samples": total * batch, "exchanges": k,
+            "seconds": time.perf_counter() - t0}
 

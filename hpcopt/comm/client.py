@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from mpi4py import MPI
@@ -9,7 +11,7 @@ from mpi4py import MPI
 from hpcopt.optim.easgd import worker_exchange_
 
 from . import protocol as P
-from .wait import wait_all
+from .wait import Backoff, PeerTimeout, wait_all
 
 
 class CenterClient:
@@ -30,17 +32,38 @@ class CenterClient:
 
     def exchange(self, header: np.ndarray) -> None:
         """One elastic exchange: x <- x - alpha (x - center) on every shard.
-        The servers update the center by the opposite amount."""
-        reqs = []
+        The servers update the center by the opposite amount. Each reply chunk is applied as
+        soon as it is in (and its own send is done), while later chunks are still travelling."""
+        recvs, sends, spans, headers = [], [], [], []
         for server, chunks in zip(self.servers, self.chunks):
             for a, b in chunks:
-                reqs.append(self.comm.Irecv(self.d[a:b], source=server, tag=P.TAG_REPLY))
+                recvs.append(self.comm.Irecv(self.d[a:b], source=server, tag=P.TAG_REPLY))
+                spans.append((a, b))
         for server, chunks in zip(self.servers, self.chunks):
-            reqs.append(self.comm.Isend(header, dest=server, tag=P.TAG_HEADER))
+            headers.append(self.comm.Isend(header, dest=server, tag=P.TAG_HEADER))
             for a, b in chunks:
-                reqs.append(self.comm.Isend(self.x[a:b], dest=server, tag=P.TAG_PARAMS))
-        wait_all(reqs, self.timeout, f"the center's reply (server ranks {self.servers})")
-        worker_exchange_(self.params, self.diff)
+                sends.append(self.comm.Isend(self.x[a:b], dest=server, tag=P.TAG_PARAMS))
+        todo = list(range(len(spans)))
+        deadline = time.monotonic() + self.timeout
+        backoff = Backoff()
+        while todo:
+            # x[a:b] may change only once its send is complete and its reply is in
+            done = [i for i in todo if recvs[i].Test() and sends[i].Test()]
+            for i in done:
+                a, b = spans[i]
+                worker_exchange_(self.params[a:b], self.diff[a:b])
+            if done:
+                todo = [i for i in todo if i not in done]
+                backoff.reset()
+            elif time.monotonic() > deadline:
+                for i in todo:
+                    for r in (recvs[i], sends[i]):
+                        r.Cancel()
+                raise PeerTimeout(f"no reply from the center (server ranks {self.servers}) "
+                                  f"within {self.timeout:g} s (comm.timeout)")
+            else:
+                backoff.idle()
+        wait_all(headers, self.timeout, f"server ranks {self.servers} to take the exchange header")
 
     def done(self, worker_id: int, step: int) -> None:
         """Tell every server this worker has finished."""

@@ -110,7 +110,9 @@ class CenterServer:
             self._control_req = self.servers.Irecv(self._control, source=0, tag=P.TAG_CONTROL)
             self._control_deadline = time.monotonic() + self.flush_seconds + self.timeout
         backoff = Backoff()
+        cpu0, loops = time.process_time(), 0
         while not self.finished:
+            loops += 1
             progress = self._poll_headers()
             progress |= self._poll_exchanges()
             if self.leader:
@@ -128,7 +130,8 @@ class CenterServer:
             self._header_req.Wait()
         for reqs in self.replies.values():
             wait_all(reqs, self.timeout, "workers to take their last replies")
-        return {"exchanges": self.exchanges, "wall_seconds": self.now()}
+        return {"exchanges": self.exchanges, "wall_seconds": self.now(), "polls": loops,
+                "cpu_seconds": time.process_time() - cpu0}
 
     def _poll_headers(self) -> bool:
         progress = False

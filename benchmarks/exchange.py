@@ -1,0 +1,94 @@
+"""Exchange bandwidth against raw MPI Send/Recv of the same bytes, between the same two ranks.
+
+    mpirun -n 2 .venv/bin/python benchmarks/exchange.py [--reps 20] [--sizes 1e6,1e7]
+
+Rank 0 is a real hpcopt server (CenterServer, trajectory file in a temp dir), rank 1 a real
+worker client. For each size P (float32 parameters) it times, alternating, R round trips of
+  raw       rank 1 Send(P floats) -> rank 0 Recv, rank 0 Send(P floats) -> rank 1 Recv (blocking)
+  exchange  CenterClient.exchange(): P floats to the server, elastic update, P floats back
+and prints bandwidth = 2 * 4P bytes / round-trip time for both, and their ratio (goal >= 0.8).
+"""
+
+import argparse
+import tempfile
+import time
+
+import mpi4py
+
+mpi4py.rc.thread_level = "funneled"
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from hpcopt.comm.client import CenterClient  # noqa: E402
+from hpcopt.comm.protocol import EXCHANGE, make_header  # noqa: E402
+from hpcopt.comm.server import CenterServer  # noqa: E402
+from hpcopt.io.trajectory import TrajectoryWriter  # noqa: E402
+
+
+def raw_round_trips(comm, buf, reps):
+    comm.Barrier()
+    t = time.perf_counter()
+    for _ in range(reps):
+        if comm.rank == 1:
+            comm.Send(buf, dest=0, tag=1)
+            comm.Recv(buf, source=0, tag=2)
+        else:
+            comm.Recv(buf, source=1, tag=1)
+            comm.Send(buf, dest=1, tag=2)
+    return (time.perf_counter() - t) / reps
+
+
+def exchange_round_trips(comm, n, reps, chunk, tmp):
+    servers = comm.Split(0 if comm.rank == 0 else 1, comm.rank)
+    comm.Barrier()
+    if comm.rank == 0:
+        writer = TrajectoryWriter(f"{tmp}/bench.h5", servers, n_params=n, lo=0, hi=n, shard_width=n,
+                                  attrs={}, model_attrs={})
+        server = CenterServer(world=comm, servers=servers, workers={1: 0}, bounds=[(0, n)],
+                              center=np.zeros(n, np.float32), alpha=0.5, chunk=chunk, timeout=60,
+                              center_every=10**9, worker_every=0, flush_seconds=3600, eval_seconds=3600,
+                              writer=writer, start=time.monotonic(), hosts={})
+        server.serve()
+        result = None
+    else:
+        params = torch.ones(n)
+        client = CenterClient(comm, [0], [(0, n)], params, chunk=chunk, timeout=60)
+        header = make_header(EXCHANGE, 0)
+        client.exchange(header)  # warm-up
+        t = time.perf_counter()
+        for _ in range(reps):
+            client.exchange(header)
+        result = (time.perf_counter() - t) / reps
+        client.done(0, 0)
+    servers.Free()
+    return comm.bcast(result, root=1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sizes", default="1e6,1e7", help="parameter counts, comma-separated")
+    ap.add_argument("--chunk-mb", type=float, default=4.0)
+    args = ap.parse_args()
+    comm = MPI.COMM_WORLD
+    if comm.size != 2:
+        raise SystemExit("run with exactly 2 ranks: mpirun -n 2 python benchmarks/exchange.py")
+    tmp = comm.bcast(tempfile.mkdtemp() if comm.rank == 0 else None)
+    if comm.rank == 0:
+        print(f"{'parameters':>11} {'MB':>6} {'raw GB/s':>9} {'exchange GB/s':>14} {'ratio':>6}")
+    for n in (int(float(s)) for s in args.sizes.split(",")):
+        buf = np.ones(n, np.float32)
+        raw_round_trips(comm, buf, 2)  # warm-up
+        raw, exch = [], []
+        for _ in range(3):  # alternate, so drift hits both the same
+            raw.append(raw_round_trips(comm, buf, args.reps))
+            exch.append(exchange_round_trips(comm, n, args.reps, int(args.chunk_mb * 1e6 / 4), tmp))
+        t_raw, t_ex = min(raw), min(exch)
+        if comm.rank == 0:
+            gb = 2 * 4 * n / 1e9
+            print(f"{n:>11,} {4 * n / 1e6:>6.0f} {gb / t_raw:>9.2f} {gb / t_ex:>14.2f} {t_raw / t_ex:>6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

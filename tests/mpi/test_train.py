@@ -1,0 +1,165 @@
+"""End-to-end training under real `mpirun` with real parallel HDF5, at several world sizes."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import hpcopt, mpirun
+
+import quadratic  # tests/plugins, also on the ranks' PYTHONPATH
+
+pytestmark = pytest.mark.mpi
+
+
+def read(path):
+    f = h5py.File(path, "r", locking=False)
+    return f
+
+
+def test_one_rank_is_a_clear_error(tmp_path):
+    p = mpirun(1, "train", "--out", str(tmp_path / "r"), check=False)
+    assert p.returncode == 2
+    assert "cannot hold 1 server(s) and at least one worker" in p.stderr
+
+
+def test_config_error_is_reported_once_under_mpirun(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[easgd]\ntua = 3\n")
+    p = mpirun(3, "train", "--config", str(cfg), check=False)
+    assert p.returncode != 0
+    assert p.stderr.count("unknown key(s) easgd.tua") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("n,servers", [(2, 1), (4, 2), (6, 1)])  # 6 ranks on 2 cores: oversubscribed
+def test_mnist1d_run_writes_a_complete_trajectory(tmp_path, tiny_mnist1d, n, servers):
+    p = mpirun(n, "train", *tiny_mnist1d, "--run.servers", str(servers), "--record.worker_every", "2")
+    assert "final center test accuracy" in p.stdout
+    path = tmp_path / "run" / "trajectory.h5"
+    workers = n - servers
+    with read(path) as f:
+        a = f.attrs
+        assert a["format"] == "hpcopt.trajectory" and a["schema_version"] == 1 and a["status"] == "complete"
+        assert a["n_servers"] == servers and a["n_workers"] == workers
+        P = int(a["n_parameters"])
+        assert P == 5210 and f["center/params"].shape[1] == P and f["workers/params"].shape[1] == P
+        ex = f["exchanges"][()]
+        steps_per_worker = 3 * (4000 // 100)
+        per_worker = steps_per_worker // 4  # tau=4, the last exchange is at the final step
+        assert len(ex) == workers * per_worker
+        assert sorted(np.unique(ex["worker_id"])) == list(range(workers))
+        for w in range(workers):
+            mine = ex[ex["worker_id"] == w]
+            assert mine["exchange"].tolist() == list(range(1, per_worker + 1))
+            assert mine["step"].tolist() == [4 * k for k in range(1, per_worker + 1)]
+        assert np.all(np.diff(ex["time"]) >= 0) and np.all(np.isfinite(ex["train_loss"]))
+        # center snapshots: every 10 exchanges from 0, plus the final center
+        meta = f["center/meta"][()]
+        assert meta["exchanges"][0] == 0 and meta["exchanges"][-1] == len(ex)
+        assert f["center/params"].shape[0] == len(meta)
+        np.testing.assert_array_equal(meta["exchanges"][:-1] % 10, 0)
+        # the initial center is the model every rank started from; training moved it
+        c = f["center/params"]
+        assert np.all(np.isfinite(c[-1])) and not np.allclose(c[0], c[-1])
+        wmeta = f["workers/meta"][()]
+        assert len(wmeta) == workers * (per_worker // 2) and np.all(wmeta["exchange"] % 2 == 0)
+        ev = f["evals"][()]
+        assert len(ev) >= 1 and ev["exchanges"][-1] == len(ex)
+        assert 0.2 < ev["test_accuracy"][-1] <= 1.0  # 3 epochs of the CNN: twice chance or better
+        kinds = [k.decode() for k in f["events"]["kind"]]
+        assert kinds[0] == "start" and kinds[-1] == "end"
+        assert kinds.count("join") == workers and kinds.count("leave") == workers
+        assert "[train]" in a["config"] and json.loads(f["model"].attrs["shapes"])[0] == [25, 1, 5]
+
+    s = json.loads(hpcopt("inspect", "--json", str(path)).stdout)
+    for key in ("schema_version", "method", "workers", "exchanges", "center_snapshots",
+                "final_center_test_accuracy", "parameters", "wall_seconds"):
+        assert key in s
+    assert s["workers"] == list(range(workers)) and s["exchanges"] == len(ex) and s["parameters"] == 5210
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny_mnist1d):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "trajectory.h5").write_bytes(b"precious")
+    p = mpirun(2, "train", *tiny_mnist1d, check=False)
+    assert p.returncode == 2 and "already exists" in p.stderr
+    assert (out / "trajectory.h5").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("n,servers", [(5, 1), (6, 2)])
+def test_center_converges_on_noisy_quadratic(tmp_path, n, servers):
+    mpirun(n, "train", "--out", str(tmp_path / "q"), "--model.name", "quadratic:model",
+           "--data.name", "quadratic:data", "--run.servers", str(servers), "--train.epochs", "10",
+           "--train.lr", "0.2", "--easgd.tau", "4", "--data.batch_size", "100")
+    with read(tmp_path / "q" / "trajectory.h5") as f:
+        c = f["center/params"]
+        start, end = c[0], c[-1]
+        assert f.attrs["n_workers"] == n - servers
+    xstar = quadratic.optimum()
+    assert np.linalg.norm(start - xstar) > 10
+    # the noise of the whole training set shifts the empirical optimum by ~1/sqrt(4000) per axis
+    assert np.linalg.norm(end - xstar) < 0.05 * np.linalg.norm(start - xstar)
+    assert np.linalg.norm(end - xstar) < 0.25
+
+
+def replay_easgd(exchanges, x0, lr, alpha, h, xstar):
+    """NumPy replay of asynchronous EASGD (Algorithm 1) in the recorded serving order, for the
+    noiseless quadratic: returns the worker parameters at each exchange and the center after it."""
+    x = {}
+    steps = {}
+    c = x0.astype(np.float64).copy()
+    workers_at, centers = [], []
+    for row in exchanges:
+        w, s = int(row["worker_id"]), int(row["step"])
+        xi = x.setdefault(w, x0.astype(np.float64).copy())
+        for _ in range(s - steps.get(w, 0)):
+            xi -= lr * h * (xi - xstar)
+        steps[w] = s
+        workers_at.append(xi.copy())
+        d = alpha * (xi - c)
+        xi -= d
+        c += d
+        centers.append(c.copy())
+    return workers_at, centers
+
+
+@pytest.mark.parametrize("n,servers,chunk_mb", [(4, 1, 4.0), (5, 2, 20e-6)])  # 20e-6 MB: 5-float chunks
+def test_deterministic_mode_records_exactly_what_workers_had(tmp_path, n, servers, chunk_mb):
+    out = tmp_path / "d"
+    args = ["--out", str(out), "--model.name", "quadratic:model", "--data.name", "quadratic:noiseless",
+            "--run.servers", str(servers), "--run.deterministic", "true", "--train.epochs", "6",
+            "--train.schedule", "constant", "--train.lr", "0.1", "--easgd.tau", "4",
+            "--record.center_every", "1", "--record.worker_every", "1", "--comm.chunk_mb", str(chunk_mb),
+            "--run.method", "easgd"]
+    mpirun(n, "train", *args)
+    workers = n - servers
+    with read(out / "trajectory.h5") as f:
+        ex = f["exchanges"][()]
+        alpha = float(f.attrs["alpha"])
+        centers = f["center/params"][()]
+        cmeta = f["center/meta"][()]
+        wparams = f["workers/params"][()]
+        wmeta = f["workers/meta"][()]
+    assert alpha == pytest.approx(0.9 / workers)
+    # fixed round-robin serving order
+    assert ex["worker_id"].tolist() == list(range(workers)) * (len(ex) // workers)
+    x0 = centers[0]
+    want_workers, want_centers = replay_easgd(ex, x0, 0.1, alpha, quadratic.curvature(), quadratic.optimum())
+    got_workers = {(int(m["worker_id"]), int(m["exchange"])): p for m, p in zip(wmeta, wparams)}
+    assert len(got_workers) == len(ex)
+    for row, want in zip(ex, want_workers):
+        got = got_workers[(int(row["worker_id"]), int(row["exchange"]))]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert cmeta["exchanges"].tolist() == list(range(len(ex) + 1))
+    np.testing.assert_allclose(centers[1:], np.array(want_centers), rtol=1e-5, atol=1e-5)
+
+    # bit-reproducible: a second run writes the same numbers
+    mpirun(n, "train", *args, "--force")
+    with read(out / "trajectory.h5") as f:
+        np.testing.assert_array_equal(f["center/params"][()], centers)
+        np.testing.assert_array_equal(f["workers/params"][()], wparams)

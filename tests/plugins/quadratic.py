@@ -1,0 +1,57 @@
+"""A noisy quadratic, as a user model + data plugin ('quadratic:model', 'quadratic:data').
+
+    f(w) = 1/2 sum_j h_j (w_j - x*_j - mean(xi_batch)_j)^2
+
+Each training sample is a noise vector xi; a minibatch's gradient is h (w - x* - mean xi), so the
+expected loss has its minimum at x*. Test samples are zero: the test loss is the exact f at x*.
+"""
+
+import numpy as np
+import torch
+from torch import nn
+
+DIM = 20
+
+
+def optimum(dim: int = DIM) -> np.ndarray:
+    return np.linspace(-1.0, 1.0, dim).astype(np.float32)
+
+
+def curvature(dim: int = DIM) -> np.ndarray:
+    return np.linspace(0.5, 2.0, dim).astype(np.float32)
+
+
+class Quadratic(nn.Module):
+    def __init__(self, dim: int = DIM, init: float = 3.0):
+        super().__init__()
+        self.w = nn.Parameter(torch.full((dim,), float(init)))
+        self.register_buffer("h", torch.from_numpy(curvature(dim)))
+        self.register_buffer("xstar", torch.from_numpy(optimum(dim)))
+
+    def forward(self, x):
+        return self.w.expand(len(x), -1)
+
+    def loss(self, x, y):
+        r = self.w - self.xstar - x.mean(0)
+        return 0.5 * (self.h * r * r).sum()
+
+
+def model(**kwargs):
+    return Quadratic(**kwargs)
+
+
+def _data(n: int, sigma: float, dim: int = DIM) -> dict:
+    rng = np.random.default_rng(1234)
+    return {"x_train": (sigma * rng.standard_normal((n, dim))).astype(np.float32),
+            "y_train": np.zeros(n, dtype=np.int64),
+            "x_test": np.zeros((8, dim), dtype=np.float32), "y_test": np.zeros(8, dtype=np.int64)}
+
+
+def data():
+    """Noisy gradients: unit-variance noise per sample."""
+    return _data(4000, 1.0)
+
+
+def noiseless():
+    """Exact gradients whatever the batch: every sample is zero noise."""
+    return _data(400, 0.0)
