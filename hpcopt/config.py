@@ -126,7 +126,7 @@ class RecordConfig:
 @dataclass(kw_only=True)
 class CommConfig:
     timeout: float = _doc("seconds any wait on another rank may last before the run fails with a clear error", default=120.0)
-    chunk_mb: float = _doc("parameters travel in chunks of this many MB so the server computes while the rest arrives", default=4.0)
+    chunk_mb: float = _doc("parameters travel in chunks of this many MB so the server computes while the rest arrives", default=1.0)
 
     def __post_init__(self):
         if not self.timeout > 0:

@@ -112,7 +112,8 @@ def train(cfg: Config, *, force: bool = False, log=print) -> dict:
     start = time.monotonic()
     if is_server:
         return _serve(cfg, world, role, flat, data, bounds, workers, alpha, chunk, hosts, path, start, log)
-    client = CenterClient(world, list(range(S)), bounds, flat.params, chunk=chunk, timeout=cfg.comm.timeout)
+    client = CenterClient(world, list(range(S)), bounds, flat.params, alpha=alpha, chunk=chunk,
+                          timeout=cfg.comm.timeout)
     return run_worker(cfg, workers[world.rank], flat, data, client, start)
 
 

@@ -11,7 +11,7 @@ from mpi4py import MPI
 from hpcopt.optim.easgd import worker_exchange_
 
 from . import protocol as P
-from .wait import Backoff, PeerTimeout, wait_all
+from .wait import BUSY_CAP, Backoff, PeerTimeout, wait_all
 
 
 class CenterClient:
@@ -19,10 +19,11 @@ class CenterClient:
     difference they send back. Point-to-point on `comm`; every wait has `timeout`."""
 
     def __init__(self, comm: MPI.Comm, servers: list[int], bounds: list[tuple[int, int]],
-                 params: torch.Tensor, *, chunk: int, timeout: float):
+                 params: torch.Tensor, *, alpha: float, chunk: int, timeout: float):
         if params.device.type != "cpu" or not params.is_contiguous():
             raise ValueError("exchanges need a contiguous CPU parameter buffer")
         self.comm, self.servers, self.bounds, self.timeout = comm, servers, bounds, timeout
+        self.alpha = float(alpha)
         self.params = params
         self.x = params.numpy()  # shares memory with params: sends copy nothing
         self.diff = torch.empty_like(params)
@@ -45,13 +46,13 @@ class CenterClient:
                 sends.append(self.comm.Isend(self.x[a:b], dest=server, tag=P.TAG_PARAMS))
         todo = list(range(len(spans)))
         deadline = time.monotonic() + self.timeout
-        backoff = Backoff()
+        backoff = Backoff(cap=BUSY_CAP)
         while todo:
             # x[a:b] may change only once its send is complete and its reply is in
             done = [i for i in todo if recvs[i].Test() and sends[i].Test()]
             for i in done:
                 a, b = spans[i]
-                worker_exchange_(self.params[a:b], self.diff[a:b])
+                worker_exchange_(self.params[a:b], self.diff[a:b], self.alpha)
             if done:
                 todo = [i for i in todo if i not in done]
                 backoff.reset()

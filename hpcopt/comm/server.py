@@ -24,7 +24,14 @@ from hpcopt.io import schema
 from hpcopt.optim.easgd import center_exchange_
 
 from . import protocol as P
-from .wait import Backoff, PeerTimeout, wait_all
+from .wait import BUSY_CAP, IDLE_CAP, Backoff, PeerTimeout, wait_all
+
+
+# Receives posted ahead per exchange. Open MPI copies every matched large message during one
+# progress call, so posting all chunks at once copies the whole vector first (evicting it from
+# cache) and only then computes; a small window interleaves copy and compute chunk by chunk, and
+# the chunk is still in cache when the elastic update reads it.
+RECV_WINDOW = 2
 
 
 @dataclass
@@ -33,7 +40,8 @@ class _Exchange:
     rank: int
     header: np.ndarray
     requests: list = field(default_factory=list)  # one receive per chunk
-    next_chunk: int = 0
+    buffer: int = 0  # which of the worker's two receive buffers
+    next_chunk: int = 0  # next chunk to receive
     snapshot: np.ndarray | None = None  # copy of the received parameters, when sampled
     arrived: float = 0.0
 
@@ -62,10 +70,17 @@ class CenterServer:
         self.chunks = P.chunk_bounds(0, self.hi - self.lo, chunk)
         self.bytes_per_exchange = 2 * 4 * (bounds[-1][1]) + len(bounds) * P.HEADER_SIZE * 8
 
+        # Two receive buffers per worker: the reply to one exchange goes out of one (d is computed
+        # in place) while the receives for the worker's next exchange are already posted into the
+        # other, so its parameters flow as soon as it sends them, without waiting for the server
+        # to notice the header first.
         shard = self.hi - self.lo
-        self.recv = {r: np.empty(shard, dtype=np.float32) for r in self.workers}
-        self.recv_t = {r: torch.from_numpy(b) for r, b in self.recv.items()}
-        self.replies: dict[int, list] = {r: [] for r in self.workers}
+        self.recv = {r: (np.empty(shard, dtype=np.float32), np.empty(shard, dtype=np.float32))
+                     for r in self.workers}
+        self.recv_t = {r: tuple(torch.from_numpy(b) for b in bufs) for r, bufs in self.recv.items()}
+        self.replies: dict[int, list] = {r: [[], []] for r in self.workers}
+        self.next_buffer = {r: 0 for r in self.workers}
+        self.posted: dict[int, list | None] = {r: None for r in self.workers}
         self.active = set(self.workers)
         self.order = sorted(self.workers)  # round-robin order in deterministic mode
         self.turn = 0
@@ -102,10 +117,30 @@ class CenterServer:
                                                 self.hosts.get(rank, ""), step, detail))
 
     # ------------------------------------------------------------------ main loop
+    def _post(self, rank: int) -> None:
+        """Post the receives of `rank`'s next exchange into its free buffer."""
+        i = self.next_buffer[rank]
+        # the replies sent from this buffer two exchanges ago have arrived: the worker has sent again
+        wait_all(self.replies[rank][i], self.timeout, f"worker rank {rank} to take its reply")
+        self.replies[rank][i] = []
+        self.posted[rank] = [self._irecv(rank, i, c) for c in range(min(RECV_WINDOW, len(self.chunks)))]
+
+    def _irecv(self, rank: int, buffer: int, chunk: int):
+        a, b = self.chunks[chunk]
+        return self.world.Irecv(self.recv[rank][buffer][a:b], source=rank, tag=P.TAG_PARAMS)
+
+    def _unpost(self, rank: int) -> None:
+        for req in self.posted[rank] or []:
+            req.Cancel()
+            req.Wait()
+        self.posted[rank] = None
+
     def serve(self) -> dict:
         """Serve until every worker has finished; returns a summary (meaningful on the leader).
         Collective over the server communicator (flushes)."""
         self._header_req = self.world.Irecv(self._header, source=MPI.ANY_SOURCE, tag=P.TAG_HEADER)
+        for rank in self.workers:
+            self._post(rank)
         if not self.leader:
             self._control_req = self.servers.Irecv(self._control, source=0, tag=P.TAG_CONTROL)
             self._control_deadline = time.monotonic() + self.flush_seconds + self.timeout
@@ -124,12 +159,13 @@ class CenterServer:
             if progress:
                 backoff.reset()
             else:
-                backoff.idle()
+                backoff.idle(BUSY_CAP if self.pending else IDLE_CAP)
         if self._header_req is not None:  # nobody will send another header
             self._header_req.Cancel()
             self._header_req.Wait()
-        for reqs in self.replies.values():
-            wait_all(reqs, self.timeout, "workers to take their last replies")
+        for rank, bufs in self.replies.items():
+            self._unpost(rank)
+            wait_all(bufs[0] + bufs[1], self.timeout, "workers to take their last replies")
         return {"exchanges": self.exchanges, "wall_seconds": self.now(), "polls": loops,
                 "cpu_seconds": time.process_time() - cpu0}
 
@@ -145,15 +181,15 @@ class CenterServer:
             self.last_seen[rank] = time.monotonic()
             ex = _Exchange(rank, header, arrived=time.monotonic())
             if header[P.KIND] == P.EXCHANGE:
-                # The previous reply to this worker must be out before its buffer is reused;
-                # the worker got it (it sent again), so this returns at once.
-                wait_all(self.replies[rank], self.timeout, f"worker rank {rank} to take its reply")
-                self.replies[rank] = []
-                buf = self.recv[rank]
-                ex.requests = [self.world.Irecv(buf[a:b], source=rank, tag=P.TAG_PARAMS) for a, b in self.chunks]
+                if self.posted[rank] is None:
+                    raise RuntimeError(f"worker rank {rank} started an exchange before its last one ended")
+                ex.requests, ex.buffer = self.posted[rank], self.next_buffer[rank]
+                self.posted[rank] = None
                 k = int(header[P.EXCHANGE_INDEX])
                 if self.worker_every and k % self.worker_every == 0:
-                    ex.snapshot = np.empty_like(buf)
+                    ex.snapshot = np.empty(self.hi - self.lo, dtype=np.float32)
+            else:
+                self._unpost(rank)
             self.pending.append(ex)
         return progress
 
@@ -176,18 +212,22 @@ class CenterServer:
         progress = False
         kind = ex.header[P.KIND]
         if kind == P.EXCHANGE:
-            buf, buf_t = self.recv[ex.rank], self.recv_t[ex.rank]
+            buf, buf_t = self.recv[ex.rank][ex.buffer], self.recv_t[ex.rank][ex.buffer]
             while ex.next_chunk < len(self.chunks) and ex.requests[ex.next_chunk].Test():
                 a, b = self.chunks[ex.next_chunk]
                 if ex.snapshot is not None:
                     ex.snapshot[a:b] = buf[a:b]
-                center_exchange_(buf_t[a:b], self.center_t[a:b], self.alpha)  # buf now holds d
-                self.replies[ex.rank].append(self.world.Isend(buf[a:b], dest=ex.rank, tag=P.TAG_REPLY))
+                center_exchange_(buf_t[a:b], self.center_t[a:b], self.alpha)  # buf now holds x - center
+                self.replies[ex.rank][ex.buffer].append(self.world.Isend(buf[a:b], dest=ex.rank, tag=P.TAG_REPLY))
+                if ex.next_chunk + RECV_WINDOW < len(self.chunks):
+                    ex.requests.append(self._irecv(ex.rank, ex.buffer, ex.next_chunk + RECV_WINDOW))
                 ex.next_chunk += 1
                 progress = True
             if ex.next_chunk < len(self.chunks):
                 return progress
             self._finish_exchange(ex)
+            self.next_buffer[ex.rank] ^= 1
+            self._post(ex.rank)
         elif kind == P.DONE:
             self.active.discard(ex.rank)
             self.event("leave", ex.rank, int(ex.header[P.STEP]), "finished its epochs")

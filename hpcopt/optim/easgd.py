@@ -7,7 +7,8 @@ At an exchange between worker i (parameters x_i) and the center x~, with moving 
     x~  <- x~ + d                      the center is pulled toward the worker
 
 The two forces are equal and opposite, so x_i + x~ is conserved by an exchange. The server owns
-x~ (a shard of it) and computes d; the worker only subtracts what it gets back.
+x~ (a shard of it), computes r = x_i - x~ and moves the center by alpha r; the worker moves by
+-alpha r when r comes back (sending r rather than d saves the server a pass over memory).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ def default_alpha(beta: float, workers: int) -> float:
 
 
 def center_exchange_(x: torch.Tensor, center: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Server side, in place: turn the received worker parameters `x` into d = alpha (x - center)
-    and apply center += d. Returns `x`, which now holds d (what goes back to the worker)."""
-    x.sub_(center).mul_(alpha)
-    center.add_(x)
+    """Server side, in place: turn the received worker parameters `x` into the unscaled
+    difference r = x - center and apply center += alpha r. Returns `x`, which now holds r (what
+    goes back to the worker). Two passes over memory; the worker does the scaling."""
+    x.sub_(center)
+    center.add_(x, alpha=alpha)
     return x
 
 
-def worker_exchange_(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Worker side, in place: x -= d with d the elastic difference the server sent back."""
-    return x.sub_(d)
+def worker_exchange_(x: torch.Tensor, r: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Worker side, in place: x -= alpha r with r = x - center the difference the server sent
+    back, so x moves by exactly the opposite of the center."""
+    return x.sub_(r, alpha=alpha)

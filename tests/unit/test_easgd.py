@@ -26,9 +26,9 @@ def test_elastic_exchange_matches_numpy(alpha):
 
     center = torch.from_numpy(c0.copy())
     buf = torch.from_numpy(x0.copy())          # what the server received
-    d = center_exchange_(buf, center, alpha)   # server: buf becomes d, center moves
+    r = center_exchange_(buf, center, alpha)   # server: buf becomes x - center, center moves
     x = torch.from_numpy(x0.copy())
-    worker_exchange_(x, d)                     # worker applies the reply
+    worker_exchange_(x, r, alpha)              # worker applies the reply
     np.testing.assert_allclose(x.numpy(), want_x, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(center.numpy(), want_c, rtol=1e-6, atol=1e-6)
 
@@ -38,7 +38,7 @@ def test_elastic_forces_are_equal_and_opposite():
     x0 = rng.standard_normal(500).astype(np.float32)
     c0 = rng.standard_normal(500).astype(np.float32)
     center, buf, x = torch.from_numpy(c0.copy()), torch.from_numpy(x0.copy()), torch.from_numpy(x0.copy())
-    worker_exchange_(x, center_exchange_(buf, center, 0.3))
+    worker_exchange_(x, center_exchange_(buf, center, 0.3), 0.3)
     # the pull on the worker and on the center cancel: x + c is conserved
     np.testing.assert_allclose((x + center).numpy(), x0 + c0, rtol=1e-5, atol=1e-5)
     # and both moved toward each other by the same fraction
