@@ -88,4 +88,4 @@ say "installing hpcopt (editable) with extras [$EXTRAS]"
 "${PIP[@]}" --no-build-isolation -e ".[$EXTRAS]"
 
 echo "$TORCH_SPEC|$EXTRAS|$HDF5_DIR" > "$STAMP"
-say "done: $("$VENV/bin/python" -c 'import h5py, mpi4py, torch; from mpi4py import MPI; print(f"torch {torch.__version__}, mpi4py {mpi4py.__version__}, h5py {h5py.__version__} (parallel HDF5 {h5py.version.hdf5_version}), {MPI.Get_library_version().splitlines()[0]}")')"
+say "done: $("$VENV/bin/python" -c 'import h5py, mpi4py, torch; from mpi4py import MPI; print(f"torch {torch.__version__}, mpi4py {mpi4py.__version__}, h5py {h5py.__version__} (parallel HDF5 {h5py.version.hdf5_version}), {MPI.Get_library_version().split(chr(0))[0].splitlines()[0]}")')"
