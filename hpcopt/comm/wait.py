@@ -38,24 +38,25 @@ class PeerTimeout(RuntimeError):
 
 
 class Backoff:
-    """Between two tests: first only yield the core (`spins` rounds: a message that lands at
-    once is seen at once, and a runnable process on the same core still gets it), then sleep a
-    little longer each round (doubling from `low` up to a cap). Reset on progress."""
+    """Between two tests: for the first `spin` seconds after progress only yield the core (a
+    message that lands soon is seen at once, and a runnable process on the same core still gets
+    the core), then sleep a little longer each round (doubling from `low` up to a cap)."""
 
-    def __init__(self, low: float = 2e-5, cap: float = IDLE_CAP, spins: int = 50):
-        self.low, self.cap, self.spins = low, cap, spins
+    def __init__(self, low: float = 2e-5, cap: float = IDLE_CAP, spin: float = 1e-3):
+        self.low, self.cap, self.spin = low, cap, spin
         self.reset()
 
     def idle(self, cap: float | None = None) -> None:
-        if self.round < self.spins:
-            self.round += 1
+        if self.spin_until is None:
+            self.spin_until = time.monotonic() + self.spin
+        if time.monotonic() < self.spin_until:
             os.sched_yield()
             return
         time.sleep(self.delay)
         self.delay = min(self.delay * 2, self.cap if cap is None else cap)
 
     def reset(self) -> None:
-        self.delay, self.round = self.low, 0
+        self.delay, self.spin_until = self.low, None
 
 
 def wait_all(requests: list, timeout: float, what: str) -> None:
