@@ -45,3 +45,84 @@ class SGDStep:
         if self.buf is not None and state.get("momentum_buffer") is not None:
             self.buf.copy_(state["momentum_buffer"])
             self._started = bool(state.get("started", True))
+
+
+class AdamWStep:
+    """AdamW (Loshchilov & Hutter 2019) on flat buffers, like torch.optim.AdamW."""
+
+    def __init__(self, params: torch.Tensor, *, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2):
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay = eps, weight_decay
+        self.m = torch.zeros_like(params)
+        self.v = torch.zeros_like(params)
+        self.t = 0
+
+    def step(self, params: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        self.t += 1
+        params.mul_(1 - lr * self.weight_decay)  # decoupled weight decay
+        self.m.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
+        self.v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        bias1 = 1 - self.beta1 ** self.t
+        bias2 = 1 - self.beta2 ** self.t
+        denom = (self.v / bias2).sqrt_().add_(self.eps)
+        params.addcdiv_(self.m, denom, value=-lr / bias1)
+
+
+def sam_perturbation(grad: torch.Tensor, rho: float, eps: float = 1e-12) -> torch.Tensor:
+    """SAM (Foret et al. 2021): the ascent step e = rho g / ||g||. The descent step then uses
+    the gradient taken at x + e, applied to x."""
+    return grad * (rho / (grad.norm() + eps))
+
+
+def lars_trust_ratios(params: torch.Tensor, grad: torch.Tensor, layers: list[tuple[int, int]], *,
+                      eta: float = 1e-3, weight_decay: float = 0.0, eps: float = 1e-12) -> torch.Tensor:
+    """LARS (You et al. 2017): per-layer local learning rates eta ||x|| / (||g|| + wd ||x||);
+    1 where a layer's weights or gradient are zero."""
+    ratios = torch.ones(len(layers), dtype=params.dtype)
+    for l, (lo, hi) in enumerate(layers):
+        w, g = params[lo:hi].norm(), grad[lo:hi].norm()
+        if w > eps and g > eps:
+            ratios[l] = eta * w / (g + weight_decay * w)
+    return ratios
+
+
+class EntropySGD:
+    """Entropy-SGD (Chaudhari et al. 2017): the outer step descends the local entropy, whose
+    gradient gamma (x - mu) comes from L steps of stochastic gradient Langevin dynamics around x.
+
+        x' <- x, mu <- x
+        repeat L times:  x' <- x' - eta' (grad f(x') - gamma (x - x')) + sqrt(eta') eps_noise N(0, 1)
+                         mu <- (1 - alpha) mu + alpha x'
+        x <- x - lr gamma (x - mu)
+
+    gamma grows each outer step ("scoping"): gamma_t = gamma0 (1 + gamma1)^t.
+    """
+
+    def __init__(self, *, langevin_steps: int = 5, langevin_lr: float = 0.1, gamma0: float = 0.03,
+                 gamma1: float = 1e-3, noise: float = 1e-4, alpha: float = 0.75, seed: int = 0):
+        if langevin_steps < 1:
+            raise ValueError(f"Entropy-SGD needs at least one Langevin step, got {langevin_steps}")
+        self.L, self.eta, self.gamma0, self.gamma1 = langevin_steps, langevin_lr, gamma0, gamma1
+        self.noise, self.alpha = noise, alpha
+        self.t = 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @property
+    def gamma(self) -> float:
+        return self.gamma0 * (1 + self.gamma1) ** self.t
+
+    def step(self, params: torch.Tensor, grad_at, lr: float) -> None:
+        """`grad_at(point)` returns a (minibatch) gradient of f at `point`, a flat tensor."""
+        gamma = self.gamma
+        x_prime = params.clone()
+        mu = params.clone()
+        for _ in range(self.L):
+            g = grad_at(x_prime) - gamma * (params - x_prime)
+            x_prime.sub_(g, alpha=self.eta)
+            if self.noise:
+                x_prime.add_(torch.randn(x_prime.shape, generator=self.gen, dtype=x_prime.dtype),
+                             alpha=(self.eta ** 0.5) * self.noise)
+            mu.mul_(1 - self.alpha).add_(x_prime, alpha=self.alpha)
+        params.sub_(params - mu, alpha=lr * gamma)
+        self.t += 1

@@ -1,0 +1,58 @@
+"""GRAWA, MGRAWA, LGRAWA (Dimlioglu & Choromanska, AISTATS 2024): gradient-based weighted averaging.
+
+The center is a convex combination of the workers, weighted toward the flatter ones:
+
+    center = sum_i w_i x_i,   w_i = (1 / ||grad f(x_i)||) / sum_j (1 / ||grad f(x_j)||)
+
+one weight per worker (MGRAWA: the whole model's gradient norm) or one per layer (LGRAWA: each
+layer of the center is its own weighted average). Every tau steps each worker is pulled toward it:
+
+    x_i <- (1 - alpha) x_i + alpha center
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def inverse_norm_weights(grad_norms: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """w_i proportional to 1 / ||g_i||, summing to 1 along the first axis.
+
+    `grad_norms` has shape [p] (MGRAWA) or [p, L] (LGRAWA: one column per layer). A zero norm
+    (a worker at a stationary point) gets all the weight of its column, shared with any other
+    zero norm, rather than a division by zero."""
+    norms = grad_norms.to(torch.float64)
+    if (norms < 0).any() or not torch.isfinite(norms).all():
+        raise ValueError(f"gradient norms must be finite and >= 0, got {grad_norms.tolist()}")
+    zero = norms <= eps
+    inv = torch.where(zero, torch.zeros_like(norms), 1.0 / norms.clamp_min(eps))
+    any_zero = zero.any(dim=0, keepdim=True)
+    inv = torch.where(any_zero, zero.to(norms.dtype), inv)
+    return (inv / inv.sum(dim=0, keepdim=True)).to(grad_norms.dtype)
+
+
+def weighted_center(xs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """MGRAWA center: sum_i w_i x_i for stacked worker parameters xs [p, P] and weights [p]."""
+    if xs.shape[0] != weights.shape[0]:
+        raise ValueError(f"{xs.shape[0]} workers but {weights.shape[0]} weights")
+    return weights.to(xs.dtype) @ xs
+
+
+def layerwise_center(xs: torch.Tensor, weights: torch.Tensor, layers: list[tuple[int, int]]) -> torch.Tensor:
+    """LGRAWA center: layer l (flat slice layers[l]) is sum_i weights[i, l] x_i[slice]."""
+    if weights.shape != (xs.shape[0], len(layers)):
+        raise ValueError(f"weights must have shape [{xs.shape[0]}, {len(layers)}], got {list(weights.shape)}")
+    center = torch.empty(xs.shape[1], dtype=xs.dtype, device=xs.device)
+    for l, (lo, hi) in enumerate(layers):
+        center[lo:hi] = weights[:, l].to(xs.dtype) @ xs[:, lo:hi]
+    return center
+
+
+def layer_norms(grad: torch.Tensor, layers: list[tuple[int, int]]) -> torch.Tensor:
+    """||g||_2 of each layer's slice of a flat gradient."""
+    return torch.stack([grad[lo:hi].norm() for lo, hi in layers])
+
+
+def pull_toward_(x: torch.Tensor, center: torch.Tensor, alpha: float) -> torch.Tensor:
+    """x <- (1 - alpha) x + alpha center, in place."""
+    return x.lerp_(center, alpha)
