@@ -4,8 +4,8 @@ An exchange from a worker to each server rank s is:
   1. a header: HEADER_SIZE float64 (fields below), tag TAG_HEADER;
   2. the worker's parameters of shard s, float32, in chunks of at most `chunk` elements, tag
      TAG_PARAMS (MPI's non-overtaking rule keeps chunks in order);
-and the server answers with the difference r = x - center of that shard (taken before it moved
-the center by alpha r), in the same chunks, tag TAG_REPLY; the worker applies x -= alpha r. A DONE header (no parameters) says the worker has finished.
+and the server answers with the center's values of that shard as they were before this exchange
+moved them, in the same chunks, tag TAG_REPLY; the worker applies x <- x - alpha (x - center). A DONE header (no parameters) says the worker has finished.
 Servers talk to each other only through TAG_CONTROL messages from server 0 that start a
 collective flush of the trajectory file.
 """

@@ -5,6 +5,11 @@ holds up the others), chunk by chunk as the parameters arrive, and buffers what 
 file records. Server 0 is also the coordinator: every `flush_seconds` it tells the other servers
 (TAG_CONTROL) to enter a collective flush of the trajectory file, and it evaluates the center.
 
+The reply to a chunk of parameters is the center's chunk itself, sent straight from the center
+array (no copy); the server moves that chunk toward the worker only once the reply has left, and
+holds any other exchange on the same chunk until then, so each exchange sees and moves one
+consistent value per chunk and the elastic forces stay exactly equal and opposite.
+
 Within one server, exchanges are applied atomically per chunk; across servers the shards of a
 snapshot may have absorbed the same exchanges in a slightly different order — that is the
 asynchrony of Algorithm 1, not an error. With `deterministic=True` every server serves the
@@ -29,8 +34,8 @@ from .wait import BUSY_CAP, IDLE_CAP, Backoff, PeerTimeout, wait_all
 
 # Receives posted ahead per exchange. Open MPI copies every matched large message during one
 # progress call, so posting all chunks at once copies the whole vector first (evicting it from
-# cache) and only then computes; a small window interleaves copy and compute chunk by chunk, and
-# the chunk is still in cache when the elastic update reads it.
+# cache) before anything else happens; a small window interleaves copies, replies and updates
+# chunk by chunk.
 RECV_WINDOW = 2
 
 
@@ -40,8 +45,9 @@ class _Exchange:
     rank: int
     header: np.ndarray
     requests: list = field(default_factory=list)  # one receive per chunk
-    buffer: int = 0  # which of the worker's two receive buffers
     next_chunk: int = 0  # next chunk to receive
+    next_reply: int = 0  # next chunk whose reply (the old center chunk) is to be sent
+    applied: int = 0  # chunks whose center update is done
     snapshot: np.ndarray | None = None  # copy of the received parameters, when sampled
     arrived: float = 0.0
 
@@ -70,17 +76,16 @@ class CenterServer:
         self.chunks = P.chunk_bounds(0, self.hi - self.lo, chunk)
         self.bytes_per_exchange = 2 * 4 * (bounds[-1][1]) + len(bounds) * P.HEADER_SIZE * 8
 
-        # Two receive buffers per worker: the reply to one exchange goes out of one (d is computed
-        # in place) while the receives for the worker's next exchange are already posted into the
-        # other, so its parameters flow as soon as it sends them, without waiting for the server
-        # to notice the header first.
+        # One receive buffer per worker. The receives of a worker's next exchange are posted as
+        # soon as its last one is done, so its parameters flow the moment it sends them, without
+        # waiting for the server to notice the header first.
         shard = self.hi - self.lo
-        self.recv = {r: (np.empty(shard, dtype=np.float32), np.empty(shard, dtype=np.float32))
-                     for r in self.workers}
-        self.recv_t = {r: tuple(torch.from_numpy(b) for b in bufs) for r, bufs in self.recv.items()}
-        self.replies: dict[int, list] = {r: [[], []] for r in self.workers}
-        self.next_buffer = {r: 0 for r in self.workers}
+        self.recv = {r: np.empty(shard, dtype=np.float32) for r in self.workers}
+        self.recv_t = {r: torch.from_numpy(b) for r, b in self.recv.items()}
         self.posted: dict[int, list | None] = {r: None for r in self.workers}
+        # per center chunk: the reply in flight from it (request, exchange, since) or None
+        self.locks: list[tuple | None] = [None] * len(self.chunks)
+        self.inflight: dict[int, _Exchange] = {}  # rank -> its exchange until fully applied
         self.active = set(self.workers)
         self.order = sorted(self.workers)  # round-robin order in deterministic mode
         self.turn = 0
@@ -118,16 +123,50 @@ class CenterServer:
 
     # ------------------------------------------------------------------ main loop
     def _post(self, rank: int) -> None:
-        """Post the receives of `rank`'s next exchange into its free buffer."""
-        i = self.next_buffer[rank]
-        # the replies sent from this buffer two exchanges ago have arrived: the worker has sent again
-        wait_all(self.replies[rank][i], self.timeout, f"worker rank {rank} to take its reply")
-        self.replies[rank][i] = []
-        self.posted[rank] = [self._irecv(rank, i, c) for c in range(min(RECV_WINDOW, len(self.chunks)))]
+        """Post the first receives of `rank`'s next exchange (its buffer is free)."""
+        self.posted[rank] = [self._irecv(rank, c) for c in range(min(RECV_WINDOW, len(self.chunks)))]
 
-    def _irecv(self, rank: int, buffer: int, chunk: int):
+    def _irecv(self, rank: int, chunk: int):
         a, b = self.chunks[chunk]
-        return self.world.Irecv(self.recv[rank][buffer][a:b], source=rank, tag=P.TAG_PARAMS)
+        return self.world.Irecv(self.recv[rank][a:b], source=rank, tag=P.TAG_PARAMS)
+
+    def _release(self, chunk: int) -> bool:
+        """If the reply in flight from center chunk `chunk` has left, apply its exchange's update
+        to that chunk and unlock it. Returns whether the chunk is free."""
+        lock = self.locks[chunk]
+        if lock is None:
+            return True
+        req, ex, _ = lock
+        if not req.Test():
+            return False
+        a, b = self.chunks[chunk]
+        center_exchange_(self.center_t[a:b], self.recv_t[ex.rank][a:b], self.alpha)
+        self.locks[chunk] = None
+        ex.applied += 1
+        if ex.applied == len(self.chunks):
+            self._complete(ex)
+        return True
+
+    def _settle(self, rank: int) -> None:
+        """The worker sent again, so it has every reply of its last exchange: finish applying
+        that exchange now (its sends are complete at the worker; only the Test is missing)."""
+        ex = self.inflight.get(rank)
+        if ex is None or ex.next_reply < len(self.chunks):
+            raise RuntimeError(f"worker rank {rank} started an exchange before its last one was answered")
+        for i, lock in enumerate(self.locks):
+            if lock is not None and lock[1] is ex:
+                wait_all([lock[0]], self.timeout, f"worker rank {rank} to take its reply")
+                self._release(i)
+        if rank in self.inflight:
+            raise RuntimeError(f"the last exchange of worker rank {rank} is incomplete")
+
+    def _poll_locks(self) -> bool:
+        """Apply the updates whose replies have left (finishing exchanges that are complete)."""
+        progress = False
+        for i, lock in enumerate(self.locks):
+            if lock is not None and self._release(i):
+                progress = True
+        return progress
 
     def _unpost(self, rank: int) -> None:
         for req in self.posted[rank] or []:
@@ -149,6 +188,7 @@ class CenterServer:
         while not self.finished:
             loops += 1
             progress = self._poll_headers()
+            progress |= self._poll_locks()
             progress |= self._poll_exchanges()
             if self.leader:
                 progress |= self._maybe_flush()
@@ -163,9 +203,8 @@ class CenterServer:
         if self._header_req is not None:  # nobody will send another header
             self._header_req.Cancel()
             self._header_req.Wait()
-        for rank, bufs in self.replies.items():
+        for rank in self.workers:
             self._unpost(rank)
-            wait_all(bufs[0] + bufs[1], self.timeout, "workers to take their last replies")
         return {"exchanges": self.exchanges, "wall_seconds": self.now(), "polls": loops,
                 "cpu_seconds": time.process_time() - cpu0}
 
@@ -182,8 +221,9 @@ class CenterServer:
             ex = _Exchange(rank, header, arrived=time.monotonic())
             if header[P.KIND] == P.EXCHANGE:
                 if self.posted[rank] is None:
-                    raise RuntimeError(f"worker rank {rank} started an exchange before its last one ended")
-                ex.requests, ex.buffer = self.posted[rank], self.next_buffer[rank]
+                    self._settle(rank)
+                ex.requests = self.posted[rank]
+                self.inflight[rank] = ex
                 self.posted[rank] = None
                 k = int(header[P.EXCHANGE_INDEX])
                 if self.worker_every and k % self.worker_every == 0:
@@ -207,39 +247,52 @@ class CenterServer:
         return progress
 
     def _advance(self, ex: _Exchange) -> bool:
-        """Apply the elastic update to every chunk that has arrived; finish the exchange when
-        all have. Returns whether anything happened."""
-        progress = False
+        """Receive the chunks that have arrived and send each one's reply (the center chunk as it
+        is now) once no other reply is in flight from that chunk. Returns whether anything happened."""
         kind = ex.header[P.KIND]
-        if kind == P.EXCHANGE:
-            buf, buf_t = self.recv[ex.rank][ex.buffer], self.recv_t[ex.rank][ex.buffer]
-            while ex.next_chunk < len(self.chunks) and ex.requests[ex.next_chunk].Test():
-                a, b = self.chunks[ex.next_chunk]
-                if ex.snapshot is not None:
-                    ex.snapshot[a:b] = buf[a:b]
-                center_exchange_(buf_t[a:b], self.center_t[a:b], self.alpha)  # buf now holds x - center
-                self.replies[ex.rank][ex.buffer].append(self.world.Isend(buf[a:b], dest=ex.rank, tag=P.TAG_REPLY))
-                if ex.next_chunk + RECV_WINDOW < len(self.chunks):
-                    ex.requests.append(self._irecv(ex.rank, ex.buffer, ex.next_chunk + RECV_WINDOW))
-                ex.next_chunk += 1
-                progress = True
-            if ex.next_chunk < len(self.chunks):
-                return progress
-            self._finish_exchange(ex)
-            self.next_buffer[ex.rank] ^= 1
-            self._post(ex.rank)
-        elif kind == P.DONE:
+        if kind == P.DONE:
             self.active.discard(ex.rank)
             self.event("leave", ex.rank, int(ex.header[P.STEP]), "finished its epochs")
             if self.deterministic:
                 self.order.remove(ex.rank)
                 self.turn = self.turn % len(self.order) if self.order else 0
-        else:
+            self.pending.remove(ex)
+            return True
+        if kind != P.EXCHANGE:
             raise RuntimeError(f"unknown message kind {kind} from rank {ex.rank}")
-        self.pending.remove(ex)
-        if self.deterministic and kind == P.EXCHANGE:
-            self.turn = (self.turn + 1) % len(self.order)
-        return True
+        progress = False
+        n = len(self.chunks)
+        while True:
+            # reply to what is in before receiving more, so replies flow while chunks arrive
+            if ex.next_reply < ex.next_chunk and self._release(ex.next_reply):
+                i = ex.next_reply
+                a, b = self.chunks[i]
+                self.locks[i] = (self.world.Isend(self.center[a:b], dest=ex.rank, tag=P.TAG_REPLY),
+                                 ex, time.monotonic())
+                ex.next_reply += 1
+            elif ex.next_chunk < n and ex.requests[ex.next_chunk].Test():
+                if ex.snapshot is not None:
+                    a, b = self.chunks[ex.next_chunk]
+                    ex.snapshot[a:b] = self.recv[ex.rank][a:b]
+                if ex.next_chunk + RECV_WINDOW < n:
+                    ex.requests.append(self._irecv(ex.rank, ex.next_chunk + RECV_WINDOW))
+                ex.next_chunk += 1
+            else:
+                break
+            progress = True
+        if ex.next_reply == n and ex in self.pending:
+            # every reply is out: the next exchange in deterministic order may start
+            self.pending.remove(ex)
+            if self.deterministic:
+                self.turn = (self.turn + 1) % len(self.order)
+        return progress
+
+    def _complete(self, ex: _Exchange) -> None:
+        """All of the exchange's chunk updates are applied."""
+        self.inflight.pop(ex.rank, None)
+        self._finish_exchange(ex)
+        if ex.rank in self.active:
+            self._post(ex.rank)
 
     def _finish_exchange(self, ex: _Exchange) -> None:
         self.exchanges += 1
@@ -263,6 +316,9 @@ class CenterServer:
                     and now - ex.arrived > self.timeout:
                 raise PeerTimeout(f"worker rank {ex.rank} sent an exchange header but not its "
                                   f"parameters within {self.timeout:g} s")
+        for lock in self.locks:
+            if lock is not None and now - lock[2] > self.timeout:
+                raise PeerTimeout(f"worker rank {lock[1].rank} did not take its reply within {self.timeout:g} s")
         for rank in self.active:
             if now - self.last_seen[rank] > self.timeout:
                 raise PeerTimeout(f"worker {self.workers[rank]} (rank {rank}) sent nothing for "
@@ -273,7 +329,7 @@ class CenterServer:
     # ------------------------------------------------------------------ flushes
     def _maybe_flush(self) -> bool:
         """Leader: start a collective flush when it is due, or the final one when all are done."""
-        final = not self.active and not self.pending
+        final = not self.active and not self.pending and not any(self.locks)
         now = time.monotonic()
         if not final and now - self.last_flush < self.flush_seconds:
             return False

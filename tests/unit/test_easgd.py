@@ -25,10 +25,10 @@ def test_elastic_exchange_matches_numpy(alpha):
     want_x, want_c = easgd_reference(x0, c0, alpha)
 
     center = torch.from_numpy(c0.copy())
-    buf = torch.from_numpy(x0.copy())          # what the server received
-    r = center_exchange_(buf, center, alpha)   # server: buf becomes x - center, center moves
+    reply = center.clone()                     # the server replies with the center as it was
+    center_exchange_(center, torch.from_numpy(x0.copy()), alpha)
     x = torch.from_numpy(x0.copy())
-    worker_exchange_(x, r, alpha)              # worker applies the reply
+    worker_exchange_(x, reply, alpha)
     np.testing.assert_allclose(x.numpy(), want_x, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(center.numpy(), want_c, rtol=1e-6, atol=1e-6)
 
@@ -37,8 +37,10 @@ def test_elastic_forces_are_equal_and_opposite():
     rng = np.random.default_rng(1)
     x0 = rng.standard_normal(500).astype(np.float32)
     c0 = rng.standard_normal(500).astype(np.float32)
-    center, buf, x = torch.from_numpy(c0.copy()), torch.from_numpy(x0.copy()), torch.from_numpy(x0.copy())
-    worker_exchange_(x, center_exchange_(buf, center, 0.3), 0.3)
+    center, x = torch.from_numpy(c0.copy()), torch.from_numpy(x0.copy())
+    reply = center.clone()
+    center_exchange_(center, x.clone(), 0.3)
+    worker_exchange_(x, reply, 0.3)
     # the pull on the worker and on the center cancel: x + c is conserved
     np.testing.assert_allclose((x + center).numpy(), x0 + c0, rtol=1e-5, atol=1e-5)
     # and both moved toward each other by the same fraction
