@@ -68,9 +68,15 @@ def _cmd_train(args) -> int:
         return 2
     if summary is not None and "path" in summary:
         acc = summary["final_center_test_accuracy"]
-        log(f"done: {summary['exchanges']} exchanges in {summary['wall_seconds']:.1f} s; "
-            f"final center test accuracy {100 * acc:.2f}%; server 0 used {summary['cpu_seconds']:.1f} s CPU "
-            f"({summary['polls']} polls)")
+        if "rounds" in summary:
+            what = f"{summary['rounds']} synchronous rounds"
+            who = "average"
+        else:
+            what = f"{summary['exchanges']} exchanges"
+            who = "center"
+        log(f"done: {what} in {summary['wall_seconds']:.1f} s; final {who} test accuracy {100 * acc:.2f}%")
+        if "cpu_seconds" in summary:
+            log(f"server 0 used {summary['cpu_seconds']:.1f} s of CPU ({summary['polls']} polls)")
         log(f"trajectory: {summary['path']}   (see it with: hpcopt inspect {summary['path']})")
     return 0
 

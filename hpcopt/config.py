@@ -29,14 +29,17 @@ def _doc(text: str, **kw) -> Any:
     return field(metadata={"doc": text}, **kw)
 
 
-METHODS = ("easgd", "eamsgd")
+ASYNC_METHODS = ("easgd", "eamsgd")
+SYNC_METHODS = ("dp-sgd", "local-sgd", "diloco")
+METHODS = ASYNC_METHODS + SYNC_METHODS
 SCHEDULES = ("cosine", "constant")
+LOCAL_STEPS = ("sgd", "adamw")
 
 
 @dataclass(kw_only=True)
 class RunConfig:
-    method: str = _doc("training method: easgd (SGD local steps) or eamsgd (Nesterov local steps)", default="easgd")
-    servers: int = _doc("ranks that hold the center variable (each owns one contiguous shard); the other ranks are workers", default=1)
+    method: str = _doc("asynchronous: easgd (SGD local steps), eamsgd (Nesterov local steps); synchronous baselines: dp-sgd, local-sgd, diloco", default="easgd")
+    servers: int = _doc("ranks that hold the center variable (each owns one contiguous shard); the other ranks are workers (asynchronous methods; synchronous ones have no servers)", default=1)
     out: str = _doc("run directory; the trajectory goes to OUT/trajectory.h5", default="runs/demo")
     seed: int = _doc("seed for model init, data order and everything random", default=0)
     deterministic: bool = _doc("serve workers in a fixed round-robin order, so a run is bit-reproducible (slower: workers wait for their turn)", default=False)
@@ -76,6 +79,7 @@ class TrainConfig:
     lr: float = _doc("learning rate eta of the local step", default=0.05)
     schedule: str = _doc("learning-rate schedule over each worker's local steps: cosine or constant", default="cosine")
     warmup_epochs: float = _doc("linear learning-rate warm-up, in epochs", default=0.0)
+    local: str = _doc("the local step: sgd (with Nesterov momentum when momentum > 0) or adamw", default="sgd")
     momentum: float = _doc("momentum delta of the local step (eamsgd: Nesterov; default 0.9 for eamsgd, 0 for easgd)", default=-1.0)
     weight_decay: float = _doc("L2 weight decay of the local step", default=0.0)
 
@@ -85,6 +89,7 @@ class TrainConfig:
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         _choice("train.schedule", self.schedule, SCHEDULES)
+        _choice("train.local", self.local, LOCAL_STEPS)
         if self.warmup_epochs < 0:
             raise ConfigError(f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.momentum != -1.0 and not 0 <= self.momentum < 1:
@@ -105,6 +110,23 @@ class EASGDConfig:
             raise ConfigError(f"easgd.beta must be in (0, 1], got {self.beta}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"easgd.alpha must be in [0, 1] (0 = beta / p), got {self.alpha}")
+
+
+@dataclass(kw_only=True)
+class SyncConfig:
+    period: int = _doc("local-sgd and diloco: local steps H between two parameter averages", default=8)
+    switch_epochs: float = _doc("local-sgd: run plain DP-SGD for this many epochs first (post-local SGD)", default=0.0)
+    outer_lr: float = _doc("diloco: learning rate of the outer Nesterov step", default=0.7)
+    outer_momentum: float = _doc("diloco: momentum of the outer Nesterov step", default=0.9)
+
+    def __post_init__(self):
+        _at_least("sync.period", self.period, 1)
+        if self.switch_epochs < 0:
+            raise ConfigError(f"sync.switch_epochs must be >= 0, got {self.switch_epochs}")
+        if not self.outer_lr > 0:
+            raise ConfigError(f"sync.outer_lr must be > 0, got {self.outer_lr}")
+        if not 0 <= self.outer_momentum < 1:
+            raise ConfigError(f"sync.outer_momentum must be in [0, 1), got {self.outer_momentum}")
 
 
 @dataclass(kw_only=True)
@@ -142,8 +164,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     easgd: EASGDConfig = field(default_factory=EASGDConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+
+    @property
+    def synchronous(self) -> bool:
+        return self.run.method in SYNC_METHODS
 
     @property
     def momentum(self) -> float:
@@ -161,7 +188,7 @@ class Config:
 
 SECTIONS: dict[str, type] = {
     "run": RunConfig, "model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-    "easgd": EASGDConfig, "record": RecordConfig, "comm": CommConfig,
+    "easgd": EASGDConfig, "sync": SyncConfig, "record": RecordConfig, "comm": CommConfig,
 }
 
 

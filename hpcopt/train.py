@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from hpcopt import __version__
 from hpcopt.config import Config
 from hpcopt.data import load_data
+from hpcopt.evaluate import Evaluator
+from hpcopt.io.trajectory import TrajectoryWriter
 from hpcopt.launch.env import Environment
 from hpcopt.models import FlatModel, build_model
 from hpcopt.optim.easgd import default_alpha
-from hpcopt.optim.local import SGDStep
-from hpcopt.optim.schedule import learning_rate
+from hpcopt.worker import LocalTrainer
 
 
 class UsageError(RuntimeError):
@@ -69,8 +68,9 @@ def _load_data(cfg: Config, world) -> dict:
 
 
 def train(cfg: Config, *, force: bool = False, log=print) -> dict:
-    """Run a training; collective over MPI.COMM_WORLD. Returns a summary: the run's on server 0,
-    the worker's own counts on a worker, None on other servers."""
+    """Run a training; collective over MPI.COMM_WORLD. Returns a summary: the run's on the rank
+    that records it (server 0, or rank 0 for synchronous methods), the worker's own counts on a
+    worker, None on other servers."""
     from mpi4py import MPI
 
     from hpcopt.comm.client import CenterClient
@@ -78,7 +78,7 @@ def train(cfg: Config, *, force: bool = False, log=print) -> dict:
 
     world = MPI.COMM_WORLD
     env = Environment.from_mpi(world)
-    S = cfg.run.servers
+    S = 0 if cfg.synchronous else cfg.run.servers
     if world.size < S + 1:
         raise UsageError(f"{world.size} rank(s) cannot hold {S} server(s) and at least one worker; "
                          f"run e.g. `mpirun -n {S + 4} hpcopt train ...` (S servers + 4 workers)")
@@ -97,55 +97,75 @@ def train(cfg: Config, *, force: bool = False, log=print) -> dict:
     world.Bcast(flat.params.numpy(), root=0)  # one initial point for center and workers
     n_params = flat.numel
     try:
-        bounds = shard_bounds(n_params, S)
+        bounds = shard_bounds(n_params, max(S, 1))
     except ValueError as e:
         raise UsageError(str(e)) from None
     workers = {r: r - S for r in range(S, world.size)}
-    alpha = cfg.easgd.alpha or default_alpha(cfg.easgd.beta, len(workers))
-    chunk = max(1, int(cfg.comm.chunk_mb * 1e6 / 4))
+    if cfg.synchronous:
+        alpha, tau = 1.0, 1 if cfg.run.method == "dp-sgd" else cfg.sync.period
+    else:
+        alpha, tau = cfg.easgd.alpha or default_alpha(cfg.easgd.beta, len(workers)), cfg.easgd.tau
     hosts = dict(enumerate(world.allgather(env.host)))
     if world.rank == 0:
         log(f"hpcopt {__version__}: {cfg.run.method} with {S} server(s) + {len(workers)} worker(s), "
-            f"{n_params:,} parameters, tau={cfg.easgd.tau}, alpha={alpha:.4g}, out={path}")
+            f"{n_params:,} parameters, tau={tau}, alpha={alpha:.4g}, out={path}")
+    recording = world.rank == 0 if cfg.synchronous else is_server
+    writer = evaluator = None
+    if recording:
+        lo, hi = bounds[role.rank]
+        attrs = _attrs(cfg, flat, hosts, bounds, S, len(workers), alpha, tau)
+        model_attrs = {"name": cfg.model.name, "kwargs": cfg.model.kwargs, **flat.layout()}
+        writer = TrajectoryWriter(path, MPI.COMM_SELF if cfg.synchronous else role, n_params=n_params,
+                                  lo=lo, hi=hi, shard_width=bounds[0][1] - bounds[0][0], attrs=attrs,
+                                  model_attrs=model_attrs)
+        if world.rank == 0:
+            evaluator = Evaluator(FlatModel(build_model(cfg.model.name, cfg.model.kwargs)),
+                                  data["x_test"], data["y_test"])
 
     world.Barrier()
     start = time.monotonic()
+    if cfg.synchronous:
+        from hpcopt.train_sync import train_sync
+
+        summary = train_sync(cfg, world, flat, data, writer=writer, evaluator=evaluator, start=start, log=log)
+        if world.rank == 0:
+            summary["path"] = path
+        return summary
     if is_server:
-        return _serve(cfg, world, role, flat, data, bounds, workers, alpha, chunk, hosts, path, start, log)
-    client = CenterClient(world, list(range(S)), bounds, flat.params, alpha=alpha, chunk=chunk,
-                          timeout=cfg.comm.timeout)
+        return _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evaluator, path, start, log)
+    client = CenterClient(world, list(range(S)), bounds, flat.params, alpha=alpha,
+                          chunk=_chunk(cfg), timeout=cfg.comm.timeout)
     return run_worker(cfg, workers[world.rank], flat, data, client, start)
 
 
-def _serve(cfg, world, role, flat, data, bounds, workers, alpha, chunk, hosts, path, start, log):
+def _chunk(cfg: Config) -> int:
+    return max(1, int(cfg.comm.chunk_mb * 1e6 / 4))
+
+
+def _attrs(cfg, flat, hosts, bounds, n_servers, n_workers, alpha, tau) -> dict:
     import h5py
     from mpi4py import MPI
 
-    from hpcopt.comm.server import CenterServer
-    from hpcopt.evaluate import Evaluator
-    from hpcopt.io.trajectory import TrajectoryWriter
-
-    lo, hi = bounds[role.rank]
-    attrs = {
+    return {
         "method": cfg.run.method, "config": cfg.to_toml(), "hpcopt_version": __version__,
         "torch_version": str(torch.__version__), "h5py_version": h5py.version.version,
-        "hdf5_version": h5py.version.hdf5_version, "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
-        "hosts": json.dumps(hosts), "server_ranks": json.dumps(list(range(len(bounds)))),
-        "n_servers": len(bounds), "n_workers": len(workers), "n_parameters": flat.numel,
-        "alpha": alpha, "beta": cfg.easgd.beta, "tau": cfg.easgd.tau, "seed": cfg.run.seed,
+        "hdf5_version": h5py.version.hdf5_version,
+        "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
+        "hosts": json.dumps(hosts), "server_ranks": json.dumps(list(range(n_servers))),
+        "n_servers": n_servers, "n_workers": n_workers, "n_parameters": flat.numel,
+        "alpha": alpha, "beta": cfg.easgd.beta, "tau": tau, "seed": cfg.run.seed,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shard_bounds": json.dumps(bounds),
     }
-    model_attrs = {"name": cfg.model.name, "kwargs": cfg.model.kwargs, **flat.layout()}
-    writer = TrajectoryWriter(path, role, n_params=flat.numel, lo=lo, hi=hi,
-                              shard_width=bounds[0][1] - bounds[0][0], attrs=attrs, model_attrs=model_attrs)
-    evaluator = None
-    if role.rank == 0:
-        eval_model = FlatModel(build_model(cfg.model.name, cfg.model.kwargs))
-        evaluator = Evaluator(eval_model, data["x_test"], data["y_test"])
+
+
+def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evaluator, path, start, log):
+    from hpcopt.comm.server import CenterServer
+
+    lo, hi = bounds[role.rank]
     server = CenterServer(
         world=world, servers=role, workers=workers, bounds=bounds,
-        center=flat.params.numpy()[lo:hi].copy(), alpha=alpha, chunk=chunk, timeout=cfg.comm.timeout,
+        center=flat.params.numpy()[lo:hi].copy(), alpha=alpha, chunk=_chunk(cfg), timeout=cfg.comm.timeout,
         center_every=cfg.record.center_every, worker_every=cfg.record.worker_every,
         flush_seconds=cfg.record.flush_seconds, eval_seconds=cfg.record.eval_seconds,
         writer=writer, evaluator=evaluator, deterministic=cfg.run.deterministic, start=start,
@@ -166,50 +186,27 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
     Returns the worker's counts: steps, samples, seconds."""
     from hpcopt.comm import protocol as P
 
-    x = torch.from_numpy(data["x_train"])
-    y = torch.from_numpy(data["y_train"])
-    n = len(x)
-    batch = min(cfg.data.batch_size, n)
-    steps_per_epoch = n // batch  # full batches only
-    total = max(1, round(cfg.train.epochs * steps_per_epoch))
-    warmup = round(cfg.train.warmup_epochs * steps_per_epoch)
-    tau = cfg.easgd.tau
-    gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + worker_id)
-    local = SGDStep(flat.params, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.train.weight_decay)
-    module = flat.module
-    module.train()
-    loss_of = getattr(module, "loss", None)  # a user model may define loss(x, y); else cross-entropy
-    loss_sum, loss_n, k, lr, perm = 0.0, 0, 0, cfg.train.lr, None
+    trainer = LocalTrainer(cfg, worker_id, flat, data)
+    total, tau = trainer.total, cfg.easgd.tau
+    loss_sum, loss_n, k, lr = 0.0, 0, 0, cfg.train.lr
     t0 = time.perf_counter()
 
     def exchange(step):
         nonlocal loss_sum, loss_n, k
         k += 1
         header = P.make_header(P.EXCHANGE, worker_id, step, k, loss_sum / max(loss_n, 1),
-                               step * batch, lr, time.monotonic() - start)
+                               step * trainer.batch, lr, time.monotonic() - start)
         client.exchange(header)
         loss_sum, loss_n = 0.0, 0
 
     for step in range(total):
         if step and step % tau == 0:
             exchange(step)
-        i = step % steps_per_epoch
-        if i == 0:
-            perm = torch.randperm(n, generator=gen)
-        idx = perm[i * batch:(i + 1) * batch]
-        lr = learning_rate(step, total, cfg.train.lr, cfg.train.schedule, warmup)
-        loss = loss_of(x[idx], y[idx]) if loss_of else F.cross_entropy(module(x[idx]), y[idx])
-        flat.zero_grad()
-        loss.backward()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"worker {worker_id}: training loss is {value} at local step {step}; "
-                                     f"lower train.lr (now {cfg.train.lr})")
-        local.step(flat.params, flat.grads, lr)
-        loss_sum += value
+        lr = trainer.lr(step)
+        loss_sum += trainer.gradient(step)
         loss_n += 1
+        trainer.apply(lr)
     exchange(total)
     client.done(worker_id, total)
-    return {"worker_id": worker_id, "steps": total, "samples": total * batch, "exchanges": k,
+    return {"worker_id": worker_id, "steps": total, "samples": total * trainer.batch, "exchanges": k,
             "seconds": time.perf_counter() - t0}
-

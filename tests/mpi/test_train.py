@@ -170,3 +170,58 @@ def test_diverging_worker_ends_the_job_with_a_clear_error(tmp_path):
                "--data.name", "quadratic:data", "--train.lr", "50", "--train.epochs", "5", check=False)
     assert p.returncode != 0
     assert "training loss is" in p.stderr and "lower train.lr" in p.stderr
+
+
+# --- synchronous baselines --------------------------------------------------------------------
+QUAD = ["--model.name", "quadratic:model", "--train.schedule", "constant", "--train.lr", "0.1",
+        "--train.epochs", "6", "--record.center_every", "1"]
+
+
+def test_dp_sgd_averages_gradients_exactly(tmp_path):
+    """Noiseless gradients are the same on every worker, so DP-SGD on 3 ranks must follow the
+    single-process trajectory step by step (a wrong average would not)."""
+    for n in (1, 3):
+        mpirun(n, "train", "--run.method", "dp-sgd", "--data.name", "quadratic:noiseless", *QUAD,
+               "--out", str(tmp_path / f"dp{n}"))
+    with read(tmp_path / "dp1" / "trajectory.h5") as f1, read(tmp_path / "dp3" / "trajectory.h5") as f3:
+        np.testing.assert_allclose(f3["center/params"][()], f1["center/params"][()], rtol=1e-6, atol=1e-6)
+        assert f3.attrs["n_workers"] == 3 and f3.attrs["n_servers"] == 0
+        assert len(f3["exchanges"]) == 3 * len(f1["exchanges"]) == 3 * 24  # a row per worker per step
+        h, xstar = quadratic.curvature(), quadratic.optimum()
+        x = f1["center/params"][0].astype(np.float64)
+        for _ in range(24):
+            x -= 0.1 * h * (x - xstar)
+        np.testing.assert_allclose(f1["center/params"][-1], x, rtol=1e-5, atol=1e-5)
+
+
+def test_diloco_matches_a_numpy_replay(tmp_path):
+    mpirun(2, "train", "--run.method", "diloco", "--data.name", "quadratic:noiseless", *QUAD,
+           "--sync.period", "4", "--sync.outer_lr", "0.7", "--sync.outer_momentum", "0.9",
+           "--out", str(tmp_path / "dl"))
+    with read(tmp_path / "dl" / "trajectory.h5") as f:
+        centers = f["center/params"][()]
+    h, xstar = quadratic.curvature(), quadratic.optimum()
+    theta = centers[0].astype(np.float64)
+    buf = None
+    for r in range(6):  # 24 steps, an outer step every 4
+        x = theta.copy()
+        for _ in range(4):
+            x -= 0.1 * h * (x - xstar)
+        delta = theta - x  # every worker computed the same x: the average is x
+        buf = delta if buf is None else 0.9 * buf + delta
+        theta = theta - 0.7 * (delta + 0.9 * buf)
+        np.testing.assert_allclose(centers[r + 1], theta, rtol=1e-5, atol=1e-5)
+
+
+def test_local_sgd_converges_on_noisy_quadratic(tmp_path):
+    mpirun(4, "train", "--run.method", "local-sgd", "--model.name", "quadratic:model",
+           "--data.name", "quadratic:data", "--train.epochs", "10", "--train.lr", "0.2",
+           "--sync.period", "4", "--record.worker_every", "2", "--out", str(tmp_path / "ls"))
+    with read(tmp_path / "ls" / "trajectory.h5") as f:
+        c = f["center/params"]
+        start, end = c[0], c[-1]
+        assert f["workers/params"].shape[0] > 0 and f.attrs["status"] == "complete"
+    xstar = quadratic.optimum()
+    assert np.linalg.norm(end - xstar) < 0.05 * np.linalg.norm(start - xstar)
+    s = json.loads(hpcopt("inspect", "--json", str(tmp_path / "ls")).stdout)
+    assert s["method"] == "local-sgd" and s["workers"] == [0, 1, 2, 3]

@@ -1,0 +1,63 @@
+"""A worker's local training: its data order, learning-rate schedule, gradients and local step.
+
+Shared by every method; the method decides what happens between steps (an exchange with the
+center, an allreduce of gradients or of parameters)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hpcopt.config import Config
+from hpcopt.models import FlatModel
+from hpcopt.optim.local import AdamWStep, SGDStep
+from hpcopt.optim.schedule import learning_rate
+
+
+def make_local_step(cfg: Config, params: torch.Tensor):
+    if cfg.train.local == "adamw":
+        return AdamWStep(params, weight_decay=cfg.train.weight_decay)
+    return SGDStep(params, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.train.weight_decay)
+
+
+class LocalTrainer:
+    def __init__(self, cfg: Config, worker_id: int, flat: FlatModel, data: dict):
+        self.cfg, self.worker_id, self.flat = cfg, worker_id, flat
+        self.x = torch.from_numpy(data["x_train"])
+        self.y = torch.from_numpy(data["y_train"])
+        n = len(self.x)
+        self.batch = min(cfg.data.batch_size, n)
+        self.steps_per_epoch = n // self.batch  # full batches only
+        self.total = max(1, round(cfg.train.epochs * self.steps_per_epoch))
+        self.warmup = round(cfg.train.warmup_epochs * self.steps_per_epoch)
+        self.gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + worker_id)
+        self.local = make_local_step(cfg, flat.params)
+        self.module = flat.module
+        self.module.train()
+        self.loss_of = getattr(self.module, "loss", None)  # a user model may define loss(x, y)
+        self.perm = None
+
+    def lr(self, step: int) -> float:
+        return learning_rate(step, self.total, self.cfg.train.lr, self.cfg.train.schedule, self.warmup)
+
+    def gradient(self, step: int) -> float:
+        """Loss and gradient (into flat.grads) of local step `step`'s minibatch; returns the loss."""
+        i = step % self.steps_per_epoch
+        if i == 0 or self.perm is None:
+            self.perm = torch.randperm(len(self.x), generator=self.gen)
+        idx = self.perm[i * self.batch:(i + 1) * self.batch]
+        xb, yb = self.x[idx], self.y[idx]
+        loss = self.loss_of(xb, yb) if self.loss_of else F.cross_entropy(self.module(xb), yb)
+        self.flat.zero_grad()
+        loss.backward()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"worker {self.worker_id}: training loss is {value} at local step "
+                                     f"{step}; lower train.lr (now {self.cfg.train.lr})")
+        return value
+
+    def apply(self, lr: float) -> None:
+        """The local step with the gradient in flat.grads."""
+        self.local.step(self.flat.params, self.flat.grads, lr)
