@@ -1,0 +1,78 @@
+"""The external baseline: PyTorch DistributedDataParallel (gloo) on the same model and data.
+
+    mpirun -n 4 .venv/bin/python benchmarks/ddp_baseline.py --epochs 30 --out RESULT.json
+
+Ranks come from Open MPI's environment; torch.distributed rendezvous over TCP on localhost.
+Same model (MNIST-1D CNN), batch size per rank, local optimizer (SGD, Nesterov 0.9, weight decay
+5e-4, cosine) and data order rule as hpcopt's workers. Rank 0 evaluates every --eval-seconds
+and writes the curve as JSON.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from hpcopt.data import load_data
+from hpcopt.evaluate import evaluate
+from hpcopt.models import CNN1D
+from hpcopt.optim.schedule import learning_rate
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=float, default=30)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--eval-seconds", type=float, default=0.5)
+    ap.add_argument("--port", type=int, default=29533)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", 0))
+    size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=size)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(CNN1D())
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    data = load_data("mnist1d")
+    x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
+    xt, yt = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
+    spe = len(x) // args.batch
+    total = round(args.epochs * spe)
+    gen = torch.Generator().manual_seed(1_000_003 * 0 + rank)
+    n_params = sum(p.numel() for p in model.parameters())
+    curve, last_eval = [], -1e9
+    dist.barrier()
+    start = time.monotonic()
+    for step in range(total):
+        if step % spe == 0:
+            perm = torch.randperm(len(x), generator=gen)
+        idx = perm[(step % spe) * args.batch:(step % spe + 1) * args.batch]
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(step, total, args.lr, "cosine")
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        now = time.monotonic() - start
+        if rank == 0 and (now - last_eval >= args.eval_seconds or step == total - 1):
+            last_eval = now
+            curve.append((now, *evaluate(model.module, xt, yt)))
+    wall = time.monotonic() - start
+    dist.barrier()
+    if rank == 0:
+        ring = 2 * 2 * (size - 1) / size * n_params * 4  # ring allreduce of the gradients, sent + received
+        with open(args.out, "w") as f:
+            json.dump({"wall_seconds": wall, "curve": curve, "bytes_per_worker": ring * total,
+                       "workers": size}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
