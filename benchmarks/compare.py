@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = {  # method -> (config, extra flags)
     "easgd": ("mnist1d_easgd.toml", ["--run.method", "easgd", "--train.momentum", "0.0"]),
     "eamsgd": ("mnist1d_easgd.toml", []),
+    "mgrawa": ("mnist1d_mgrawa.toml", []),
     "dp-sgd": ("mnist1d_dp_sgd.toml", []),
     "local-sgd": ("mnist1d_local_sgd.toml", []),
     "diloco": ("mnist1d_diloco.toml", []),

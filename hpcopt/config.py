@@ -29,7 +29,7 @@ def _doc(text: str, **kw) -> Any:
     return field(metadata={"doc": text}, **kw)
 
 
-ASYNC_METHODS = ("easgd", "eamsgd")
+ASYNC_METHODS = ("easgd", "eamsgd", "mgrawa")
 SYNC_METHODS = ("dp-sgd", "local-sgd", "diloco")
 METHODS = ASYNC_METHODS + SYNC_METHODS
 SCHEDULES = ("cosine", "constant")
@@ -38,7 +38,7 @@ LOCAL_STEPS = ("sgd", "adamw")
 
 @dataclass(kw_only=True)
 class RunConfig:
-    method: str = _doc("asynchronous: easgd (SGD local steps), eamsgd (Nesterov local steps); synchronous baselines: dp-sgd, local-sgd, diloco", default="easgd")
+    method: str = _doc("asynchronous: easgd (SGD local steps), eamsgd (Nesterov local steps), mgrawa (center weighted by 1/gradient norm); synchronous baselines: dp-sgd, local-sgd, diloco", default="easgd")
     servers: int = _doc("ranks that hold the center variable (each owns one contiguous shard); the other ranks are workers (asynchronous methods; synchronous ones have no servers)", default=1)
     out: str = _doc("run directory; the trajectory goes to OUT/trajectory.h5", default="runs/demo")
     seed: int = _doc("seed for model init, data order and everything random", default=0)

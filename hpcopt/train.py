@@ -169,7 +169,7 @@ def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evalua
         center_every=cfg.record.center_every, worker_every=cfg.record.worker_every,
         flush_seconds=cfg.record.flush_seconds, eval_seconds=cfg.record.eval_seconds,
         writer=writer, evaluator=evaluator, deterministic=cfg.run.deterministic, start=start,
-        hosts=hosts, log=log)
+        hosts=hosts, log=log, rule="mgrawa" if cfg.run.method == "mgrawa" else "easgd")
     server.event("start", detail=f"{len(workers)} workers, {len(bounds)} servers")
     for rank in sorted(workers):
         server.event("join", rank, 0, "initial worker")
@@ -188,14 +188,14 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
 
     trainer = LocalTrainer(cfg, worker_id, flat, data)
     total, tau = trainer.total, cfg.easgd.tau
-    loss_sum, loss_n, k, lr = 0.0, 0, 0, cfg.train.lr
+    loss_sum, loss_n, k, lr, grad_norm = 0.0, 0, 0, cfg.train.lr, float("nan")
     t0 = time.perf_counter()
 
     def exchange(step):
         nonlocal loss_sum, loss_n, k
         k += 1
         header = P.make_header(P.EXCHANGE, worker_id, step, k, loss_sum / max(loss_n, 1),
-                               step * trainer.batch, lr, time.monotonic() - start)
+                               step * trainer.batch, lr, time.monotonic() - start, grad_norm)
         client.exchange(header)
         loss_sum, loss_n = 0.0, 0
 
@@ -205,6 +205,8 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
         lr = trainer.lr(step)
         loss_sum += trainer.gradient(step)
         loss_n += 1
+        if (step + 1) % tau == 0 or step + 1 == total:  # the gradient the next exchange reports
+            grad_norm = float(flat.grads.norm())
         trainer.apply(lr)
     exchange(total)
     client.done(worker_id, total)

@@ -4,8 +4,9 @@ An exchange from a worker to each server rank s is:
   1. a header: HEADER_SIZE float64 (fields below), tag TAG_HEADER;
   2. the worker's parameters of shard s, float32, in chunks of at most `chunk` elements, tag
      TAG_PARAMS (MPI's non-overtaking rule keeps chunks in order);
-and the server answers with the center's values of that shard as they were before this exchange
-moved them, in the same chunks, tag TAG_REPLY; the worker applies x <- x - alpha (x - center). A DONE header (no parameters) says the worker has finished.
+and the server answers with the center's values of that shard (EASGD: as they were before this
+exchange moved them; MGRAWA: the weighted average of the workers' latest parameters, this one's
+included), in the same chunks, tag TAG_REPLY; the worker applies x <- x - alpha (x - center). A DONE header (no parameters) says the worker has finished.
 Servers talk to each other only through TAG_CONTROL messages from server 0 that start a
 collective flush of the trajectory file.
 """
@@ -24,8 +25,8 @@ EXCHANGE = 1.0
 DONE = 2.0
 
 # header fields (float64 holds integers exactly up to 2**53)
-KIND, WORKER_ID, STEP, EXCHANGE_INDEX, TRAIN_LOSS, SAMPLES, LR, TIME = range(8)
-HEADER_SIZE = 8
+KIND, WORKER_ID, STEP, EXCHANGE_INDEX, TRAIN_LOSS, SAMPLES, LR, TIME, GRAD_NORM = range(9)
+HEADER_SIZE = 9
 
 # control message fields: [sequence number, final?, evaluate?]
 CONTROL_SIZE = 3
@@ -33,9 +34,9 @@ CONTROL_SIZE = 3
 
 def make_header(kind: float, worker_id: int, step: int = 0, exchange_index: int = 0,
                 train_loss: float = float("nan"), samples: int = 0, lr: float = 0.0,
-                time: float = 0.0) -> np.ndarray:
+                time: float = 0.0, grad_norm: float = float("nan")) -> np.ndarray:
     h = np.empty(HEADER_SIZE, dtype=np.float64)
-    h[:] = (kind, worker_id, step, exchange_index, train_loss, samples, lr, time)
+    h[:] = (kind, worker_id, step, exchange_index, train_loss, samples, lr, time, grad_norm)
     return h
 
 

@@ -27,6 +27,7 @@ from mpi4py import MPI
 
 from hpcopt.io import schema
 from hpcopt.optim.easgd import center_exchange_
+from hpcopt.optim.grawa import inverse_norm_weights
 
 from . import protocol as P
 from .wait import BUSY_CAP, IDLE_CAP, Backoff, PeerTimeout, wait_all
@@ -57,7 +58,7 @@ class CenterServer:
                  bounds: list[tuple[int, int]], center: np.ndarray, alpha: float, chunk: int,
                  timeout: float, center_every: int, worker_every: int, flush_seconds: float,
                  eval_seconds: float, writer, evaluator=None, deterministic: bool = False,
-                 start: float, hosts: dict[int, str], log=print):
+                 start: float, hosts: dict[int, str], log=print, rule: str = "easgd"):
         """`workers` maps world rank -> worker id; `center` is this server's shard (owned)."""
         self.world, self.servers = world, servers
         self.leader = servers.rank == 0
@@ -66,6 +67,10 @@ class CenterServer:
         self.lo, self.hi = bounds[servers.rank]
         self.center = center
         self.center_t = torch.from_numpy(center)
+        if rule not in ("easgd", "mgrawa"):
+            raise ValueError(f"unknown center rule {rule!r}")
+        self.rule = rule
+        self.grad_norms: dict[int, float] = {}  # MGRAWA: each worker's latest reported gradient norm
         self.alpha = float(alpha)
         self.timeout = timeout
         self.center_every, self.worker_every = center_every, worker_every
@@ -81,6 +86,8 @@ class CenterServer:
         # waiting for the server to notice the header first.
         shard = self.hi - self.lo
         self.recv = {r: np.empty(shard, dtype=np.float32) for r in self.workers}
+        # MGRAWA: each worker's parameters as of its last exchange served here, chunk by chunk
+        self.latest = {r: torch.from_numpy(center.copy()) for r in self.workers} if rule == "mgrawa" else {}
         self.recv_t = {r: torch.from_numpy(b) for r, b in self.recv.items()}
         self.posted: dict[int, list | None] = {r: None for r in self.workers}
         # per center chunk: the reply in flight from it (request, exchange, since) or None
@@ -130,6 +137,17 @@ class CenterServer:
         a, b = self.chunks[chunk]
         return self.world.Irecv(self.recv[rank][a:b], source=rank, tag=P.TAG_PARAMS)
 
+    def _grawa_center(self, a: int, b: int) -> None:
+        """MGRAWA (Dimlioglu & Choromanska 2024), asynchronous: the center's chunk becomes the
+        average of the latest parameters of every worker that has exchanged so far, weighted by
+        1 / (its latest gradient norm). Workers not heard from yet do not count."""
+        ranks = sorted(self.grad_norms)
+        weights = inverse_norm_weights(torch.tensor([self.grad_norms[r] for r in ranks], dtype=torch.float64))
+        chunk = self.center_t[a:b]
+        chunk.zero_()
+        for r, w in zip(ranks, weights.tolist()):
+            chunk.add_(self.latest[r][a:b], alpha=w)
+
     def _release(self, chunk: int) -> bool:
         """If the reply in flight from center chunk `chunk` has left, apply its exchange's update
         to that chunk and unlock it. Returns whether the chunk is free."""
@@ -140,7 +158,8 @@ class CenterServer:
         if not req.Test():
             return False
         a, b = self.chunks[chunk]
-        center_exchange_(self.center_t[a:b], self.recv_t[ex.rank][a:b], self.alpha)
+        if self.rule == "easgd":  # MGRAWA's center was set before the reply
+            center_exchange_(self.center_t[a:b], self.recv_t[ex.rank][a:b], self.alpha)
         self.locks[chunk] = None
         ex.applied += 1
         if ex.applied == len(self.chunks):
@@ -219,6 +238,8 @@ class CenterServer:
                 raise RuntimeError(f"server got a message from rank {rank}, which is not an active worker")
             self.last_seen[rank] = time.monotonic()
             ex = _Exchange(rank, header, arrived=time.monotonic())
+            if header[P.KIND] == P.EXCHANGE and self.rule == "mgrawa" and not np.isfinite(header[P.GRAD_NORM]):
+                raise RuntimeError(f"worker rank {rank} reported gradient norm {header[P.GRAD_NORM]}")
             if header[P.KIND] == P.EXCHANGE:
                 if self.posted[rank] is None:
                     self._settle(rank)
@@ -267,6 +288,11 @@ class CenterServer:
             if ex.next_reply < ex.next_chunk and self._release(ex.next_reply):
                 i = ex.next_reply
                 a, b = self.chunks[i]
+                if self.rule == "mgrawa":  # this worker's new parameters and norm count from now on
+                    if i == 0:
+                        self.grad_norms[ex.rank] = float(ex.header[P.GRAD_NORM])
+                    self.latest[ex.rank][a:b] = self.recv_t[ex.rank][a:b]
+                    self._grawa_center(a, b)
                 self.locks[i] = (self.world.Isend(self.center[a:b], dest=ex.rank, tag=P.TAG_REPLY),
                                  ex, time.monotonic())
                 ex.next_reply += 1
@@ -300,7 +326,7 @@ class CenterServer:
         worker_id, step, k = self.workers[ex.rank], int(h[P.STEP]), int(h[P.EXCHANGE_INDEX])
         if self.leader:
             self.rows.append((worker_id, step, k, t, h[P.TRAIN_LOSS], int(h[P.SAMPLES]), h[P.LR],
-                              self.bytes_per_exchange))
+                              self.bytes_per_exchange, h[P.GRAD_NORM]))
         if self.exchanges % self.center_every == 0:
             self.center_snaps.append((self.exchanges, t, self.center.copy()))
             self.last_snap = self.exchanges
