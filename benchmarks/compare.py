@@ -25,6 +25,7 @@ METHODS = {  # method -> (config, extra flags)
     "easgd": ("mnist1d_easgd.toml", ["--run.method", "easgd", "--train.momentum", "0.0"]),
     "eamsgd": ("mnist1d_easgd.toml", []),
     "mgrawa": ("mnist1d_mgrawa.toml", []),
+    "lsgd": ("mnist1d_lsgd.toml", []),
     "dp-sgd": ("mnist1d_dp_sgd.toml", []),
     "local-sgd": ("mnist1d_local_sgd.toml", []),
     "diloco": ("mnist1d_diloco.toml", []),

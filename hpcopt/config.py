@@ -29,7 +29,7 @@ def _doc(text: str, **kw) -> Any:
     return field(metadata={"doc": text}, **kw)
 
 
-ASYNC_METHODS = ("easgd", "eamsgd", "mgrawa")
+ASYNC_METHODS = ("easgd", "eamsgd", "mgrawa", "lsgd")
 SYNC_METHODS = ("dp-sgd", "local-sgd", "diloco")
 METHODS = ASYNC_METHODS + SYNC_METHODS
 SCHEDULES = ("cosine", "constant")
@@ -38,7 +38,7 @@ LOCAL_STEPS = ("sgd", "adamw")
 
 @dataclass(kw_only=True)
 class RunConfig:
-    method: str = _doc("asynchronous: easgd (SGD local steps), eamsgd (Nesterov local steps), mgrawa (center weighted by 1/gradient norm); synchronous baselines: dp-sgd, local-sgd, diloco", default="easgd")
+    method: str = _doc("asynchronous: easgd (SGD local steps), eamsgd (Nesterov local steps), mgrawa (center weighted by 1/gradient norm), lsgd (pull toward the leader); synchronous baselines: dp-sgd, local-sgd, diloco", default="easgd")
     servers: int = _doc("ranks that hold the center variable (each owns one contiguous shard); the other ranks are workers (asynchronous methods; synchronous ones have no servers)", default=1)
     out: str = _doc("run directory; the trajectory goes to OUT/trajectory.h5", default="runs/demo")
     seed: int = _doc("seed for model init, data order and everything random", default=0)
@@ -113,6 +113,18 @@ class EASGDConfig:
 
 
 @dataclass(kw_only=True)
+class LSGDConfig:
+    lam: float = _doc("lambda: strength of each worker's pull toward the leader every tau steps", default=0.1)
+    loss_decay: float = _doc("the leader is the worker with the lowest moving average of its reported training losses, with this decay (0: the latest report alone)", default=0.0)
+
+    def __post_init__(self):
+        if not 0 < self.lam <= 1:
+            raise ConfigError(f"lsgd.lam must be in (0, 1], got {self.lam}")
+        if not 0 <= self.loss_decay < 1:
+            raise ConfigError(f"lsgd.loss_decay must be in [0, 1), got {self.loss_decay}")
+
+
+@dataclass(kw_only=True)
 class SyncConfig:
     period: int = _doc("local-sgd and diloco: local steps H between two parameter averages", default=8)
     switch_epochs: float = _doc("local-sgd: run plain DP-SGD for this many epochs first (post-local SGD)", default=0.0)
@@ -164,6 +176,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     easgd: EASGDConfig = field(default_factory=EASGDConfig)
+    lsgd: LSGDConfig = field(default_factory=LSGDConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
     comm: CommConfig = field(default_factory=CommConfig)
@@ -188,7 +201,7 @@ class Config:
 
 SECTIONS: dict[str, type] = {
     "run": RunConfig, "model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-    "easgd": EASGDConfig, "sync": SyncConfig, "record": RecordConfig, "comm": CommConfig,
+    "easgd": EASGDConfig, "lsgd": LSGDConfig, "sync": SyncConfig, "record": RecordConfig, "comm": CommConfig,
 }
 
 

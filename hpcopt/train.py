@@ -103,6 +103,8 @@ def train(cfg: Config, *, force: bool = False, log=print) -> dict:
     workers = {r: r - S for r in range(S, world.size)}
     if cfg.synchronous:
         alpha, tau = 1.0, 1 if cfg.run.method == "dp-sgd" else cfg.sync.period
+    elif cfg.run.method == "lsgd":
+        alpha, tau = cfg.lsgd.lam, cfg.easgd.tau
     else:
         alpha, tau = cfg.easgd.alpha or default_alpha(cfg.easgd.beta, len(workers)), cfg.easgd.tau
     hosts = dict(enumerate(world.allgather(env.host)))
@@ -169,7 +171,8 @@ def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evalua
         center_every=cfg.record.center_every, worker_every=cfg.record.worker_every,
         flush_seconds=cfg.record.flush_seconds, eval_seconds=cfg.record.eval_seconds,
         writer=writer, evaluator=evaluator, deterministic=cfg.run.deterministic, start=start,
-        hosts=hosts, log=log, rule="mgrawa" if cfg.run.method == "mgrawa" else "easgd")
+        hosts=hosts, log=log, rule=cfg.run.method if cfg.run.method in ("mgrawa", "lsgd") else "easgd",
+        loss_decay=cfg.lsgd.loss_decay)
     server.event("start", detail=f"{len(workers)} workers, {len(bounds)} servers")
     for rank in sorted(workers):
         server.event("join", rank, 0, "initial worker")

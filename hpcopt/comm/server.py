@@ -28,6 +28,7 @@ from mpi4py import MPI
 from hpcopt.io import schema
 from hpcopt.optim.easgd import center_exchange_
 from hpcopt.optim.grawa import inverse_norm_weights
+from hpcopt.optim.lsgd import leader
 
 from . import protocol as P
 from .wait import BUSY_CAP, IDLE_CAP, Backoff, PeerTimeout, wait_all
@@ -50,6 +51,7 @@ class _Exchange:
     next_reply: int = 0  # next chunk whose reply (the old center chunk) is to be sent
     applied: int = 0  # chunks whose center update is done
     snapshot: np.ndarray | None = None  # copy of the received parameters, when sampled
+    leader: int = -1  # LSGD: the rank whose parameters this exchange is pulled toward
     arrived: float = 0.0
 
 
@@ -58,7 +60,8 @@ class CenterServer:
                  bounds: list[tuple[int, int]], center: np.ndarray, alpha: float, chunk: int,
                  timeout: float, center_every: int, worker_every: int, flush_seconds: float,
                  eval_seconds: float, writer, evaluator=None, deterministic: bool = False,
-                 start: float, hosts: dict[int, str], log=print, rule: str = "easgd"):
+                 start: float, hosts: dict[int, str], log=print, rule: str = "easgd",
+                 loss_decay: float = 0.0):
         """`workers` maps world rank -> worker id; `center` is this server's shard (owned)."""
         self.world, self.servers = world, servers
         self.leader = servers.rank == 0
@@ -67,10 +70,12 @@ class CenterServer:
         self.lo, self.hi = bounds[servers.rank]
         self.center = center
         self.center_t = torch.from_numpy(center)
-        if rule not in ("easgd", "mgrawa"):
+        if rule not in ("easgd", "mgrawa", "lsgd"):
             raise ValueError(f"unknown center rule {rule!r}")
         self.rule = rule
         self.grad_norms: dict[int, float] = {}  # MGRAWA: each worker's latest reported gradient norm
+        self.loss_avg: dict[int, float] = {}  # LSGD: each worker's moving average of reported losses
+        self.loss_decay = loss_decay
         self.alpha = float(alpha)
         self.timeout = timeout
         self.center_every, self.worker_every = center_every, worker_every
@@ -86,8 +91,8 @@ class CenterServer:
         # waiting for the server to notice the header first.
         shard = self.hi - self.lo
         self.recv = {r: np.empty(shard, dtype=np.float32) for r in self.workers}
-        # MGRAWA: each worker's parameters as of its last exchange served here, chunk by chunk
-        self.latest = {r: torch.from_numpy(center.copy()) for r in self.workers} if rule == "mgrawa" else {}
+        # MGRAWA, LSGD: each worker's parameters as of its last exchange served here, chunk by chunk
+        self.latest = {r: torch.from_numpy(center.copy()) for r in self.workers} if rule != "easgd" else {}
         self.recv_t = {r: torch.from_numpy(b) for r, b in self.recv.items()}
         self.posted: dict[int, list | None] = {r: None for r in self.workers}
         # per center chunk: the reply in flight from it (request, exchange, since) or None
@@ -136,6 +141,16 @@ class CenterServer:
     def _irecv(self, rank: int, chunk: int):
         a, b = self.chunks[chunk]
         return self.world.Irecv(self.recv[rank][a:b], source=rank, tag=P.TAG_PARAMS)
+
+    def _report_in(self, ex: _Exchange) -> None:
+        """MGRAWA/LSGD: take the worker's reported gradient norm and loss; LSGD picks the leader
+        this exchange is pulled toward (fixed for all of its chunks)."""
+        self.grad_norms[ex.rank] = float(ex.header[P.GRAD_NORM])
+        if self.rule == "lsgd":
+            decay, loss = self.loss_decay, float(ex.header[P.TRAIN_LOSS])
+            previous = self.loss_avg.get(ex.rank)
+            self.loss_avg[ex.rank] = loss if previous is None else decay * previous + (1 - decay) * loss
+            ex.leader = leader(self.loss_avg)
 
     def _grawa_center(self, a: int, b: int) -> None:
         """MGRAWA (Dimlioglu & Choromanska 2024), asynchronous: the center's chunk becomes the
@@ -288,11 +303,14 @@ class CenterServer:
             if ex.next_reply < ex.next_chunk and self._release(ex.next_reply):
                 i = ex.next_reply
                 a, b = self.chunks[i]
-                if self.rule == "mgrawa":  # this worker's new parameters and norm count from now on
+                if self.rule != "easgd":  # this worker's new parameters, norm and loss count from now on
                     if i == 0:
-                        self.grad_norms[ex.rank] = float(ex.header[P.GRAD_NORM])
+                        self._report_in(ex)
                     self.latest[ex.rank][a:b] = self.recv_t[ex.rank][a:b]
-                    self._grawa_center(a, b)
+                    if self.rule == "mgrawa":
+                        self._grawa_center(a, b)
+                    else:  # LSGD: the reply is the leader's parameters (the leader gets its own back)
+                        self.center_t[a:b] = self.latest[ex.leader][a:b]
                 self.locks[i] = (self.world.Isend(self.center[a:b], dest=ex.rank, tag=P.TAG_REPLY),
                                  ex, time.monotonic())
                 ex.next_reply += 1
@@ -326,7 +344,7 @@ class CenterServer:
         worker_id, step, k = self.workers[ex.rank], int(h[P.STEP]), int(h[P.EXCHANGE_INDEX])
         if self.leader:
             self.rows.append((worker_id, step, k, t, h[P.TRAIN_LOSS], int(h[P.SAMPLES]), h[P.LR],
-                              self.bytes_per_exchange, h[P.GRAD_NORM]))
+                              self.bytes_per_exchange, h[P.GRAD_NORM], self.workers.get(ex.leader, -1)))
         if self.exchanges % self.center_every == 0:
             self.center_snaps.append((self.exchanges, t, self.center.copy()))
             self.last_snap = self.exchanges

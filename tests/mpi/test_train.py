@@ -249,21 +249,51 @@ def replay_mgrawa(exchanges, x0, lr, alpha, h, xstar):
     return workers_at, centers, norms
 
 
+def deterministic_quadratic(tmp_path, n, servers, chunk_mb, method, *extra):
+    """A deterministic run on the noiseless quadratic, everything recorded: exchanges, centers,
+    and the worker snapshots keyed by (worker id, exchange)."""
+    out = tmp_path / method
+    mpirun(n, "train", "--out", str(out), "--model.name", "quadratic:model", "--data.name", "quadratic:noiseless",
+           "--run.servers", str(servers), "--run.deterministic", "true", "--run.method", method,
+           "--train.epochs", "6", "--train.schedule", "constant", "--train.lr", "0.1", "--easgd.tau", "4",
+           "--record.center_every", "1", "--record.worker_every", "1", "--comm.chunk_mb", str(chunk_mb), *extra)
+    with read(out / "trajectory.h5") as f:
+        got = {(int(m["worker_id"]), int(m["exchange"])): p for m, p in zip(f["workers/meta"][()], f["workers/params"][()])}
+        return f["exchanges"][()], f["center/params"][()], got
+
+
 @pytest.mark.parametrize("n,servers,chunk_mb", [(4, 1, 4.0), (5, 2, 20e-6)])
 def test_mgrawa_matches_a_numpy_replay(tmp_path, n, servers, chunk_mb):
-    out = tmp_path / "g"
-    mpirun(n, "train", "--out", str(out), "--model.name", "quadratic:model", "--data.name", "quadratic:noiseless",
-           "--run.servers", str(servers), "--run.deterministic", "true", "--run.method", "mgrawa",
-           "--train.epochs", "6", "--train.schedule", "constant", "--train.lr", "0.1", "--easgd.tau", "4",
-           "--easgd.alpha", "0.5", "--record.center_every", "1", "--record.worker_every", "1",
-           "--comm.chunk_mb", str(chunk_mb))
-    with read(out / "trajectory.h5") as f:
-        ex = f["exchanges"][()]
-        centers = f["center/params"][()]
-        wparams, wmeta = f["workers/params"][()], f["workers/meta"][()]
+    ex, centers, got = deterministic_quadratic(tmp_path, n, servers, chunk_mb, "mgrawa", "--easgd.alpha", "0.5")
     want_workers, want_centers, _ = replay_mgrawa(ex, centers[0], 0.1, 0.5, quadratic.curvature(), quadratic.optimum())
-    got = {(int(m["worker_id"]), int(m["exchange"])): p for m, p in zip(wmeta, wparams)}
     for row, want in zip(ex, want_workers):
         np.testing.assert_allclose(got[(int(row["worker_id"]), int(row["exchange"]))], want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(centers[1:], np.array(want_centers), rtol=1e-5, atol=1e-5)
     assert np.all(ex["grad_norm"] > 0)
+
+
+@pytest.mark.parametrize("n,servers,chunk_mb", [(4, 1, 4.0), (5, 2, 20e-6)])
+def test_lsgd_matches_a_numpy_replay_and_never_pulls_the_leader(tmp_path, n, servers, chunk_mb):
+    ex, centers, got = deterministic_quadratic(tmp_path, n, servers, chunk_mb, "lsgd", "--lsgd.lam", "0.3")
+    h, xstar, x0 = quadratic.curvature(), quadratic.optimum(), centers[0].astype(np.float64)
+    x, steps, latest, losses = {}, {}, {}, {}
+    for i, row in enumerate(ex):
+        w, s = int(row["worker_id"]), int(row["step"])
+        xi = x.setdefault(w, x0.copy())
+        step_losses = []
+        for _ in range(s - steps.get(w, 0)):
+            r = xi - xstar
+            step_losses.append(0.5 * np.sum(h * r * r))
+            xi -= 0.1 * h * r
+        steps[w] = s
+        assert row["train_loss"] == pytest.approx(np.mean(step_losses), rel=1e-4)
+        np.testing.assert_allclose(got[(w, int(row["exchange"]))], xi, rtol=1e-5, atol=1e-5)
+        latest[w], losses[w] = xi.copy(), float(row["train_loss"])  # the server's own loss values
+        lead = min(losses, key=lambda v: (losses[v], v))
+        assert row["leader"] == lead
+        before = xi.copy()
+        xi += 0.3 * (latest[lead] - xi)
+        if lead == w:
+            np.testing.assert_array_equal(xi, before)  # the leader is not pulled
+        np.testing.assert_allclose(centers[i + 1], latest[lead], rtol=1e-5, atol=1e-5)
+    assert len(set(ex["leader"].tolist())) >= 1 and np.all(np.isnan(ex["grad_norm"]) == False)  # noqa: E712
