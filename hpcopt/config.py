@@ -33,7 +33,7 @@ ASYNC_METHODS = ("easgd", "eamsgd", "mgrawa", "lsgd")
 SYNC_METHODS = ("dp-sgd", "local-sgd", "diloco")
 METHODS = ASYNC_METHODS + SYNC_METHODS
 SCHEDULES = ("cosine", "constant")
-LOCAL_STEPS = ("sgd", "adamw")
+LOCAL_STEPS = ("sgd", "adamw", "sam", "entropy-sgd")
 
 
 @dataclass(kw_only=True)
@@ -79,7 +79,13 @@ class TrainConfig:
     lr: float = _doc("learning rate eta of the local step", default=0.05)
     schedule: str = _doc("learning-rate schedule over each worker's local steps: cosine or constant", default="cosine")
     warmup_epochs: float = _doc("linear learning-rate warm-up, in epochs", default=0.0)
-    local: str = _doc("the local step: sgd (with Nesterov momentum when momentum > 0) or adamw", default="sgd")
+    local: str = _doc("the local step: sgd (with Nesterov momentum when momentum > 0), adamw, sam (SGD on the gradient at the SAM ascent point) or entropy-sgd (SGD on the local-entropy gradient)", default="sgd")
+    sam_rho: float = _doc("sam: radius rho of the ascent step", default=0.05)
+    langevin_steps: int = _doc("entropy-sgd: Langevin steps L per local step", default=5)
+    langevin_lr: float = _doc("entropy-sgd: learning rate eta' of the Langevin steps", default=0.1)
+    gamma0: float = _doc("entropy-sgd: initial scope gamma; gamma_t = gamma0 (1 + gamma1)^t", default=0.03)
+    gamma1: float = _doc("entropy-sgd: scoping rate gamma1", default=1e-3)
+    langevin_noise: float = _doc("entropy-sgd: thermal noise epsilon of the Langevin steps", default=1e-4)
     momentum: float = _doc("momentum delta of the local step (eamsgd: Nesterov; default 0.9 for eamsgd, 0 for easgd)", default=-1.0)
     weight_decay: float = _doc("L2 weight decay of the local step", default=0.0)
 
@@ -90,6 +96,15 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         _choice("train.schedule", self.schedule, SCHEDULES)
         _choice("train.local", self.local, LOCAL_STEPS)
+        if not self.sam_rho > 0:
+            raise ConfigError(f"train.sam_rho must be > 0, got {self.sam_rho}")
+        _at_least("train.langevin_steps", self.langevin_steps, 1)
+        for name in ("langevin_lr", "gamma0"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("gamma1", "langevin_noise"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.momentum != -1.0 and not 0 <= self.momentum < 1:

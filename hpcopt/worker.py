@@ -12,11 +12,13 @@ import torch.nn.functional as F
 
 from hpcopt.config import Config
 from hpcopt.models import FlatModel
-from hpcopt.optim.local import AdamWStep, SGDStep
+from hpcopt.optim.local import AdamWStep, EntropySGD, SGDStep, sam_perturbation
 from hpcopt.optim.schedule import learning_rate
 
 
 def make_local_step(cfg: Config, params: torch.Tensor):
+    """The step that turns a gradient into an update: AdamW, or SGD (also under SAM and
+    Entropy-SGD, which change the gradient it gets)."""
     if cfg.train.local == "adamw":
         return AdamWStep(params, weight_decay=cfg.train.weight_decay)
     return SGDStep(params, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.train.weight_decay)
@@ -38,17 +40,45 @@ class LocalTrainer:
         self.module.train()
         self.loss_of = getattr(self.module, "loss", None)  # a user model may define loss(x, y)
         self.perm = None
+        t = cfg.train
+        self.entropy = EntropySGD(langevin_steps=t.langevin_steps, langevin_lr=t.langevin_lr, gamma0=t.gamma0,
+                                  gamma1=t.gamma1, noise=t.langevin_noise, seed=cfg.run.seed * 7919 + worker_id) \
+            if t.local == "entropy-sgd" else None
 
     def lr(self, step: int) -> float:
         return learning_rate(step, self.total, self.cfg.train.lr, self.cfg.train.schedule, self.warmup)
 
     def gradient(self, step: int) -> float:
-        """Loss and gradient (into flat.grads) of local step `step`'s minibatch; returns the loss."""
+        """The gradient the local step uses (into flat.grads) for local step `step`'s minibatch:
+        plain, at the SAM ascent point, or the local-entropy gradient. Returns the minibatch loss
+        at the current parameters."""
         i = step % self.steps_per_epoch
         if i == 0 or self.perm is None:
             self.perm = torch.randperm(len(self.x), generator=self.gen)
         idx = self.perm[i * self.batch:(i + 1) * self.batch]
         xb, yb = self.x[idx], self.y[idx]
+        value = self._backward(xb, yb, step)
+        params, grads = self.flat.params, self.flat.grads
+        if self.cfg.train.local == "sam":  # Foret et al. 2021: descend with the gradient at x + e
+            e = sam_perturbation(grads, self.cfg.train.sam_rho)
+            params.add_(e)
+            self._backward(xb, yb, step)
+            params.sub_(e)
+        elif self.entropy is not None:
+            x = params.clone()
+
+            def grad_at(point):  # a fresh minibatch per Langevin step, as in Chaudhari et al.
+                params.copy_(point)
+                j = torch.randint(len(self.x), (self.batch,), generator=self.gen)
+                self._backward(self.x[j], self.y[j], step)
+                return grads.clone()
+
+            g = self.entropy.gradient(x, grad_at)
+            params.copy_(x)
+            grads.copy_(g)
+        return value
+
+    def _backward(self, xb: torch.Tensor, yb: torch.Tensor, step: int) -> float:
         loss = self.loss_of(xb, yb) if self.loss_of else F.cross_entropy(self.module(xb), yb)
         self.flat.zero_grad()
         loss.backward()

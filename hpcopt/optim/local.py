@@ -112,8 +112,9 @@ class EntropySGD:
     def gamma(self) -> float:
         return self.gamma0 * (1 + self.gamma1) ** self.t
 
-    def step(self, params: torch.Tensor, grad_at, lr: float) -> None:
-        """`grad_at(point)` returns a (minibatch) gradient of f at `point`, a flat tensor."""
+    def gradient(self, params: torch.Tensor, grad_at) -> torch.Tensor:
+        """The local-entropy gradient gamma (x - mu) at `params` (a new tensor); advances the
+        gamma schedule. `grad_at(point)` returns a minibatch gradient of f at `point`."""
         gamma = self.gamma
         x_prime = params.clone()
         mu = params.clone()
@@ -124,5 +125,9 @@ class EntropySGD:
                 x_prime.add_(torch.randn(x_prime.shape, generator=self.gen, dtype=x_prime.dtype),
                              alpha=(self.eta ** 0.5) * self.noise)
             mu.mul_(1 - self.alpha).add_(x_prime, alpha=self.alpha)
-        params.sub_(params - mu, alpha=lr * gamma)
         self.t += 1
+        return (params - mu).mul_(gamma)
+
+    def step(self, params: torch.Tensor, grad_at, lr: float) -> None:
+        """The plain outer step x <- x - lr gamma (x - mu)."""
+        params.sub_(self.gradient(params, grad_at), alpha=lr)
