@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {  # method -> (config, extra flags)

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from hpcopt import config as C  # noqa: E402
-from hpcopt.comm.wait import Backoff  # noqa: E402
+from hpcopt.comm.wait import wait_all  # noqa: E402
 from hpcopt.data import load_data  # noqa: E402
 from hpcopt.models import FlatModel, build_model  # noqa: E402
 from hpcopt.train import run_worker, train  # noqa: E402
@@ -44,10 +44,7 @@ def alone(cfg, comm, data):
         torch.manual_seed(cfg.run.seed)
         flat = FlatModel(build_model(cfg.model.name))
         result = run_worker(cfg, 0, flat, data, NoCommunication(), time.monotonic())
-    req = comm.Ibarrier()
-    backoff = Backoff()
-    while not req.Test():
-        backoff.idle()
+    wait_all([comm.Ibarrier()], 600, "the other rank to finish its solo training")
     return comm.bcast(result, root=1)
 
 

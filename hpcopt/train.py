@@ -124,7 +124,10 @@ def train(cfg: Config, *, force: bool = False, log=print) -> dict:
             evaluator = Evaluator(FlatModel(build_model(cfg.model.name, cfg.model.kwargs)),
                                   data["x_test"], data["y_test"])
 
-    world.Barrier()
+    from hpcopt.comm.wait import wait_all
+
+    # everyone starts the clock together; a rank that never arrives is an error, not a hang
+    wait_all([world.Ibarrier()], cfg.comm.timeout, "every rank to finish setting up")
     start = time.monotonic()
     if cfg.synchronous:
         from hpcopt.train_sync import train_sync

@@ -32,7 +32,6 @@ class CenterClient:
         self.center = torch.empty_like(params)  # the center's values as the servers send them
         self.c = self.center.numpy()
         self.chunks = [P.chunk_bounds(lo, hi, chunk) for lo, hi in bounds]
-        self.bytes_per_exchange = 2 * self.x.nbytes + len(servers) * P.HEADER_SIZE * 8
 
     def exchange(self, header: np.ndarray) -> None:
         """One elastic exchange: x <- x - alpha (x - center) on every shard, with the center as

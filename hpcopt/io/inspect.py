@@ -91,7 +91,7 @@ def format_summary(s: dict) -> str:
         f"  evaluations       {s['evaluations']}",
         "  center test acc   " + (f"{100 * acc:.2f}% final, {100 * s['best_center_test_accuracy']:.2f}% best" if acc is not None else "none yet"),
         f"  wall time         {s['wall_seconds']:.1f} s",
-        f"  events            " + ", ".join(f"{k} x{n}" for k, n in s["events"].items()),
+        "  events            " + ", ".join(f"{k} x{n}" for k, n in s["events"].items()),
         f"  hosts             {', '.join(s['hosts'])}",
         f"  MPI               {s['mpi_library']}",
     ]
