@@ -55,7 +55,9 @@ grep -q "define H5_HAVE_PARALLEL 1" "$HDF5_DIR/include/H5pubconf.h" 2>/dev/null 
 export HDF5_DIR
 
 # --- 2. the virtual environment ---------------------------------------------------------------
-if [[ -f "$STAMP" ]] && [[ "$(cat "$STAMP")" == "$TORCH_SPEC|$EXTRAS|$HDF5_DIR" ]] \
+# The stamp includes pyproject.toml's hash, so a new dependency triggers a (quick) re-install.
+KEY="$TORCH_SPEC|$EXTRAS|$HDF5_DIR|$(sha256sum pyproject.toml | cut -c1-16)"
+if [[ -f "$STAMP" ]] && [[ "$(cat "$STAMP")" == "$KEY" ]] \
    && "$VENV/bin/python" -c "import h5py, mpi4py, torch, hpcopt; assert h5py.get_config().mpi" 2>/dev/null; then
     # hpcopt is installed editable, but new console scripts or dependencies need a re-install.
     "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e ".[$EXTRAS]" >/dev/null
@@ -87,5 +89,5 @@ fi
 say "installing hpcopt (editable) with extras [$EXTRAS]"
 "${PIP[@]}" --no-build-isolation -e ".[$EXTRAS]"
 
-echo "$TORCH_SPEC|$EXTRAS|$HDF5_DIR" > "$STAMP"
+echo "$KEY" > "$STAMP"
 say "done: $("$VENV/bin/python" -c 'import h5py, mpi4py, torch; from mpi4py import MPI; print(f"torch {torch.__version__}, mpi4py {mpi4py.__version__}, h5py {h5py.__version__} (parallel HDF5 {h5py.version.hdf5_version}), {MPI.Get_library_version().split(chr(0))[0].splitlines()[0]}")')"
