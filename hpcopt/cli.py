@@ -108,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
                        description="Print a summary of a trajectory file (or a run directory).")
     p.add_argument("file", help="OUT/trajectory.h5 or the run directory OUT")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    from hpcopt.analyze.cli import add_parser as _analyze_parser
+
+    _analyze_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "analyze":
+        from hpcopt.analyze.cli import run as _analyze
+
+        return _analyze(args)
     if args.command == "train":
         return _cmd_train(args)
     if args.command == "inspect":

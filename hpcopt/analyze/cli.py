@@ -1,0 +1,168 @@
+"""The `hpcopt analyze` subcommand: flags map one to one onto AnalyzeOptions fields.
+
+    hpcopt analyze runs/demo/trajectory.h5                      # one process
+    mpirun -n 4 hpcopt analyze runs/demo/trajectory.h5          # grid points and HVPs over 4 ranks
+    hpcopt analyze runs/a --compare runs/b runs/c --out cmp     # side by side in cmp/compare.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import sys
+
+from .options import PARTS, AnalyzeOptions
+
+EXIT_INCOMPLETE = 3  # stopped by --max-points / --time-limit; run again to resume
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "analyze", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="trajectory measures, PCA, loss landscapes, Hessian curvature and a report for a run",
+        description="Analyse a recorded run: trajectory measures, PCA of the paths, loss-landscape\n"
+                    "slices and interpolation barriers, Hessian eigenvalues / trace / density and\n"
+                    "epsilon-sharpness; PNG figures and a self-contained report.html. Runs on one\n"
+                    "process or under mpirun (grid points and Hessian-vector products are spread\n"
+                    "over the ranks). An interrupted analysis resumes where it stopped.\n\n"
+                    "  mpirun -n 4 hpcopt analyze runs/demo/trajectory.h5\n"
+                    "  hpcopt analyze runs/a --compare runs/b --out compare",
+        epilog=f"Exit status: 0 done, 2 bad input, {EXIT_INCOMPLETE} stopped early (--max-points/--time-limit): "
+               "run the same command again to resume. See docs/analyze.md.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="trajectory file(s) or run directories")
+    p.add_argument("--compare", nargs="+", metavar="FILE", default=[],
+                   help="more runs to put side by side with FILE (each is analysed into its own RUN_DIR/analysis)")
+    doc = {f.name: f for f in dataclasses.fields(AnalyzeOptions)}
+    helps = _field_docs()
+
+    def opt(name, **kw):
+        f = doc[name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=default,
+                       help=f"{helps.get(name, '')} (default: {default!r})", **kw)
+
+    opt("out", metavar="DIR")
+    p.add_argument("--skip", default="", metavar="PARTS",
+                   help=f"comma-separated parts to leave out: {', '.join(PARTS)}")
+    p.add_argument("--density", action="store_true", help=helps["density"])
+    opt("at", metavar="MODEL")
+    opt("split", choices=["train", "test"])
+    opt("samples", type=int, metavar="N")
+    opt("seed", type=int, metavar="N")
+    p.add_argument("--grid", default="21x21", metavar="NXxNY", help="points of a 2-D slice (default: 21x21)")
+    opt("span", type=float, metavar="X")
+    opt("line_points", type=int, metavar="N")
+    p.add_argument("--plane", nargs="+", default=[], metavar="MODEL", help=helps["plane"])
+    p.add_argument("--interpolate", nargs="+", default=[], metavar="A,B", help=helps["interpolate"])
+    opt("interp_points", type=int, metavar="N")
+    opt("curvature_samples", type=int, metavar="N")
+    opt("top_k", type=int, metavar="K")
+    opt("lanczos_steps", type=int, metavar="N")
+    opt("trace_rtol", type=float, metavar="X")
+    opt("trace_max_probes", type=int, metavar="N")
+    opt("density_runs", type=int, metavar="N")
+    opt("density_steps", type=int, metavar="N")
+    opt("sharpness_eps", type=float, metavar="X")
+    opt("sharpness_steps", type=int, metavar="N")
+    opt("batch", type=int, metavar="N")
+    opt("timeout", type=float, metavar="SECONDS")
+    opt("max_points", type=int, metavar="N")
+    opt("time_limit", type=float, metavar="SECONDS")
+    opt("threads", type=int, metavar="N")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help=helps["progress"])
+    p.add_argument("--no-report", dest="report", action="store_false", help="write analysis.h5 only, no figures")
+    p.epilog += "\nMODEL: center, center:I, init, worker:ID, worker:ID:K, or OTHER.h5#MODEL for another run."
+    return p
+
+
+def _field_docs() -> dict:
+    """The one-line docstrings under AnalyzeOptions' fields (the single source of the help)."""
+    import ast
+    import inspect
+
+    from . import options
+
+    tree = ast.parse(inspect.getsource(options.AnalyzeOptions))
+    body = tree.body[0].body
+    out = {}
+    for a, b in itertools.pairwise(body):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            out[a.target.id] = b.value.value
+    return out
+
+
+def options_from(args) -> AnalyzeOptions:
+    try:
+        nx, ny = (int(v) for v in args.grid.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--grid must look like 21x21 (NXxNY), got {args.grid!r}") from None
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(AnalyzeOptions) if hasattr(args, f.name)}
+    kw.update(grid=(nx, ny), skip=tuple(s.strip() for s in args.skip.split(",") if s.strip()),
+              plane=tuple(args.plane), interpolate=tuple(args.interpolate))
+    return AnalyzeOptions(**kw)
+
+
+def run(args) -> int:
+    """`hpcopt analyze`: collective over MPI.COMM_WORLD when launched under mpirun."""
+    import mpi4py
+
+    mpi4py.rc.thread_level = "funneled"
+    from mpi4py import MPI
+
+    from hpcopt.io.inspect import TrajectoryError
+    from hpcopt.launch.env import install_abort_on_error
+
+    from .api import analyze, compare
+    from .store import ResultsError
+
+    comm = MPI.COMM_WORLD
+    rank = comm.rank
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    try:
+        opts = options_from(args)
+    except ValueError as e:
+        say_err(rank, e)
+        return 2
+    install_abort_on_error(comm)
+    comm = comm if comm.size > 1 else None
+    paths = list(args.files) + list(args.compare)
+    try:
+        if len(paths) > 1:
+            res = compare(paths, opts, comm=comm, out=opts.out or "compare")
+            if res is None:
+                return 0
+            for r in res["runs"]:
+                _print_summary(say, r)
+            say(f"comparison: {res['report']}")
+            complete = all(r["complete"] for r in res["runs"])
+        else:
+            r = analyze(paths[0], opts, comm=comm)
+            if r is None:
+                return 0
+            _print_summary(say, r)
+            complete = r["complete"]
+    except (TrajectoryError, ResultsError, ValueError) as e:  # raised alike on every rank
+        say_err(rank, e)
+        return 2
+    if not complete:
+        say("stopped early (--max-points / --time-limit): run the same command again to resume")
+        return EXIT_INCOMPLETE
+    return 0
+
+
+def say_err(rank: int, e) -> None:
+    if rank == 0:
+        print(f"hpcopt analyze: error: {e}", file=sys.stderr, flush=True)
+
+
+def _print_summary(say, r: dict) -> None:
+    from .report import numbers
+
+    say(f"== {r['run']['label']} ({r['seconds']:.1f} s)")
+    for name, value in numbers(r):
+        if name != "run":
+            say(f"  {name:<40} {value}")
+    say(f"  results  {r['out']}/analysis.h5")
+    if "report" in r:
+        say(f"  report   {r['report']}")
