@@ -1,0 +1,194 @@
+"""Which device a rank computes on, and how its parameters travel between that device and MPI.
+
+A worker takes the GPU of its node-local rank, among the GPUs it may see (CUDA_VISIBLE_DEVICES, as
+Slurm's --gpus-per-node / --gpu-bind or the user set it); servers stay on the CPU unless asked.
+Unless the MPI library is CUDA-aware, parameters are staged through a pinned host buffer for
+every exchange (MPI then never sees a GPU pointer).
+
+    from hpcopt.launch.device import select_device, staging_buffer
+    choice = select_device("worker", log=print)          # e.g. device cuda:1, staging "pinned-host"
+    flat = FlatParams(model, device=choice.device)
+    host = staging_buffer(flat.params, choice)           # what the exchanges send from and receive into
+
+The pure pieces (`parse_visible_devices`, `choose_device`, `local_rank_from_env`) take plain values
+so they are tested without GPUs or MPI (tests/unit/test_device.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+# The launcher's node-local rank, most specific first. Under mpirun inside a Slurm job the ranks
+# inherit SLURM_LOCALID from the srun that started mpirun's daemon (0 for every rank of a node),
+# so the MPI launcher's own variables come first.
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK", "SLURM_LOCALID")
+
+# HPCOPT_CUDA_AWARE_MPI=1/0 overrides the detection (e.g. for an MPI library it cannot query).
+CUDA_AWARE_OVERRIDE = "HPCOPT_CUDA_AWARE_MPI"
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """What one rank computes on and how its parameters reach MPI."""
+
+    device: str                  # "cuda:1" or "cpu" (a torch device string)
+    gpu: str | None              # the GPU as CUDA_VISIBLE_DEVICES names it ("3", "GPU-<uuid>"), None on the CPU
+    local_rank: int              # node-local rank the choice came from
+    local_rank_source: str       # the variable it came from, or "shared-memory split"
+    cuda_aware_mpi: bool         # MPI may be handed GPU buffers directly
+    staging: str                 # "none" (CPU), "device" (CUDA-aware MPI) or "pinned-host"
+
+    def describe(self) -> str:
+        where = "CPU" if self.gpu is None else f"{self.device} (GPU {self.gpu})"
+        how = {"none": "parameters are in host memory",
+               "device": "CUDA-aware MPI: parameters go from GPU memory directly",
+               "pinned-host": "MPI is not CUDA-aware: parameters are staged through pinned host memory"}[self.staging]
+        return f"device {where}, node-local rank {self.local_rank} ({self.local_rank_source}); {how}"
+
+
+def parse_visible_devices(value: str | None) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES as a list of GPU ids; None when unset (every GPU is visible).
+    An empty value, or one starting with -1 / NoDevFiles, hides every GPU (CUDA's rules: the list
+    ends at the first invalid entry)."""
+    if value is None:
+        return None
+    ids = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item or item.startswith("-") or item == "NoDevFiles":
+            break
+        ids.append(item)
+    return ids
+
+
+def choose_device(local_rank: int, visible_devices: list[str] | None, n_gpus: int) -> str:
+    """The torch device for the rank with node-local rank `local_rank`: GPU (local_rank mod the
+    number of usable GPUs), or "cpu" without any. n_gpus is what CUDA reports (it already honours
+    CUDA_VISIBLE_DEVICES); visible_devices only caps it when the two disagree.
+
+    Ranks 0..S-1 of the first node are the servers, so its G workers have the local ranks S..S+G-1:
+    taken mod G these are still G different GPUs."""
+    if local_rank < 0:
+        raise ValueError(f"local_rank must be >= 0, got {local_rank}")
+    usable = n_gpus if visible_devices is None else min(n_gpus, len(visible_devices))
+    if usable <= 0:
+        return "cpu"
+    return f"cuda:{local_rank % usable}"
+
+
+def gpu_id(device: str, visible_devices: list[str] | None) -> str | None:
+    """The GPU behind a torch device as the user knows it (CUDA_VISIBLE_DEVICES' entry)."""
+    if not device.startswith("cuda"):
+        return None
+    index = int(device.partition(":")[2] or 0)
+    if visible_devices is not None and index < len(visible_devices):
+        return visible_devices[index]
+    return str(index)
+
+
+def local_rank_from_env(environ: Mapping[str, str]) -> tuple[int, str] | None:
+    """(node-local rank, the variable it came from) from the launcher's environment, or None."""
+    for name in LOCAL_RANK_VARS:
+        value = environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value), name
+    return None
+
+
+def local_rank_by_split(comm) -> int:
+    """Node-local rank from an MPI shared-memory split of `comm` (collective over comm): for
+    launchers that set none of LOCAL_RANK_VARS."""
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.rank
+    finally:
+        node.Free()
+
+
+def mpi_cuda_support(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the MPI library accepts GPU buffers. Asks, in order: HPCOPT_CUDA_AWARE_MPI, mpi4py
+    (newer versions wrap MPIX_Query_cuda_support), the C function MPIX_Query_cuda_support itself
+    (Open MPI and MPICH export it; answers for run time, after MPI_Init), and last Open MPI's
+    `ompi_info` (built with CUDA support). False when nothing says yes."""
+    forced = environ.get(CUDA_AWARE_OVERRIDE, "").strip().lower()
+    if forced in ("0", "1", "true", "false", "yes", "no"):
+        return forced in ("1", "true", "yes")
+    try:
+        from mpi4py import MPI
+
+        query = getattr(MPI, "Query_cuda_support", None)
+        if query is not None:
+            return bool(query())
+        if MPI.Is_initialized():
+            fn = getattr(ctypes.CDLL(None), "MPIX_Query_cuda_support", None)
+            if fn is not None:
+                return bool(fn())
+    except (ImportError, OSError):
+        pass
+    return ompi_built_with_cuda()
+
+
+def ompi_built_with_cuda() -> bool:
+    """`ompi_info --parsable --all` says mpi_built_with_cuda_support:value:true (Open MPI only)."""
+    if not shutil.which("ompi_info"):
+        return False
+    try:
+        out = subprocess.run(["ompi_info", "--parsable", "--all"], check=False, capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "mpi_built_with_cuda_support:value:true" in out
+
+
+def select_device(role: str, *, comm=None, environ: Mapping[str, str] | None = None,
+                  n_gpus: int | None = None, servers_on_gpu: bool = False,
+                  log: Callable[[str], None] | None = None) -> DeviceChoice:
+    """Choose this rank's device. role is "worker" or "server"; servers stay on the CPU unless
+    servers_on_gpu. The local rank comes from the launcher's variables, else from a shared-memory
+    split of `comm` (then collective over comm), else 0. n_gpus defaults to torch's count. Logs one
+    line saying what it took, when log is given."""
+    if role not in ("worker", "server"):
+        raise ValueError(f"role must be 'worker' or 'server', got {role!r}")
+    environ = os.environ if environ is None else environ
+    found = local_rank_from_env(environ)
+    if found is None and comm is not None:
+        found = (local_rank_by_split(comm), "shared-memory split")
+    local_rank, source = found if found is not None else (0, "default")
+    visible = parse_visible_devices(environ.get("CUDA_VISIBLE_DEVICES"))
+    if role == "server" and not servers_on_gpu:
+        device = "cpu"
+    else:
+        if n_gpus is None:
+            import torch
+
+            n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device = choose_device(local_rank, visible, n_gpus)
+    on_gpu = device != "cpu"
+    aware = mpi_cuda_support(environ) if on_gpu else False
+    choice = DeviceChoice(device=device, gpu=gpu_id(device, visible), local_rank=local_rank,
+                          local_rank_source=source, cuda_aware_mpi=aware,
+                          staging="none" if not on_gpu else ("device" if aware else "pinned-host"))
+    if log is not None:
+        node = environ.get("SLURMD_NODENAME") or socket.gethostname()
+        log(f"[hpcopt {role} on {node}] {choice.describe()}")
+    return choice
+
+
+def staging_buffer(params, choice: DeviceChoice):
+    """The buffer MPI sends from and receives into for parameters living on choice.device: the
+    parameters themselves when they are on the CPU or MPI is CUDA-aware, else a pinned host copy
+    (copy to it before an exchange, back from it after; pinned memory makes both copies fast and
+    lets them run asynchronously)."""
+    import torch
+
+    if choice.staging in ("none", "device"):
+        return params
+    return torch.empty(params.numel(), dtype=params.dtype, pin_memory=torch.cuda.is_available())
