@@ -1,0 +1,190 @@
+"""`hpcopt analyze` end to end under real `mpirun` with real files: a grid on a non-square grid
+against a brute-force loop, the same file on 1 and 3 ranks, an interrupted grid that resumes,
+distributed Hessian-vector products against the exact Hessian, the report, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from conftest import hpcopt, mpirun
+from hpcopt.models import MLP
+
+pytestmark = pytest.mark.mpi
+
+MODEL = {"input_size": 8, "classes": 3, "hidden": [12]}   # 147 parameters
+GRID = ["--skip", "trajectory,pca,interpolation,hessian,sharpness", "--grid", "7x5", "--line-points", "3",
+        "--no-report", "--timeout", "60"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A real training run (1 server + 2 workers) of a small MLP on a small HDF5 data set."""
+    d = tmp_path_factory.mktemp("analyze")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    y = ((x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1)).astype(np.int64)
+    with h5py.File(d / "data.h5", "w") as f:
+        f["x_train"], f["y_train"] = x[:240], y[:240]
+        f["x_test"], f["y_test"] = x[240:], y[240:]
+    mpirun(3, "train", "--out", str(d / "run"), "--model.name", "mlp", "--model.kwargs", json.dumps(MODEL),
+           "--data.name", str(d / "data.h5"), "--data.batch_size", "20", "--train.epochs", "6", "--train.lr", "0.1",
+           "--easgd.tau", "2", "--record.worker_every", "1", "--record.center_every", "2",
+           "--record.flush_seconds", "0.5", "--record.eval_seconds", "0.2")
+    return d
+
+
+def loss_at(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Brute-force reference: a fresh MLP with the flat vector copied into its parameters."""
+    model = MLP(**MODEL)
+    with torch.no_grad():
+        o = 0
+        for p in model.parameters():
+            p.copy_(torch.from_numpy(w[o:o + p.numel()].astype(np.float32)).view_as(p))
+            o += p.numel()
+        out = model(torch.from_numpy(x))
+        return F.cross_entropy(out, torch.from_numpy(y)).item(), (out.argmax(1).numpy() == y).mean()
+
+
+def grids(path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {name: {k: g[k][()] for k in g} | {"spec": g.attrs["spec"]} for name, g in f["grids"].items()}
+
+
+def test_grid_on_a_non_square_grid_matches_a_brute_force_loop_and_is_the_same_on_1_and_3_ranks(run):
+    mpirun(1, "analyze", str(run / "run"), "--out", str(run / "a1"), *GRID)
+    mpirun(3, "analyze", str(run / "run"), "--out", str(run / "a3"), *GRID)
+    g1, g3 = grids(run / "a1" / "analysis.h5"), grids(run / "a3" / "analysis.h5")
+    assert set(g1) == {"random_1d", "random_2d"} == set(g3)
+    for name in g1:
+        assert g1[name].pop("spec") == g3[name].pop("spec")
+        for k in g1[name]:
+            assert np.array_equal(g1[name][k], g3[name][k]), (name, k)
+    g = g3["random_2d"]
+    assert g["loss"].shape == (5, 7) and g["done"].all()
+    with h5py.File(run / "data.h5") as f:
+        x, y = f["x_train"][()], f["y_train"][()]
+    ref = np.zeros((5, 7))
+    acc = np.zeros((5, 7))
+    for iy, b in enumerate(g["y"]):
+        for ix, a in enumerate(g["x"]):
+            ref[iy, ix], acc[iy, ix] = loss_at(g["origin"] + a * g["directions"][0] + b * g["directions"][1], x, y)
+    np.testing.assert_allclose(g["loss"], ref, rtol=1e-5)
+    np.testing.assert_allclose(g["accuracy"], acc, atol=1e-9)
+    assert ref.max() - ref.min() > 0.1  # the surface is not flat, so a mis-indexed grid fails
+    with h5py.File(run / "run" / "trajectory.h5", "r") as f:
+        np.testing.assert_array_equal(g["origin"], f["center/params"][-1].astype(np.float64))
+
+
+def test_interrupted_grid_resumes_and_completes_with_identical_values(run):
+    full = grids_of(run, "full", 3)
+    p = mpirun(3, "analyze", str(run / "run"), "--out", str(run / "part"), *GRID, "--max-points", "9", check=False)
+    assert p.returncode == 3 and "run the same command again to resume" in p.stdout
+    part = grids(run / "part" / "analysis.h5")
+    done = part["random_1d"]["done"].sum() + part.get("random_2d", {"done": np.zeros(1)})["done"].sum()
+    assert 9 <= done < 3 + 35
+    for name, g in part.items():  # the points done so far are already exact
+        m = g["done"].astype(bool)
+        np.testing.assert_array_equal(g["loss"][m], full[name]["loss"][m])
+        assert np.isnan(g["loss"][~m]).all()
+    mpirun(2, "analyze", str(run / "run"), "--out", str(run / "part"), *GRID)  # resume on another rank count
+    resumed = grids(run / "part" / "analysis.h5")
+    for name in full:
+        assert resumed[name]["done"].all()
+        np.testing.assert_array_equal(resumed[name]["loss"], full[name]["loss"])
+        np.testing.assert_array_equal(resumed[name]["accuracy"], full[name]["accuracy"])
+
+
+def grids_of(run, name, n):
+    mpirun(n, "analyze", str(run / "run"), "--out", str(run / name), *GRID)
+    return grids(run / name / "analysis.h5")
+
+
+def test_distributed_curvature_matches_the_exact_hessian_and_the_report_is_written(run):
+    p = mpirun(3, "analyze", str(run / "run"), "--out", str(run / "cv"), "--curvature-samples", "0", "--top-k", "3",
+               "--trace-rtol", "0.05", "--grid", "5x4", "--line-points", "5", "--interp-points", "5",
+               "--plane", "center", "worker:0", "worker:1", "--density", "--density-runs", "1", "--density-steps", "20")
+    assert "top Hessian eigenvalues" in p.stdout
+    with h5py.File(run / "data.h5") as f:
+        x, y = torch.from_numpy(f["x_train"][()]), torch.from_numpy(f["y_train"][()])
+    with h5py.File(run / "run" / "trajectory.h5", "r") as f:
+        w = torch.from_numpy(f["center/params"][-1])
+    model = MLP(**MODEL).double()
+    x = x.double()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss(v):
+        params, o = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = v[o:o + s.numel()].view(s)
+            o += s.numel()
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    H = torch.autograd.functional.hessian(loss, w.double()).numpy()
+    exact = np.sort(np.linalg.eigvalsh(H))[::-1]
+    with h5py.File(run / "cv" / "analysis.h5", "r") as f:
+        cv = f["curvature"]
+        np.testing.assert_allclose(cv["eigenvalues"][()], exact[:3], rtol=1e-3)
+        assert abs(cv.attrs["trace"] - np.trace(H)) <= 4 * cv.attrs["trace_stderr"]
+        depends = json.loads(cv.attrs["depends_on"])
+        assert depends["samples"] == 240 and depends["ranks"] == 3 and depends["split"] == "train"
+        assert len(cv["subsample_indices"]) == 240
+        assert 0 <= cv["sharpness"].attrs["value"]
+        assert set(f["grids"]) >= {"random_1d", "random_2d", "pca_2d", "plane", "interp_0", "interp_1"}
+        assert f["grids/plane/loss"].shape == (4, 5)
+        # the plane through three models puts them at (0,0), (1,0), (0,1)
+        plane = f["grids/plane"]
+        np.testing.assert_allclose(plane["origin"][()] + plane["directions"][0], f["grids/interp_1/origin"][()]
+                                   + f["grids/interp_1/directions"][0], rtol=1e-6, atol=1e-7)
+    html = (run / "cv" / "report.html").read_text()
+    for fig in ("curves", "trajectory", "pca", "landscape_random", "interpolation", "hessian", "plane"):
+        assert (run / "cv" / f"{fig}.png").stat().st_size > 1000
+        assert f"alt='{fig}.png'" in html
+    assert "data:image/png;base64," in html and "<img" in html and 'src="' not in html  # self-contained
+
+
+def test_compare_two_runs(run):
+    p = mpirun(2, "analyze", str(run / "run"), "--compare", str(run / "run" / "trajectory.h5"), "--out",
+               str(run / "cmp"), "--skip", "landscape,interpolation,density", "--curvature-samples", "60",
+               "--trace-max-probes", "20", "--top-k", "2", "--sharpness-steps", "3")
+    assert "comparison:" in p.stdout
+    html = (run / "cmp" / "compare.html").read_text()
+    assert "compare_curves.png" in html and "compare_sharpness.png" in html and "compare_pca.png" in html
+    assert "run (2)" in html  # two runs of the same name get distinct labels
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    (tmp_path / "x.h5").write_text("hello")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["data"] = np.arange(3)
+    with h5py.File(tmp_path / "future.h5", "w") as f:
+        f.attrs["format"] = "hpcopt.trajectory"
+        f.attrs["schema_version"] = 99
+    for name, message in [("nope.h5", "does not exist"), ("x.h5", "not a readable HDF5 file"),
+                          ("other.h5", "not an hpcopt trajectory"), ("future.h5", "schema version 99")]:
+        p = hpcopt("analyze", str(tmp_path / name), "--out", str(tmp_path / "o"))
+        assert p.returncode == 2 and message in p.stderr, p.stderr
+    # under mpirun every rank finds the error, rank 0 alone reports it, and nobody waits
+    p = mpirun(3, "analyze", str(tmp_path / "future.h5"), "--out", str(tmp_path / "o"), check=False, timeout=60)
+    assert p.returncode == 2 and p.stderr.count("schema version 99") == 1, p.stderr
+
+
+def test_bad_options_and_a_foreign_results_file(run, tmp_path):
+    p = hpcopt("analyze", str(run / "run"), "--grid", "7by5")
+    assert p.returncode == 2 and "--grid must look like 21x21" in p.stderr
+    p = hpcopt("analyze", str(run / "run"), "--skip", "hessain")
+    assert p.returncode == 2 and "unknown part(s) to skip: hessain" in p.stderr
+    p = hpcopt("analyze", str(run / "run"), "--at", "worker:9", "--out", str(tmp_path / "o"))
+    assert p.returncode == 2 and "worker 9 has no recorded snapshot" in p.stderr
+    (tmp_path / "f").mkdir()
+    with h5py.File(tmp_path / "f" / "analysis.h5", "w") as f:
+        f["x"] = 1
+    p = mpirun(2, "analyze", str(run / "run"), "--out", str(tmp_path / "f"), check=False, timeout=60)
+    assert p.returncode == 2 and p.stderr.count("is not an hpcopt analysis file") == 1
