@@ -57,7 +57,7 @@ def test_hvp_equals_exact_hessian_times_v(problem):
 
 
 def test_weighted_parts_sum_to_the_whole(problem):
-    obj, w, H = problem
+    obj, w, _ = problem
     flat, x, y = small_problem()
     v = torch.randn(len(w), generator=torch.Generator().manual_seed(4))
     total = torch.zeros_like(w)

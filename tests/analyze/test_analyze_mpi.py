@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import hpcopt, mpirun
 from torch.func import functional_call
 
-from conftest import hpcopt, mpirun
 from hpcopt.models import MLP
 
 pytestmark = pytest.mark.mpi
