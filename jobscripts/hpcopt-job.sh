@@ -16,6 +16,10 @@ HPCOPT=${HPCOPT:-hpcopt}
 LAUNCHER=${LAUNCHER:-srun}
 MPIRUN=${MPIRUN:-mpirun}
 export PYTHONUNBUFFERED=1  # progress lines reach the log as they are printed
+# scancel and `scontrol requeue` send SIGTERM to every process of the job at once, mpirun
+# included, which then kills its ranks after odls_base_sigkill_timeout (1 s by default): give the
+# ranks time to leave or checkpoint (Slurm's KillWait, 30 s by default, bounds it anyway).
+export OMPI_MCA_odls_base_sigkill_timeout=${OMPI_MCA_odls_base_sigkill_timeout:-20}
 
 log() { echo "[$(date +%H:%M:%S) ${SLURM_JOB_ID:-}] $*"; }
 
@@ -38,7 +42,7 @@ place_ranks() {
         for ((i = 0; i < here; i++)); do echo "$n" >>"$HOSTFILE"; done
         MPI_HOSTS+="${MPI_HOSTS:+,}$n:$here"
     done
-    log "placement: $servers server(s) on ${NODES[0]}, $per_node worker(s) on each of ${NODES[*]} ($NRANKS ranks)"
+    log "placement: $servers server rank(s) on ${NODES[0]}, then $per_node rank(s) on each of ${NODES[*]} ($NRANKS ranks)"
 }
 
 # launch ARGS...: run `$HPCOPT ARGS...` on NRANKS ranks placed by place_ranks, in the background

@@ -94,3 +94,29 @@ def inspect(path: Path) -> dict:
                           env={**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def has_command(*words: str) -> bool:
+    """Whether `hpcopt WORDS... --help` works: the join/resume pieces land separately."""
+    proc = subprocess.run([HPCOPT, *words, "--help"], check=False, capture_output=True, text=True, timeout=60)
+    return proc.returncode == 0
+
+
+def read_status(run: Path) -> dict:
+    """RUN/status.json (rewritten atomically by server 0), or {} while it is not there yet."""
+    try:
+        return json.loads((run / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def wait_for(what: str, predicate, timeout: float, detail=lambda: ""):
+    """Poll predicate() until it returns something true; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached in {timeout:.0f} s\n{detail()}")
+        time.sleep(0.5)

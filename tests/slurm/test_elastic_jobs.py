@@ -1,0 +1,83 @@
+"""A training that grows, shrinks and is requeued under Slurm: jobscripts/join.sbatch adds the
+third node's workers to a running train.sbatch job, `scancel` of the join job makes them leave,
+and preemptible.sbatch survives `scontrol requeue` by resuming the same trajectory file."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from slurmlib import has_command, inspect, read_status, wait_for
+
+pytestmark = pytest.mark.timeout(900)
+
+# Long enough to be still running when the test is done with it: the test ends it itself.
+LONG = ["--train.epochs", "2000", "--record.flush_seconds", "0.5", "--record.eval_seconds", "1",
+        "--record.center_every", "10"]
+
+
+def workers_now(run) -> list[dict]:
+    s = read_status(run)
+    return s.get("workers", []) if s.get("state") == "running" else []
+
+
+def test_join_then_scancel_the_joiners(slurm, tmp_path):
+    if not (has_command("join") and has_command("status")):
+        pytest.skip("`hpcopt join` / `hpcopt status` are not there yet (issue 4)")
+    run, train_out, join_out = tmp_path / "run", tmp_path / "train.out", tmp_path / "join.out"
+    train = slurm.sbatch("-N", "2", "-w", "n[1-2]", "--ntasks-per-node=1", f"--output={train_out}",
+                         "jobscripts/train.sbatch", str(run), *LONG, env={"LAUNCHER": "mpirun"})
+    log = lambda: train_out.read_text()[-3000:] if train_out.exists() else ""
+    try:
+        wait_for("the training's 2 workers exchanging", lambda: len(workers_now(run)) == 2, 240, log)
+
+        join = slurm.sbatch("-N", "1", "-w", "n3", "--ntasks-per-node=2", f"--output={join_out}",
+                            "jobscripts/join.sbatch", str(run))
+        jlog = lambda: log() + "\n--- join job\n" + (join_out.read_text()[-3000:] if join_out.exists() else "")
+        members = wait_for("2 joined workers", lambda: len(workers_now(run)) == 4 and workers_now(run), 240, jlog)
+        assert len({w["id"] for w in members}) == 4
+
+        slurm.cancel(join)  # SIGTERM to every process of the join job: its workers leave
+        info = slurm.wait_done(join, timeout=120, log=join_out)
+        assert info["JobState"] == "CANCELLED", info
+        wait_for("the joiners gone from the status", lambda: len(workers_now(run)) == 2, 120, jlog)
+        # training goes on without them
+        before = read_status(run)["exchanges"]
+        wait_for("exchanges after the leave", lambda: read_status(run).get("exchanges", 0) > before + 10, 120, jlog)
+    finally:
+        slurm.cancel(train)  # SIGTERM to the servers: they stop the run and close the file
+    info = slurm.wait_done(train, timeout=120, log=train_out)
+    s = inspect(run / "trajectory.h5")
+    assert len(s["workers"]) == 4, s  # 2 of the training + 2 joiners, all in the file
+    assert s["events"].get("join", 0) >= 4 and s["events"].get("leave", 0) >= 2, s["events"]
+    assert s["events"].get("crash", 0) == 0, s["events"]  # the joiners left cleanly
+
+
+def test_preemptible_job_resumes_the_same_file_after_requeue(slurm, tmp_path):
+    if not (has_command("status") and "--resume" in slurm.run("bash", "-c", '"$HPCOPT" train --help').stdout):
+        pytest.skip("`hpcopt train --resume` / `hpcopt status` are not there yet (issue 4)")
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    epochs = ["--train.epochs", "40", "--record.flush_seconds", "0.5", "--record.eval_seconds", "1",
+              "--record.center_every", "10", "--record.checkpoint_seconds", "1"]
+    job = slurm.sbatch("-N", "2", "--ntasks-per-node=1", f"--output={out}", "jobscripts/preemptible.sbatch",
+                       str(run), *epochs)
+    log = lambda: out.read_text()[-3000:] if out.exists() else ""
+    wait_for("mid-run, with a checkpoint", lambda: read_status(run).get("exchanges", 0) >= 40
+             and (run / "checkpoint.h5").exists(), 240, log)
+    slurm.run("scontrol", "requeue", job)  # as an admin or a preempting job would
+    # A requeued job becomes eligible only after a delay (its BeginTime, about 2 minutes): start it now.
+    slurm.wait(job, lambda i: i.get("Restarts", "0") != "0" and i.get("JobState") == "PENDING", 120,
+               "requeued", out)
+    slurm.run("scontrol", "update", f"jobid={job}", "starttime=now")
+    info = slurm.wait_done(job, timeout=400, log=out)
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    assert "start 2 of job" in text and "resuming" in text
+
+    s = inspect(run / "trajectory.h5")
+    assert s["status"] == "complete" and s["events"].get("resume", 0) >= 1, s
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        snapshots = np.unique(f["center/meta"]["exchanges"][:])
+    assert snapshots[0] == 0 and len(snapshots) > 2
+    # the file goes on from the checkpoint: no hole wider than one snapshot interval
+    assert np.diff(snapshots).max() <= 10, snapshots
