@@ -21,12 +21,18 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         help="train with asynchronous EASGD/EAMSGD (run under mpirun or srun)",
         description="Train with asynchronous elastic averaging. Ranks 0..S-1 hold the center\n"
                     "(S = run.servers), all other ranks are workers.\n\n"
-                    "  mpirun -n 5 hpcopt train --config configs/mnist1d_easgd.toml --out runs/mine\n\n"
+                    "  mpirun -n 5 hpcopt train --config configs/mnist1d_easgd.toml --out runs/mine\n"
+                    "  hpcopt train -n 5 --config configs/mnist1d_easgd.toml --out runs/mine   # joinable\n"
+                    "  hpcopt train -n 3 --resume runs/mine                                    # continue\n\n"
                     "Every config field can be overridden with --section.key VALUE.",
         epilog="The trajectory goes to OUT/trajectory.h5; read it with `hpcopt inspect`.")
     p.add_argument("--config", "-c", metavar="TOML", help="config file (default: the built-in defaults)")
     p.add_argument("--out", "-o", metavar="DIR", help="run directory (same as --run.out)")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT/trajectory.h5")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, with any "
+                   "number of workers (its config.toml is used; flags still override)")
+    p.add_argument("-n", "--np", type=int, metavar="N", help="launch it yourself: start an ompi-server (so "
+                   "workers can join later) and `mpirun -n N` (only outside mpirun)")
     groups = {}
     for section, name, kind, default, doc in fields_for_cli():
         if section not in groups:
@@ -38,10 +44,17 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
+    from hpcopt.launch.launcher import launch, under_mpi_launcher
+
+    if args.np is not None:
+        return _launch_train(args, launch, under_mpi_launcher)
     import mpi4py
 
-    # Only the main thread calls MPI (the evaluator thread runs torch only).
-    mpi4py.rc.thread_level = "funneled"
+    from hpcopt.elastic import joins_possible
+
+    # Only the main thread calls MPI, except the threads that accept joins (they need an
+    # ompi-server, so the stricter level is asked for only then).
+    mpi4py.rc.thread_level = "multiple" if joins_possible() else "funneled"
     from mpi4py import MPI
 
     from hpcopt import config as C
@@ -52,8 +65,19 @@ def _cmd_train(args) -> int:
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:")}
     if args.out:
         overrides["run.out"] = args.out
+    config_file = args.config
+    if args.resume:
+        from pathlib import Path
+
+        config_file = config_file or str(Path(args.resume) / "config.toml")
+        overrides["run.out"] = args.resume
+        if not Path(config_file).exists():
+            if rank == 0:
+                print(f"hpcopt train: error: --resume {args.resume}: no config.toml there; is it a run "
+                      f"directory?", file=sys.stderr)
+            return 2
     try:
-        cfg = C.load(args.config, overrides)
+        cfg = C.load(config_file, overrides)
     except C.ConfigError as e:  # the same on every rank: report once, exit cleanly
         if rank == 0:
             print(f"hpcopt train: config error: {e}", file=sys.stderr)
@@ -61,11 +85,16 @@ def _cmd_train(args) -> int:
     install_abort_on_error(MPI.COMM_WORLD)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     try:
-        summary = train(cfg, force=args.force, log=log)
+        summary = train(cfg, force=args.force, resume=bool(args.resume), log=log)
     except UsageError as e:
         if rank == 0:
             print(f"hpcopt train: error: {e}", file=sys.stderr)
         return 2
+    if summary is not None and summary.get("all_diverged"):
+        print(f"hpcopt train: error: every worker diverged (NaN/Inf or exploding loss, reset "
+              f"train.max_resets={cfg.train.max_resets} times each); lower train.lr (now {cfg.train.lr})",
+              file=sys.stderr)
+        return 1
     if summary is not None and "path" in summary:
         acc = summary["final_center_test_accuracy"]
         if "rounds" in summary:
@@ -78,6 +107,86 @@ def _cmd_train(args) -> int:
         if "cpu_seconds" in summary:
             log(f"server 0 used {summary['cpu_seconds']:.1f} s of CPU ({summary['polls']} polls)")
         log(f"trajectory: {summary['path']}   (see it with: hpcopt inspect {summary['path']})")
+    return 0
+
+
+def _launch_train(args, launch, under_mpi_launcher) -> int:
+    from pathlib import Path
+
+    from hpcopt import config as C
+
+    if under_mpi_launcher():
+        print("hpcopt train: error: -n launches mpirun itself; under mpirun/srun leave it out", file=sys.stderr)
+        return 2
+    argv = sys.argv[sys.argv.index("train") + 1:] if "train" in sys.argv else []
+    rest, skip = [], False
+    for a in argv:  # everything but -n N is passed on to the ranks
+        if skip:
+            skip = False
+        elif a in ("-n", "--np"):
+            skip = True
+        elif not a.startswith(("-n=", "--np=")):
+            rest.append(a)
+    if args.resume:
+        out = Path(args.resume)
+    else:
+        try:
+            overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:")}
+            if args.out:
+                overrides["run.out"] = args.out
+            out = Path(C.load(args.config, overrides).run.out)
+        except C.ConfigError as e:
+            print(f"hpcopt train: config error: {e}", file=sys.stderr)
+            return 2
+        if (out / "trajectory.h5").exists() and not args.force:
+            print(f"hpcopt train: error: {out / 'trajectory.h5'} already exists; choose another --out, pass "
+                  f"--force to overwrite it, or --resume {out} to continue it", file=sys.stderr)
+            return 2
+    return launch(args.np, ["train", *rest], out, own_server=True)
+
+
+def _cmd_join(args) -> int:
+    from hpcopt.launch.launcher import launch, under_mpi_launcher
+
+    if args.np is not None:
+        if under_mpi_launcher():
+            print("hpcopt join: error: -n launches mpirun itself; under mpirun/srun leave it out", file=sys.stderr)
+            return 2
+        from pathlib import Path
+
+        rest = ["join", args.run] + (["--token", args.token] if args.token else [])
+        return launch(args.np, rest, Path(args.run), own_server=False)
+    import mpi4py
+
+    mpi4py.rc.thread_level = "multiple"  # the connect runs in a thread, so it can have a deadline
+    from mpi4py import MPI
+
+    from hpcopt.launch.env import install_abort_on_error
+    from hpcopt.train import UsageError, join
+
+    rank = MPI.COMM_WORLD.rank
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    install_abort_on_error(MPI.COMM_WORLD)
+    try:
+        summary = join(args.run, token=args.token, log=log)
+    except UsageError as e:
+        if rank == 0:
+            print(f"hpcopt join: error: {e}", file=sys.stderr)
+        return 2
+    print(f"worker {summary['worker_id']}: {summary['reason']} after {summary['steps']} steps, "
+          f"{summary['exchanges']} exchanges", flush=True)
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from hpcopt.status import format_status, read_status
+
+    try:
+        status = read_status(args.run)
+    except ValueError as e:
+        print(f"hpcopt status: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(status) if args.json else format_status(status))
     return 0
 
 
@@ -108,6 +217,23 @@ def main(argv: list[str] | None = None) -> int:
                        description="Print a summary of a trajectory file (or a run directory).")
     p.add_argument("file", help="OUT/trajectory.h5 or the run directory OUT")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p = sub.add_parser("join", help="add workers to a running training",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Add this MPI job's ranks as workers to the training running in RUN.\n\n"
+                                   "  hpcopt join runs/mine -n 2          # starts mpirun -n 2 itself\n"
+                                   "  OMPI_MCA_pmix_server_uri=file:runs/mine/ompi-server.uri \\\n"
+                                   "      mpirun -n 2 hpcopt join runs/mine\n\n"
+                                   "The training must have been started with `hpcopt train -n N` (or under an\n"
+                                   "ompi-server whose URI is in RUN/ompi-server.uri). New workers start from the\n"
+                                   "current center. They leave on SIGTERM/SIGINT/SIGUSR1/SIGUSR2.")
+    p.add_argument("run", metavar="RUN", help="the run directory of a running training")
+    p.add_argument("--token", help="the join token (default: read RUN/token)")
+    p.add_argument("-n", "--np", type=int, metavar="N", help="launch `mpirun -n N` yourself (outside mpirun)")
+    p = sub.add_parser("status", help="live status of a run: members, exchanges/s, center accuracy",
+                       description="Print the live status of a run from RUN/status.json, which server 0 "
+                                   "rewrites at every flush.")
+    p.add_argument("run", metavar="RUN", help="the run directory")
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
     from hpcopt.analyze.cli import add_parser as _analyze_parser
 
     _analyze_parser(sub)
@@ -120,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_train(args)
     if args.command == "inspect":
         return _cmd_inspect(args)
+    if args.command == "join":
+        return _cmd_join(args)
+    if args.command == "status":
+        return _cmd_status(args)
     parser.print_help()
     return 2
 

@@ -88,6 +88,8 @@ class TrainConfig:
     langevin_noise: float = _doc("entropy-sgd: thermal noise epsilon of the Langevin steps", default=1e-4)
     momentum: float = _doc("momentum delta of the local step (eamsgd: Nesterov; default 0.9 for eamsgd, 0 for easgd)", default=-1.0)
     weight_decay: float = _doc("L2 weight decay of the local step", default=0.0)
+    diverge_factor: float = _doc("asynchronous methods: a worker whose training loss is NaN/Inf or above this many times its first reported loss is reset to the center (its parameters are not mixed in)", default=10.0)
+    max_resets: int = _doc("a worker reset more often than this leaves the run", default=3)
 
     def __post_init__(self):
         if not self.epochs > 0:
@@ -111,6 +113,9 @@ class TrainConfig:
             raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.diverge_factor > 1:
+            raise ConfigError(f"train.diverge_factor must be > 1, got {self.diverge_factor}")
+        _at_least("train.max_resets", self.max_resets, 0)
 
 
 @dataclass(kw_only=True)
@@ -162,6 +167,7 @@ class RecordConfig:
     worker_every: int = _doc("a worker's parameters are recorded at every worker_every-th of its exchanges (0: never)", default=20)
     flush_seconds: float = _doc("servers write buffered records and flush the file this often; a killed job loses at most this interval", default=2.0)
     eval_seconds: float = _doc("the center is evaluated on the test set at most this often (at a flush)", default=2.0)
+    checkpoint_seconds: float = _doc("servers write OUT/checkpoint.h5 (at a flush) and workers their own state this often; a resume loses at most this interval", default=10.0)
 
     def __post_init__(self):
         _at_least("record.center_every", self.center_every, 1)
@@ -170,16 +176,21 @@ class RecordConfig:
             raise ConfigError(f"record.flush_seconds must be > 0, got {self.flush_seconds}")
         if self.eval_seconds < 0:
             raise ConfigError(f"record.eval_seconds must be >= 0, got {self.eval_seconds}")
+        if self.checkpoint_seconds < 0:
+            raise ConfigError(f"record.checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
 
 
 @dataclass(kw_only=True)
 class CommConfig:
     timeout: float = _doc("seconds any wait on another rank may last before the run fails with a clear error", default=120.0)
+    worker_timeout: float = _doc("servers drop a worker (as crashed) that sent nothing for this many seconds; workers send heartbeats meanwhile", default=10.0)
     chunk_mb: float = _doc("parameters travel in chunks of this many MB so the server computes while the rest arrives", default=1.0)
 
     def __post_init__(self):
         if not self.timeout > 0:
             raise ConfigError(f"comm.timeout must be > 0 seconds, got {self.timeout}")
+        if not self.worker_timeout > 0:
+            raise ConfigError(f"comm.worker_timeout must be > 0 seconds, got {self.worker_timeout}")
         if not self.chunk_mb > 0:
             raise ConfigError(f"comm.chunk_mb must be > 0, got {self.chunk_mb}")
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hpcopt import __version__
@@ -25,7 +27,7 @@ from hpcopt.io.trajectory import TrajectoryWriter
 from hpcopt.launch.env import Environment
 from hpcopt.models import FlatModel, build_model
 from hpcopt.optim.easgd import default_alpha
-from hpcopt.worker import LocalTrainer
+from hpcopt.rundir import RunDir, write_atomic
 
 
 class UsageError(RuntimeError):
@@ -47,15 +49,23 @@ def _on_root(world, fn):
 
 
 def _prepare_run_dir(cfg: Config, force: bool) -> str:
-    out = Path(cfg.run.out)
-    path = out / "trajectory.h5"
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists; choose another --out, or pass --force to overwrite it")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(cfg.to_toml())
-    if path.exists():
-        path.unlink()
-    return str(path)
+    run = RunDir(cfg.run.out)
+    if run.trajectory.exists() and not force:
+        raise UsageError(f"{run.trajectory} already exists; choose another --out, pass --force to overwrite "
+                         f"it, or --resume {run.path} to continue it")
+    run.path.mkdir(parents=True, exist_ok=True)
+    for stale in (run.trajectory, run.checkpoint, run.status, run.join_info):
+        if stale.exists():
+            stale.unlink()
+    for d in (run.workers, run.joins):
+        if d.exists():
+            for f in d.iterdir():
+                f.unlink()
+    run.workers.mkdir(exist_ok=True)
+    run.joins.mkdir(exist_ok=True)
+    write_atomic(run.config, cfg.to_toml())
+    run.new_token()
+    return str(run.trajectory)
 
 
 def _load_data(cfg: Config, world) -> dict:
@@ -67,13 +77,13 @@ def _load_data(cfg: Config, world) -> dict:
     return _on_root(world, lambda: load_data(cfg.data.name, cfg.data.seed))
 
 
-def train(cfg: Config, *, force: bool = False, log=print) -> dict:
-    """Run a training; collective over MPI.COMM_WORLD. Returns a summary: the run's on the rank
-    that records it (server 0, or rank 0 for synchronous methods), the worker's own counts on a
-    worker, None on other servers."""
+def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) -> dict:
+    """Run a training; collective over MPI.COMM_WORLD. With `resume`, continue the run in
+    cfg.run.out from its checkpoint (any number of workers). Returns a summary: the run's on the
+    rank that records it (server 0, or rank 0 for synchronous methods), the worker's own counts
+    on a worker, None on other servers."""
     from mpi4py import MPI
 
-    from hpcopt.comm.client import CenterClient
     from hpcopt.comm.protocol import shard_bounds
 
     world = MPI.COMM_WORLD
@@ -82,12 +92,19 @@ def train(cfg: Config, *, force: bool = False, log=print) -> dict:
     if world.size < S + 1:
         raise UsageError(f"{world.size} rank(s) cannot hold {S} server(s) and at least one worker; "
                          f"run e.g. `mpirun -n {S + 4} hpcopt train ...` (S servers + 4 workers)")
+    if resume and cfg.synchronous:
+        raise UsageError(f"--resume works for the asynchronous methods; {cfg.run.method} is synchronous")
     torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
     is_server = world.rank < S
     role = world.Split(0 if is_server else 1, world.rank)
+    run = RunDir(cfg.run.out)
 
-    path = _on_root(world, lambda: _prepare_run_dir(cfg, force))
+    if resume:
+        path = str(run.trajectory)
+        _on_root(world, lambda: _check_resumable(run))
+    else:
+        path = _on_root(world, lambda: _prepare_run_dir(cfg, force))
     data = _load_data(cfg, world)
     try:
         model = build_model(cfg.model.name, cfg.model.kwargs)
@@ -96,11 +113,20 @@ def train(cfg: Config, *, force: bool = False, log=print) -> dict:
     flat = FlatModel(model)
     world.Bcast(flat.params.numpy(), root=0)  # one initial point for center and workers
     n_params = flat.numel
+    ckpt = None
+    if resume:
+        from hpcopt.io import checkpoint
+
+        ckpt = _on_root(world, lambda: checkpoint.read(run.checkpoint, n_parameters=n_params,
+                                                       layout=flat.layout(), method=cfg.run.method))
+        flat.params.copy_(torch.from_numpy(ckpt["center"]))
     try:
         bounds = shard_bounds(n_params, max(S, 1))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    workers = {r: r - S for r in range(S, world.size)}
+    worker_ranks = list(range(S, world.size))
+    ids = _worker_ids(ckpt, len(worker_ranks))
+    workers = dict(zip(worker_ranks, ids))  # world rank -> worker id
     if cfg.synchronous:
         alpha, tau = 1.0, 1 if cfg.run.method == "dp-sgd" else cfg.sync.period
     elif cfg.run.method == "lsgd":
@@ -108,18 +134,27 @@ def train(cfg: Config, *, force: bool = False, log=print) -> dict:
     else:
         alpha, tau = cfg.easgd.alpha or default_alpha(cfg.easgd.beta, len(workers)), cfg.easgd.tau
     hosts = dict(enumerate(world.allgather(env.host)))
+    pids = world.allgather(os.getpid())
     if world.rank == 0:
+        what = f"resuming {path} at exchange {ckpt['attrs']['exchanges']}" if resume else f"out={path}"
         log(f"hpcopt {__version__}: {cfg.run.method} with {S} server(s) + {len(workers)} worker(s), "
-            f"{n_params:,} parameters, tau={tau}, alpha={alpha:.4g}, out={path}")
+            f"{n_params:,} parameters, tau={tau}, alpha={alpha:.4g}, {what}")
     recording = world.rank == 0 if cfg.synchronous else is_server
     writer = evaluator = None
     if recording:
         lo, hi = bounds[role.rank]
         attrs = _attrs(cfg, flat, hosts, bounds, S, len(workers), alpha, tau)
         model_attrs = {"name": cfg.model.name, "kwargs": cfg.model.kwargs, **flat.layout()}
-        writer = TrajectoryWriter(path, MPI.COMM_SELF if cfg.synchronous else role, n_params=n_params,
-                                  lo=lo, hi=hi, shard_width=bounds[0][1] - bounds[0][0], attrs=attrs,
-                                  model_attrs=model_attrs)
+        if resume:  # the creation-time attributes stay; these describe the latest launch
+            attrs = {k: attrs[k] for k in ("hosts", "server_ranks", "n_servers", "n_workers", "alpha",
+                                           "shard_bounds", "hpcopt_version")}
+        try:
+            writer = TrajectoryWriter(path, MPI.COMM_SELF if cfg.synchronous else role, n_params=n_params,
+                                      lo=lo, hi=hi, shard_width=bounds[0][1] - bounds[0][0], attrs=attrs,
+                                      model_attrs=model_attrs,
+                                      resume=ckpt["attrs"]["trajectory_sizes"] if resume else None)
+        except (ValueError, OSError) as e:
+            raise RuntimeError(f"cannot {'reopen' if resume else 'create'} {path}: {e}") from None
         if world.rank == 0:
             evaluator = Evaluator(FlatModel(build_model(cfg.model.name, cfg.model.kwargs)),
                                   data["x_test"], data["y_test"])
@@ -128,7 +163,7 @@ def train(cfg: Config, *, force: bool = False, log=print) -> dict:
 
     # everyone starts the clock together; a rank that never arrives is an error, not a hang
     wait_all([world.Ibarrier()], cfg.comm.timeout, "every rank to finish setting up")
-    start = time.monotonic()
+    start = time.monotonic() - (float(ckpt["attrs"]["time"]) if resume else 0.0)
     if cfg.synchronous:
         from hpcopt.train_sync import train_sync
 
@@ -137,10 +172,47 @@ def train(cfg: Config, *, force: bool = False, log=print) -> dict:
             summary["path"] = path
         return summary
     if is_server:
-        return _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evaluator, path, start, log)
-    client = CenterClient(world, list(range(S)), bounds, flat.params, alpha=alpha,
+        return _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evaluator, path, start,
+                      log, run, ckpt, pids)
+    from hpcopt.async_worker import load_worker_state, run_worker
+    from hpcopt.comm.client import CenterClient
+
+    from hpcopt.launch.env import install_abort_on_error
+
+    install_abort_on_error(world, whole_job=False)  # from now on a failing worker is a crash, not the end
+    wid = workers[world.rank]
+    client = CenterClient([(world, s) for s in range(S)], bounds, flat.params, alpha=alpha,
                           chunk=_chunk(cfg), timeout=cfg.comm.timeout)
-    return run_worker(cfg, workers[world.rank], flat, data, client, start)
+    state, first = None, 0
+    if resume:
+        state = load_worker_state(run.worker_state(wid), flat)
+        saved = [int(r["step"]) for r in ckpt["workers"]]
+        first = int(sorted(saved)[len(saved) // 2]) if saved else 0
+        if state is None:
+            log_all(f"worker {wid}: no saved state; starting from the center at step {first}")
+    return run_worker(cfg, wid, flat, data, client, start, run=run, first_step=first, state=state,
+                      log=log_all)
+
+
+def log_all(*args) -> None:
+    print(*args, flush=True)
+
+
+def _check_resumable(run: RunDir) -> None:
+    if not run.path.is_dir():
+        raise UsageError(f"--resume {run.path}: no such run directory")
+    if not run.trajectory.exists():
+        raise UsageError(f"--resume {run.path}: it has no trajectory.h5")
+
+
+def _worker_ids(ckpt, n: int) -> list[int]:
+    """Worker ids for n workers: on a resume, the checkpoint's active workers first (they
+    continue from their saved state), then new ids."""
+    if ckpt is None:
+        return list(range(n))
+    old = sorted(int(w) for w in ckpt["workers"]["worker_id"])
+    fresh = int(ckpt["attrs"]["next_worker_id"])
+    return (old + list(range(fresh, fresh + n)))[:n]
 
 
 def _chunk(cfg: Config) -> int:
@@ -164,22 +236,42 @@ def _attrs(cfg, flat, hosts, bounds, n_servers, n_workers, alpha, tau) -> dict:
     }
 
 
-def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evaluator, path, start, log):
+def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evaluator, path, start, log,
+           run, ckpt, pids):
+    from hpcopt.async_worker import SignalFlag
     from hpcopt.comm.server import CenterServer
+    from hpcopt.elastic import Membership
 
     lo, hi = bounds[role.rank]
+    resumed = int(ckpt["attrs"]["exchanges"]) if ckpt is not None else 0
+    membership = Membership(run, role, method=cfg.run.method, model=cfg.model.name, layout=flat.layout(),
+                            n_params=flat.numel, server_hosts=[hosts[s] for s in range(role.size)],
+                            timeout=cfg.comm.timeout, log=log, resumed_from=resumed)
+    rule = cfg.run.method if cfg.run.method in ("mgrawa", "lsgd") else "easgd"
     server = CenterServer(
-        world=world, servers=role, workers=workers, bounds=bounds,
+        world=world, servers=role, workers={w: (r, hosts[r], pids[r]) for r, w in workers.items()}, bounds=bounds,
         center=flat.params.numpy()[lo:hi].copy(), alpha=alpha, chunk=_chunk(cfg), timeout=cfg.comm.timeout,
-        center_every=cfg.record.center_every, worker_every=cfg.record.worker_every,
-        flush_seconds=cfg.record.flush_seconds, eval_seconds=cfg.record.eval_seconds,
-        writer=writer, evaluator=evaluator, deterministic=cfg.run.deterministic, start=start,
-        hosts=hosts, log=log, rule=cfg.run.method if cfg.run.method in ("mgrawa", "lsgd") else "easgd",
-        loss_decay=cfg.lsgd.loss_decay)
-    server.event("start", detail=f"{len(workers)} workers, {len(bounds)} servers")
-    for rank in sorted(workers):
-        server.event("join", rank, 0, "initial worker")
-    summary = server.serve()
+        worker_timeout=cfg.comm.worker_timeout, center_every=cfg.record.center_every,
+        worker_every=cfg.record.worker_every, flush_seconds=cfg.record.flush_seconds,
+        eval_seconds=cfg.record.eval_seconds, checkpoint_seconds=cfg.record.checkpoint_seconds,
+        writer=writer, evaluator=evaluator, deterministic=cfg.run.deterministic, start=start, log=log,
+        rule=rule, loss_decay=cfg.lsgd.loss_decay, membership=membership, exchanges=resumed,
+        next_worker_id=max(int(ckpt["attrs"]["next_worker_id"]), max(workers.values()) + 1) if ckpt else None)
+    if ckpt is not None:
+        _restore(server, ckpt, lo, hi)
+        server.event("resume", detail=f"from the checkpoint at exchange {resumed}, {len(workers)} workers")
+    else:
+        server.event("start", detail=f"{len(workers)} workers, {len(bounds)} servers")
+    for rank, wid in sorted(workers.items()):
+        server.event("join", wid, 0, "resumed worker" if ckpt is not None else "initial worker")
+    if role.rank == 0:
+        log(f"joins: {'open: hpcopt join ' + str(run.path) if membership.enabled else 'disabled (no ompi-server; start with hpcopt train -n N to allow them)'}")
+    server.stop_flag = SignalFlag()
+    try:
+        summary = server.serve()
+    finally:
+        membership.close()
+    summary["abandoned_accepts"] = membership.abandoned
     if role.rank != 0:
         return None
     summary["path"] = path
@@ -187,34 +279,89 @@ def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evalua
     return summary
 
 
-def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client, start: float) -> dict:
-    """A worker's local training with an exchange every tau steps (and one at the end).
-    Returns the worker's counts: steps, samples, seconds."""
+def _restore(server, ckpt, lo: int, hi: int) -> None:
+    """A resumed server takes the checkpoint's per-worker state (MGRAWA/LSGD) for the workers
+    that continue."""
+    for row in ckpt["workers"]:
+        wid = int(row["worker_id"])
+        if wid not in server.peers:
+            continue
+        server.peers[wid].step = int(row["step"])
+        if np.isfinite(row["loss_avg"]):
+            server.loss_avg[wid] = float(row["loss_avg"])
+        if np.isfinite(row["grad_norm"]) and server.rule == "mgrawa":
+            server.grad_norms[wid] = float(row["grad_norm"])
+        if wid in ckpt["latest"] and wid in server.latest:
+            server.latest[wid].copy_(torch.from_numpy(ckpt["latest"][wid][lo:hi]))
+
+
+def join(run_path: str, *, token: str | None = None, overrides: dict | None = None, log=print) -> dict:
+    """`hpcopt join RUN`: this MPI job's ranks become workers of the running training in RUN.
+    Collective over MPI.COMM_WORLD of the joining job."""
+    from mpi4py import MPI
+
+    from hpcopt import config as C
+    from hpcopt.async_worker import run_worker
+    from hpcopt.comm.client import CenterClient
     from hpcopt.comm import protocol as P
+    from hpcopt.elastic import JoinRefused, connect, joins_possible, request_join
 
-    trainer = LocalTrainer(cfg, worker_id, flat, data)
-    total, tau = trainer.total, cfg.easgd.tau
-    loss_sum, loss_n, k, lr, grad_norm = 0.0, 0, 0, cfg.train.lr, float("nan")
-    t0 = time.perf_counter()
+    world = MPI.COMM_WORLD
+    run = RunDir(run_path)
+    env = Environment.from_mpi(world)
 
-    def exchange(step):
-        nonlocal loss_sum, loss_n, k
-        k += 1
-        header = P.make_header(P.EXCHANGE, worker_id, step, k, loss_sum / max(loss_n, 1),
-                               step * trainer.batch, lr, time.monotonic() - start, grad_norm)
-        client.exchange(header)
-        loss_sum, loss_n = 0.0, 0
+    def load_cfg():
+        if not run.config.exists():
+            raise UsageError(f"{run.path} is not a run directory (no config.toml)")
+        if not joins_possible():
+            raise UsageError(
+                "this job cannot connect to the training: it was started without the run's ompi-server. "
+                f"Run `hpcopt join {run.path} -n N`, or set OMPI_MCA_pmix_server_uri=file:{run.server_uri} "
+                "for mpirun")
+        try:
+            return C.load(str(run.config), overrides or {})
+        except C.ConfigError as e:
+            raise UsageError(f"{run.config}: {e}") from None
 
-    for step in range(total):
-        if step and step % tau == 0:
-            exchange(step)
-        lr = trainer.lr(step)
-        loss_sum += trainer.gradient(step)
-        loss_n += 1
-        if (step + 1) % tau == 0 or step + 1 == total:  # the gradient the next exchange reports
-            grad_norm = float(flat.grads.norm())
-        trainer.apply(lr)
-    exchange(total)
-    client.done(worker_id, total)
-    return {"worker_id": worker_id, "steps": total, "samples": total * trainer.batch, "exchanges": k,
-            "seconds": time.perf_counter() - t0}
+    cfg = _on_root(world, load_cfg)
+    torch.set_num_threads(cfg.run.threads)
+    data = _load_data(cfg, world)
+    flat = FlatModel(build_model(cfg.model.name, cfg.model.kwargs))
+    hosts, pids = world.gather(env.host, root=0), world.gather(os.getpid(), root=0)
+
+    def ask():
+        try:
+            return request_join(run, token=token or run.read_token(), hosts=hosts, pids=pids,
+                                n_params=flat.numel, timeout=cfg.comm.timeout)
+        except JoinRefused as e:
+            raise UsageError(str(e)) from None
+
+    answer = _on_root(world, ask)
+    t0 = time.monotonic()
+    links = []
+    for port in answer["ports"]:
+        links.append((connect(world, port if world.rank == 0 else None, cfg.comm.timeout), 0))
+    from hpcopt.comm.protocol import shard_bounds
+
+    bounds = shard_bounds(flat.numel, len(links))
+    wid = answer["first_worker_id"] + world.rank
+    S = len(links)
+    client = CenterClient(links, bounds, flat.params, alpha=answer["alpha"], chunk=_chunk(cfg), timeout=cfg.comm.timeout)
+    status = read_json_safe(run.status)
+    start = time.monotonic() - float(status.get("elapsed_seconds", 0.0))
+    from hpcopt.launch.env import install_abort_on_error
+
+    install_abort_on_error(world, whole_job=False)
+    client.fetch(P.make_header(P.FETCH, wid, answer["start_step"]))
+    log(f"joined {run.path} as worker(s) {answer['first_worker_id']}..{answer['first_worker_id'] + world.size - 1} "
+        f"with {S} server(s) in {time.monotonic() - t0:.2f} s; starting at step {answer['start_step']}")
+    return run_worker(cfg, wid, flat, data, client, start, run=run, first_step=answer["start_step"], log=log_all)
+
+
+def read_json_safe(path) -> dict:
+    from hpcopt.rundir import read_json
+
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return {}

@@ -91,3 +91,18 @@ class LocalTrainer:
     def apply(self, lr: float) -> None:
         """The local step with the gradient in flat.grads."""
         self.local.step(self.flat.params, self.flat.grads, lr)
+
+    def reset_local_state(self) -> None:
+        """Forget the local step's state (momentum, Adam moments), e.g. after a divergence."""
+        self.local = make_local_step(self.cfg, self.flat.params)
+
+    def state_dict(self) -> dict:
+        """What a resumed worker needs to go on exactly: local step state and data order."""
+        return {"local": self.local.state_dict(), "gen": self.gen.get_state(), "perm": self.perm,
+                "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.local.load_state_dict(state["local"])
+        self.gen.set_state(state["gen"])
+        self.perm = state["perm"]
+        torch.set_rng_state(state["torch_rng"])

@@ -6,9 +6,18 @@ An exchange from a worker to each server rank s is:
      TAG_PARAMS (MPI's non-overtaking rule keeps chunks in order);
 and the server answers with the center's values of that shard (EASGD: as they were before this
 exchange moved them; MGRAWA: the weighted average of the workers' latest parameters, this one's
-included), in the same chunks, tag TAG_REPLY; the worker applies x <- x - alpha (x - center). A DONE header (no parameters) says the worker has finished.
+included), in the same chunks, tag TAG_REPLY; the worker applies x <- x - alpha (x - center). Headers without parameters:
+  DONE       the worker has stopped (REASON: finished its epochs, got a signal, diverged too often);
+  FETCH      a new worker (a join) asks for the center; the server sends it in the same chunks
+             (tag TAG_REPLY) without moving it;
+  RESET      the worker diverged (NaN/Inf or exploding loss): like FETCH, and recorded as an event;
+  HEARTBEAT  the worker is alive but busy (a long stretch of local steps), so it is not dropped.
+A server tells a worker to stop, or that it was dropped, with a NOTICE message (tag TAG_NOTICE).
 Servers talk to each other only through TAG_CONTROL messages from server 0 that start a
 collective flush of the trajectory file.
+
+A worker is a (communicator, rank) pair on the server: workers started with the training are on
+MPI.COMM_WORLD; workers that joined later are on the intercommunicator of their join.
 """
 
 from __future__ import annotations
@@ -19,24 +28,38 @@ TAG_HEADER = 11
 TAG_PARAMS = 12
 TAG_REPLY = 13
 TAG_CONTROL = 14
+TAG_NOTICE = 15
 
 # header kinds
 EXCHANGE = 1.0
 DONE = 2.0
+FETCH = 3.0
+RESET = 4.0
+HEARTBEAT = 5.0
+
+# why a worker sent DONE (header field REASON)
+FINISHED, SIGNALLED, GAVE_UP, STOPPED = 0, 1, 2, 3
+REASONS = {FINISHED: "finished its epochs", SIGNALLED: "left on a signal", GAVE_UP: "diverged too often",
+           STOPPED: "stopped by the server"}
+
+# notices from a server to a worker: [kind]
+STOP = 1.0  # the run is ending: make a last exchange and leave
+DROPPED = 2.0  # the server gave up on this worker (silent beyond comm.worker_timeout)
+NOTICE_SIZE = 1
 
 # header fields (float64 holds integers exactly up to 2**53)
-KIND, WORKER_ID, STEP, EXCHANGE_INDEX, TRAIN_LOSS, SAMPLES, LR, TIME, GRAD_NORM = range(9)
-HEADER_SIZE = 9
+KIND, WORKER_ID, STEP, EXCHANGE_INDEX, TRAIN_LOSS, SAMPLES, LR, TIME, GRAD_NORM, REASON = range(10)
+HEADER_SIZE = 10
 
-# control message fields: [sequence number, final?, evaluate?]
-CONTROL_SIZE = 3
+# control message fields: [sequence number, final?, evaluate?, checkpoint?]
+CONTROL_SIZE = 4
 
 
 def make_header(kind: float, worker_id: int, step: int = 0, exchange_index: int = 0,
                 train_loss: float = float("nan"), samples: int = 0, lr: float = 0.0,
-                time: float = 0.0, grad_norm: float = float("nan")) -> np.ndarray:
+                time: float = 0.0, grad_norm: float = float("nan"), reason: int = 0) -> np.ndarray:
     h = np.empty(HEADER_SIZE, dtype=np.float64)
-    h[:] = (kind, worker_id, step, exchange_index, train_loss, samples, lr, time, grad_norm)
+    h[:] = (kind, worker_id, step, exchange_index, train_loss, samples, lr, time, grad_norm, reason)
     return h
 
 

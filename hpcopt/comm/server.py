@@ -34,6 +34,17 @@ from . import protocol as P
 from .wait import BUSY_CAP, IDLE_CAP, Backoff, PeerTimeout, wait_all
 
 
+def _cancel(requests) -> bool:
+    """Cancel requests that will never complete (a peer is gone); never waits. Returns False."""
+    for req in requests:
+        try:
+            if req is not None and req != MPI.REQUEST_NULL:
+                req.Cancel()
+        except MPI.Exception:
+            pass
+    return False
+
+
 # Receives posted ahead per exchange. Open MPI copies every matched large message during one
 # progress call, so posting all chunks at once copies the whole vector first (evicting it from
 # cache) before anything else happens; a small window interleaves copies, replies and updates
@@ -42,30 +53,59 @@ RECV_WINDOW = 2
 
 
 @dataclass
+class Peer:
+    """A worker as this server sees it."""
+    wid: int  # worker id, unique over the whole run (joins and resumes included)
+    comm: MPI.Comm  # MPI.COMM_WORLD, or the intercommunicator of its join
+    rank: int  # its rank in `comm` (in the remote group for an intercommunicator)
+    host: str
+    recv: np.ndarray  # its receive buffer (one shard)
+    recv_t: torch.Tensor
+    last_seen: float
+    posted: list | None = None  # receives posted for its next exchange
+    step: int = 0  # its local step at its last message
+    exchanges: int = 0  # exchanges served here
+    joined: float = 0.0  # run time it joined at
+    world_rank: int = -1  # for the records: its rank in the job it was started in
+    pid: int = -1
+
+
+@dataclass
+class _Link:
+    """A communicator workers send headers on, with its standing any-source header receive."""
+    comm: MPI.Comm
+    members: dict[int, int]  # rank in comm -> worker id
+    buf: np.ndarray = field(default_factory=lambda: np.empty(P.HEADER_SIZE, dtype=np.float64))
+    req: object = None
+
+
+@dataclass
 class _Exchange:
-    """One worker's exchange (or DONE message) in progress on this server."""
-    rank: int
+    """One worker's exchange, fetch or DONE message in progress on this server."""
+    wid: int
     header: np.ndarray
     requests: list = field(default_factory=list)  # one receive per chunk
     next_chunk: int = 0  # next chunk to receive
     next_reply: int = 0  # next chunk whose reply (the old center chunk) is to be sent
     applied: int = 0  # chunks whose center update is done
     snapshot: np.ndarray | None = None  # copy of the received parameters, when sampled
-    leader: int = -1  # LSGD: the rank whose parameters this exchange is pulled toward
+    leader: int = -1  # LSGD: the worker id whose parameters this exchange is pulled toward
     arrived: float = 0.0
 
 
 class CenterServer:
-    def __init__(self, *, world: MPI.Comm, servers: MPI.Comm, workers: dict[int, int],
+    def __init__(self, *, world: MPI.Comm, servers: MPI.Comm, workers: dict[int, tuple],
                  bounds: list[tuple[int, int]], center: np.ndarray, alpha: float, chunk: int,
                  timeout: float, center_every: int, worker_every: int, flush_seconds: float,
                  eval_seconds: float, writer, evaluator=None, deterministic: bool = False,
-                 start: float, hosts: dict[int, str], log=print, rule: str = "easgd",
-                 loss_decay: float = 0.0):
-        """`workers` maps world rank -> worker id; `center` is this server's shard (owned)."""
+                 start: float, log=print, rule: str = "easgd", loss_decay: float = 0.0,
+                 worker_timeout: float | None = None, membership=None, checkpoint_seconds: float = 0.0,
+                 exchanges: int = 0, next_worker_id: int | None = None):
+        """`workers` maps worker id -> (its rank in `world`, host[, pid]) for the workers started with
+        the run; `center` is this server's shard (owned). `membership` (optional) handles joins,
+        the status file and checkpoints (see hpcopt.elastic)."""
         self.world, self.servers = world, servers
         self.leader = servers.rank == 0
-        self.workers = dict(workers)
         self.bounds = bounds
         self.lo, self.hi = bounds[servers.rank]
         self.center = center
@@ -78,90 +118,173 @@ class CenterServer:
         self.loss_decay = loss_decay
         self.alpha = float(alpha)
         self.timeout = timeout
+        self.worker_timeout = worker_timeout or timeout
         self.center_every, self.worker_every = center_every, worker_every
         self.flush_seconds, self.eval_seconds = flush_seconds, eval_seconds
+        self.checkpoint_seconds = checkpoint_seconds
         self.writer, self.evaluator = writer, evaluator
         self.deterministic = deterministic
-        self.start, self.hosts, self.log = start, hosts, log
+        self.start, self.log = start, log
+        self.membership = membership
         self.chunks = P.chunk_bounds(0, self.hi - self.lo, chunk)
         self.bytes_per_exchange = 2 * 4 * (bounds[-1][1]) + len(bounds) * P.HEADER_SIZE * 8
 
-        # One receive buffer per worker. The receives of a worker's next exchange are posted as
-        # soon as its last one is done, so its parameters flow the moment it sends them, without
-        # waiting for the server to notice the header first.
-        shard = self.hi - self.lo
-        self.recv = {r: np.empty(shard, dtype=np.float32) for r in self.workers}
-        # MGRAWA, LSGD: each worker's parameters as of its last exchange served here, chunk by chunk
-        self.latest = {r: torch.from_numpy(center.copy()) for r in self.workers} if rule != "easgd" else {}
-        self.recv_t = {r: torch.from_numpy(b) for r, b in self.recv.items()}
-        self.posted: dict[int, list | None] = {r: None for r in self.workers}
+        self.peers: dict[int, Peer] = {}
+        self.links: list[_Link] = []
+        # MGRAWA, LSGD: each worker's parameters as of its last exchange served here
+        self.latest: dict[int, torch.Tensor] = {}
         # per center chunk: the reply in flight from it (request, exchange, since) or None
         self.locks: list[tuple | None] = [None] * len(self.chunks)
-        self.inflight: dict[int, _Exchange] = {}  # rank -> its exchange until fully applied
-        self.active = set(self.workers)
-        self.order = sorted(self.workers)  # round-robin order in deterministic mode
+        self.inflight: dict[int, _Exchange] = {}  # worker id -> its exchange until fully applied
+        self.fetches: list[tuple] = []  # (requests, center copy, worker id, since): FETCH/RESET replies
+        self.active: set[int] = set()
+        self.order: list[int] = []  # round-robin order in deterministic mode
         self.turn = 0
         self.pending: list[_Exchange] = []
-        self.last_seen = {r: time.monotonic() for r in self.workers}
-        self.exchanges = 0
+        self.exchanges = exchanges
+        self.next_worker_id = max(workers, default=-1) + 1 if next_worker_id is None else next_worker_id
+        world_link = _Link(world, {})
+        self.links.append(world_link)
+        for wid, (rank, host, *pid) in sorted(workers.items()):
+            self.add_worker(wid, world_link, rank, host, world_rank=rank, pid=pid[0] if pid else -1)
+        self.stopping = False  # the run is ending: workers were told to leave
+        self.left: dict[int, int] = {}  # how many workers left for each reason
+        self.stop_flag = None  # set (e.g. by a signal handler) to end the run gracefully
 
         # records buffered until the next flush
-        self.center_snaps: list[tuple[int, float, np.ndarray]] = [(0, 0.0, center.copy())]
-        self.last_snap = 0
+        self.center_snaps: list[tuple[int, float, np.ndarray]] = [] if exchanges else [(0, 0.0, center.copy())]
+        self.last_snap = exchanges
         self.worker_snaps: dict[tuple[int, int], tuple[tuple, np.ndarray]] = {}
         self.worker_order: list[tuple[int, int]] = []  # leader: arrival order of worker snapshots
         self.rows: list[tuple] = []  # leader: one per exchange
         self.events: list[np.ndarray] = []  # leader
         self.flush_seq = 0
         self.last_flush = time.monotonic()
+        self.last_checkpoint = time.monotonic()
         self.last_eval = -np.inf
         self.last_eval_exchanges = -1
-        self.rate_mark = (time.monotonic(), 0)
+        self.rate_mark = (time.monotonic(), exchanges)
+        self.rate = 0.0
         self.finished = False
 
-        self._header = np.empty(P.HEADER_SIZE, dtype=np.float64)
         self._control = np.empty(P.CONTROL_SIZE, dtype=np.float64)
-        self._header_req = None
         self._control_req = None
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ membership
     def now(self) -> float:
         return time.monotonic() - self.start
 
-    def event(self, kind: str, rank: int = -1, step: int = -1, detail: str = "") -> None:
+    def event(self, kind: str, wid: int = -1, step: int = -1, detail: str = "") -> None:
         if self.leader:
-            self.events.append(schema.event_row(self.now(), kind, self.workers.get(rank, -1), rank,
-                                                self.hosts.get(rank, ""), step, detail))
+            peer = self.peers.get(wid)
+            self.events.append(schema.event_row(self.now(), kind, wid, peer.world_rank if peer else -1,
+                                                peer.host if peer else "", step, detail))
+
+    def add_worker(self, wid: int, link: _Link, rank: int, host: str, world_rank: int = -1, pid: int = -1) -> Peer:
+        """A new member (at start, on a join, on a resume): buffers, receives, bookkeeping."""
+        shard = self.hi - self.lo
+        recv = np.empty(shard, dtype=np.float32)
+        peer = Peer(wid, link.comm, rank, host, recv, torch.from_numpy(recv), time.monotonic(),
+                    joined=self.now(), world_rank=world_rank, pid=pid)
+        self.peers[wid] = peer
+        link.members[rank] = wid
+        if link.req is None:
+            link.req = link.comm.Irecv(link.buf, source=MPI.ANY_SOURCE, tag=P.TAG_HEADER)
+        if self.rule != "easgd":
+            self.latest[wid] = self.center_t.clone()
+        self.active.add(wid)
+        self.order.append(wid)
+        self.next_worker_id = max(self.next_worker_id, wid + 1)
+        self._post(wid)
+        return peer
+
+    def add_link(self, comm: MPI.Comm) -> _Link:
+        link = _Link(comm, {})
+        self.links.append(link)
+        return link
+
+    def _remove(self, wid: int, forget: bool = True) -> None:
+        """Forget a worker that left or was dropped. MGRAWA's center and LSGD's leader forget it
+        too (`forget`), except a worker that finished its epochs: its final parameters stay in
+        the average and it may stay the leader, as in the synchronous algorithms' last round."""
+        self.active.discard(wid)
+        if wid in self.order:
+            i = self.order.index(wid)
+            self.order.remove(wid)
+            if i < self.turn:
+                self.turn -= 1
+            self.turn = self.turn % len(self.order) if self.order else 0
+        if forget:
+            self.grad_norms.pop(wid, None)
+            self.loss_avg.pop(wid, None)
+            self.latest.pop(wid, None)
+
+    def drop(self, wid: int, why: str) -> None:
+        """A worker is gone without saying so (killed, node lost, silent): cancel what it owed,
+        unlock what it held (its half-done exchange is not applied), record a crash, go on."""
+        if wid not in self.active:
+            return
+        peer = self.peers[wid]
+        self.log(f"[{self.now():7.1f}s] dropping worker {wid} ({peer.host}): {why}")
+        self.event("crash", wid, peer.step, why)
+        _cancel(peer.posted or [])
+        peer.posted = None
+        ex = self.inflight.pop(wid, None)
+        for i, lock in enumerate(self.locks):
+            if lock is not None and lock[1].wid == wid:
+                _cancel([lock[0]])
+                self.locks[i] = None
+        for ex in [e for e in self.pending if e.wid == wid]:
+            _cancel(ex.requests)
+            self.pending.remove(ex)
+        self.fetches = [f for f in self.fetches if f[2] != wid or _cancel(f[0])]  # cancel and forget its
+        self._remove(wid)
+        try:  # tell it, in case it is only slow: it stops with a clear error instead of timing out
+            peer.comm.Isend(np.array([P.DROPPED]), dest=peer.rank, tag=P.TAG_NOTICE)
+        except MPI.Exception:
+            pass
+
+    def request_stop(self, why: str) -> None:
+        """End the run: every worker makes a last exchange and leaves; then the final flush."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.log(f"[{self.now():7.1f}s] stopping the run ({why}): asking {len(self.active)} worker(s) to leave")
+        self.event("stop", detail=why)
+        for wid in sorted(self.active):
+            peer = self.peers[wid]
+            peer.comm.Isend(np.array([P.STOP]), dest=peer.rank, tag=P.TAG_NOTICE)
 
     # ------------------------------------------------------------------ main loop
-    def _post(self, rank: int) -> None:
-        """Post the first receives of `rank`'s next exchange (its buffer is free)."""
-        self.posted[rank] = [self._irecv(rank, c) for c in range(min(RECV_WINDOW, len(self.chunks)))]
+    def _post(self, wid: int) -> None:
+        """Post the first receives of the worker's next exchange (its buffer is free)."""
+        self.peers[wid].posted = [self._irecv(wid, c) for c in range(min(RECV_WINDOW, len(self.chunks)))]
 
-    def _irecv(self, rank: int, chunk: int):
+    def _irecv(self, wid: int, chunk: int):
         a, b = self.chunks[chunk]
-        return self.world.Irecv(self.recv[rank][a:b], source=rank, tag=P.TAG_PARAMS)
+        peer = self.peers[wid]
+        return peer.comm.Irecv(peer.recv[a:b], source=peer.rank, tag=P.TAG_PARAMS)
 
     def _report_in(self, ex: _Exchange) -> None:
         """MGRAWA/LSGD: take the worker's reported gradient norm and loss; LSGD picks the leader
         this exchange is pulled toward (fixed for all of its chunks)."""
-        self.grad_norms[ex.rank] = float(ex.header[P.GRAD_NORM])
+        self.grad_norms[ex.wid] = float(ex.header[P.GRAD_NORM])
         if self.rule == "lsgd":
             decay, loss = self.loss_decay, float(ex.header[P.TRAIN_LOSS])
-            previous = self.loss_avg.get(ex.rank)
-            self.loss_avg[ex.rank] = loss if previous is None else decay * previous + (1 - decay) * loss
+            previous = self.loss_avg.get(ex.wid)
+            self.loss_avg[ex.wid] = loss if previous is None else decay * previous + (1 - decay) * loss
             ex.leader = leader(self.loss_avg)
 
     def _grawa_center(self, a: int, b: int) -> None:
         """MGRAWA (Dimlioglu & Choromanska 2024), asynchronous: the center's chunk becomes the
         average of the latest parameters of every worker that has exchanged so far, weighted by
         1 / (its latest gradient norm). Workers not heard from yet do not count."""
-        ranks = sorted(self.grad_norms)
-        weights = inverse_norm_weights(torch.tensor([self.grad_norms[r] for r in ranks], dtype=torch.float64))
+        ids = sorted(self.grad_norms)
+        weights = inverse_norm_weights(torch.tensor([self.grad_norms[w] for w in ids], dtype=torch.float64))
         chunk = self.center_t[a:b]
         chunk.zero_()
-        for r, w in zip(ranks, weights.tolist()):
-            chunk.add_(self.latest[r][a:b], alpha=w)
+        for w, weight in zip(ids, weights.tolist()):
+            chunk.add_(self.latest[w][a:b], alpha=weight)
 
     def _release(self, chunk: int) -> bool:
         """If the reply in flight from center chunk `chunk` has left, apply its exchange's update
@@ -174,25 +297,25 @@ class CenterServer:
             return False
         a, b = self.chunks[chunk]
         if self.rule == "easgd":  # MGRAWA's center was set before the reply
-            center_exchange_(self.center_t[a:b], self.recv_t[ex.rank][a:b], self.alpha)
+            center_exchange_(self.center_t[a:b], self.peers[ex.wid].recv_t[a:b], self.alpha)
         self.locks[chunk] = None
         ex.applied += 1
         if ex.applied == len(self.chunks):
             self._complete(ex)
         return True
 
-    def _settle(self, rank: int) -> None:
+    def _settle(self, wid: int) -> None:
         """The worker sent again, so it has every reply of its last exchange: finish applying
         that exchange now (its sends are complete at the worker; only the Test is missing)."""
-        ex = self.inflight.get(rank)
+        ex = self.inflight.get(wid)
         if ex is None or ex.next_reply < len(self.chunks):
-            raise RuntimeError(f"worker rank {rank} started an exchange before its last one was answered")
+            raise RuntimeError(f"worker {wid} started an exchange before its last one was answered")
         for i, lock in enumerate(self.locks):
             if lock is not None and lock[1] is ex:
-                wait_all([lock[0]], self.timeout, f"worker rank {rank} to take its reply")
+                wait_all([lock[0]], self.timeout, f"worker {wid} to take its reply")
                 self._release(i)
-        if rank in self.inflight:
-            raise RuntimeError(f"the last exchange of worker rank {rank} is incomplete")
+        if wid in self.inflight:
+            raise RuntimeError(f"the last exchange of worker {wid} is incomplete")
 
     def _poll_locks(self) -> bool:
         """Apply the updates whose replies have left (finishing exchanges that are complete)."""
@@ -202,18 +325,14 @@ class CenterServer:
                 progress = True
         return progress
 
-    def _unpost(self, rank: int) -> None:
-        for req in self.posted[rank] or []:
-            req.Cancel()
-            req.Wait()
-        self.posted[rank] = None
+    def _poll_fetches(self) -> bool:
+        before = len(self.fetches)
+        self.fetches = [f for f in self.fetches if not MPI.Request.Testall(f[0])]
+        return len(self.fetches) < before
 
     def serve(self) -> dict:
-        """Serve until every worker has finished; returns a summary (meaningful on the leader).
+        """Serve until every worker has left; returns a summary (meaningful on the leader).
         Collective over the server communicator (flushes)."""
-        self._header_req = self.world.Irecv(self._header, source=MPI.ANY_SOURCE, tag=P.TAG_HEADER)
-        for rank in self.workers:
-            self._post(rank)
         if not self.leader:
             self._control_req = self.servers.Irecv(self._control, source=0, tag=P.TAG_CONTROL)
             self._control_deadline = time.monotonic() + self.flush_seconds + self.timeout
@@ -224,57 +343,93 @@ class CenterServer:
             progress = self._poll_headers()
             progress |= self._poll_locks()
             progress |= self._poll_exchanges()
+            if self.fetches:
+                progress |= self._poll_fetches()
+            if self.membership is not None:
+                progress |= self.membership.poll(self)
             if self.leader:
                 progress |= self._maybe_flush()
                 progress |= self._report()
             else:
                 progress |= self._poll_control()
             self._check_deadlines()
+            if self.stop_flag and not self.stopping:
+                self.request_stop(f"signal {getattr(self.stop_flag, 'received', '')}")
             if progress:
                 backoff.reset()
             else:
-                backoff.idle(BUSY_CAP if self.pending else IDLE_CAP)
-        if self._header_req is not None:  # nobody will send another header
-            self._header_req.Cancel()
-            self._header_req.Wait()
-        for rank in self.workers:
-            self._unpost(rank)
+                backoff.idle(BUSY_CAP if self.pending or self.fetches else IDLE_CAP)
+        for link in self.links:  # nobody will send another header
+            _cancel([link.req] if link.req is not None else [])
+            link.req = None
+        for peer in self.peers.values():
+            _cancel(peer.posted or [])
+            peer.posted = None
         return {"exchanges": self.exchanges, "wall_seconds": self.now(), "polls": loops,
-                "cpu_seconds": time.process_time() - cpu0}
+                "cpu_seconds": time.process_time() - cpu0,
+                "all_diverged": self.left.get(P.GAVE_UP, 0) > 0 and len(self.left) == 1}
 
     def _poll_headers(self) -> bool:
         progress = False
         status = MPI.Status()
-        while self._header_req.Test(status):
-            progress = True
-            rank, header = status.Get_source(), self._header.copy()
-            self._header_req = self.world.Irecv(self._header, source=MPI.ANY_SOURCE, tag=P.TAG_HEADER)
-            if rank not in self.active:
-                raise RuntimeError(f"server got a message from rank {rank}, which is not an active worker")
-            self.last_seen[rank] = time.monotonic()
-            ex = _Exchange(rank, header, arrived=time.monotonic())
-            if header[P.KIND] == P.EXCHANGE and self.rule == "mgrawa" and not np.isfinite(header[P.GRAD_NORM]):
-                raise RuntimeError(f"worker rank {rank} reported gradient norm {header[P.GRAD_NORM]}")
-            if header[P.KIND] == P.EXCHANGE:
-                if self.posted[rank] is None:
-                    self._settle(rank)
-                ex.requests = self.posted[rank]
-                self.inflight[rank] = ex
-                self.posted[rank] = None
-                k = int(header[P.EXCHANGE_INDEX])
-                if self.worker_every and k % self.worker_every == 0:
-                    ex.snapshot = np.empty(self.hi - self.lo, dtype=np.float32)
-            else:
-                self._unpost(rank)
-            self.pending.append(ex)
+        for link in self.links:
+            while link.req is not None and link.req.Test(status):
+                progress = True
+                rank, header = status.Get_source(), link.buf.copy()
+                link.req = link.comm.Irecv(link.buf, source=MPI.ANY_SOURCE, tag=P.TAG_HEADER)
+                self._on_header(link, rank, header)
         return progress
+
+    def _on_header(self, link: _Link, rank: int, header: np.ndarray) -> None:
+        wid = link.members.get(rank)
+        kind = header[P.KIND]
+        if wid is None or wid not in self.active:
+            # a worker dropped earlier (it was only slow): it got a DROPPED notice; ignore it
+            if wid is None:
+                self.log(f"ignoring a message from unknown rank {rank}")
+            return
+        peer = self.peers[wid]
+        peer.last_seen = time.monotonic()
+        peer.step = int(header[P.STEP])
+        if kind == P.HEARTBEAT:
+            return
+        ex = _Exchange(wid, header, arrived=time.monotonic())
+        if kind == P.EXCHANGE:
+            if self.rule == "mgrawa" and not np.isfinite(header[P.GRAD_NORM]):
+                raise RuntimeError(f"worker {wid} reported gradient norm {header[P.GRAD_NORM]}")
+            if peer.posted is None:
+                self._settle(wid)
+            ex.requests = peer.posted
+            self.inflight[wid] = ex
+            peer.posted = None
+            k = int(header[P.EXCHANGE_INDEX])
+            if self.worker_every and k % self.worker_every == 0:
+                ex.snapshot = np.empty(self.hi - self.lo, dtype=np.float32)
+        elif kind in (P.FETCH, P.RESET):
+            if kind == P.RESET:
+                self.event("diverged", wid, peer.step,
+                           f"training loss {header[P.TRAIN_LOSS]:.4g}: reset to the center")
+            if self.deterministic:  # a fetch is not a turn
+                self._fetch(ex)
+                return
+        elif kind != P.DONE:
+            raise RuntimeError(f"unknown message kind {kind} from worker {wid}")
+        self.pending.append(ex)
+
+    def _fetch(self, ex: _Exchange) -> None:
+        """FETCH/RESET: send the worker the center as it is now (a copy, so updates may go on)."""
+        peer = self.peers[ex.wid]
+        snap = self.center.copy()
+        reqs = [peer.comm.Isend(snap[a:b], dest=peer.rank, tag=P.TAG_REPLY) for a, b in self.chunks]
+        self.fetches.append((reqs, snap, ex.wid, time.monotonic()))
 
     def _poll_exchanges(self) -> bool:
         if not self.pending:
             return False
         if self.deterministic:
-            expected = self.order[self.turn]
-            todo = [ex for ex in self.pending if ex.rank == expected][:1]
+            expected = self.order[self.turn] if self.order else None
+            todo = [ex for ex in self.pending if ex.wid == expected][:1]
+            todo += [ex for ex in self.pending if ex.header[P.KIND] != P.EXCHANGE and ex not in todo]
         else:
             todo = list(self.pending)
         progress = False
@@ -287,17 +442,26 @@ class CenterServer:
         is now) once no other reply is in flight from that chunk. Returns whether anything happened."""
         kind = ex.header[P.KIND]
         if kind == P.DONE:
-            self.active.discard(ex.rank)
-            self.event("leave", ex.rank, int(ex.header[P.STEP]), "finished its epochs")
-            if self.deterministic:
-                self.order.remove(ex.rank)
-                self.turn = self.turn % len(self.order) if self.order else 0
             self.pending.remove(ex)
+            if ex.wid in self.inflight:  # its last exchange still owes updates: finish them first
+                self._settle(ex.wid)
+            reason = int(ex.header[P.REASON])
+            self.left[reason] = self.left.get(reason, 0) + 1
+            _cancel(self.peers[ex.wid].posted or [])
+            self.peers[ex.wid].posted = None
+            self._remove(ex.wid, forget=reason != P.FINISHED)
+            self.event("leave", ex.wid, int(ex.header[P.STEP]), P.REASONS.get(reason, f"reason {reason}"))
+            if reason != P.FINISHED:
+                self.log(f"[{self.now():7.1f}s] worker {ex.wid} ({self.peers[ex.wid].host}) left: "
+                         f"{P.REASONS.get(reason)}; {len(self.active)} remain")
             return True
-        if kind != P.EXCHANGE:
-            raise RuntimeError(f"unknown message kind {kind} from rank {ex.rank}")
+        if kind in (P.FETCH, P.RESET):
+            self.pending.remove(ex)
+            self._fetch(ex)
+            return True
         progress = False
         n = len(self.chunks)
+        peer = self.peers[ex.wid]
         while True:
             # reply to what is in before receiving more, so replies flow while chunks arrive
             if ex.next_reply < ex.next_chunk and self._release(ex.next_reply):
@@ -306,20 +470,21 @@ class CenterServer:
                 if self.rule != "easgd":  # this worker's new parameters, norm and loss count from now on
                     if i == 0:
                         self._report_in(ex)
-                    self.latest[ex.rank][a:b] = self.recv_t[ex.rank][a:b]
+                    self.latest[ex.wid][a:b] = peer.recv_t[a:b]
                     if self.rule == "mgrawa":
                         self._grawa_center(a, b)
                     else:  # LSGD: the reply is the leader's parameters (the leader gets its own back)
-                        self.center_t[a:b] = self.latest[ex.leader][a:b]
-                self.locks[i] = (self.world.Isend(self.center[a:b], dest=ex.rank, tag=P.TAG_REPLY),
+                        # (a leader that crashed meanwhile is forgotten: no pull for the rest)
+                        self.center_t[a:b] = self.latest.get(ex.leader, self.latest[ex.wid])[a:b]
+                self.locks[i] = (peer.comm.Isend(self.center[a:b], dest=peer.rank, tag=P.TAG_REPLY),
                                  ex, time.monotonic())
                 ex.next_reply += 1
             elif ex.next_chunk < n and ex.requests[ex.next_chunk].Test():
                 if ex.snapshot is not None:
                     a, b = self.chunks[ex.next_chunk]
-                    ex.snapshot[a:b] = self.recv[ex.rank][a:b]
+                    ex.snapshot[a:b] = peer.recv[a:b]
                 if ex.next_chunk + RECV_WINDOW < n:
-                    ex.requests.append(self._irecv(ex.rank, ex.next_chunk + RECV_WINDOW))
+                    ex.requests.append(self._irecv(ex.wid, ex.next_chunk + RECV_WINDOW))
                 ex.next_chunk += 1
             else:
                 break
@@ -327,78 +492,84 @@ class CenterServer:
         if ex.next_reply == n and ex in self.pending:
             # every reply is out: the next exchange in deterministic order may start
             self.pending.remove(ex)
-            if self.deterministic:
+            if self.deterministic and self.order:
                 self.turn = (self.turn + 1) % len(self.order)
         return progress
 
     def _complete(self, ex: _Exchange) -> None:
         """All of the exchange's chunk updates are applied."""
-        self.inflight.pop(ex.rank, None)
+        self.inflight.pop(ex.wid, None)
         self._finish_exchange(ex)
-        if ex.rank in self.active:
-            self._post(ex.rank)
+        if ex.wid in self.active:
+            self._post(ex.wid)
 
     def _finish_exchange(self, ex: _Exchange) -> None:
         self.exchanges += 1
         h, t = ex.header, self.now()
-        worker_id, step, k = self.workers[ex.rank], int(h[P.STEP]), int(h[P.EXCHANGE_INDEX])
+        step, k = int(h[P.STEP]), int(h[P.EXCHANGE_INDEX])
+        self.peers[ex.wid].exchanges += 1
         if self.leader:
-            self.rows.append((worker_id, step, k, t, h[P.TRAIN_LOSS], int(h[P.SAMPLES]), h[P.LR],
-                              self.bytes_per_exchange, h[P.GRAD_NORM], self.workers.get(ex.leader, -1)))
+            self.rows.append((ex.wid, step, k, t, h[P.TRAIN_LOSS], int(h[P.SAMPLES]), h[P.LR],
+                              self.bytes_per_exchange, h[P.GRAD_NORM], ex.leader))
         if self.exchanges % self.center_every == 0:
             self.center_snaps.append((self.exchanges, t, self.center.copy()))
             self.last_snap = self.exchanges
         if ex.snapshot is not None:
-            self.worker_snaps[(worker_id, k)] = ((worker_id, step, k, t), ex.snapshot)
+            self.worker_snaps[(ex.wid, k)] = ((ex.wid, step, k, t), ex.snapshot)
             if self.leader:
-                self.worker_order.append((worker_id, k))
+                self.worker_order.append((ex.wid, k))
 
     def _check_deadlines(self) -> None:
+        """A worker silent beyond worker_timeout is dropped (never waited on forever)."""
         now = time.monotonic()
-        for ex in self.pending:
-            if ex.header[P.KIND] == P.EXCHANGE and ex.next_chunk < len(self.chunks) \
-                    and now - ex.arrived > self.timeout:
-                raise PeerTimeout(f"worker rank {ex.rank} sent an exchange header but not its "
-                                  f"parameters within {self.timeout:g} s")
+        limit = self.worker_timeout
+        for ex in list(self.pending):
+            if ex.header[P.KIND] == P.EXCHANGE and ex.next_chunk < len(self.chunks) and now - ex.arrived > limit:
+                self.drop(ex.wid, f"sent an exchange header but not its parameters within {limit:g} s")
         for lock in self.locks:
-            if lock is not None and now - lock[2] > self.timeout:
-                raise PeerTimeout(f"worker rank {lock[1].rank} did not take its reply within {self.timeout:g} s")
-        for rank in self.active:
-            if now - self.last_seen[rank] > self.timeout:
-                raise PeerTimeout(f"worker {self.workers[rank]} (rank {rank}) sent nothing for "
-                                  f"{self.timeout:g} s (comm.timeout)")
+            if lock is not None and now - lock[2] > limit:
+                self.drop(lock[1].wid, f"did not take its reply within {limit:g} s")
+        for f in list(self.fetches):
+            if now - f[3] > limit:
+                self.drop(f[2], f"did not take the center within {limit:g} s")
+        for wid in list(self.active):
+            if now - self.peers[wid].last_seen > limit:
+                self.drop(wid, f"sent nothing for {limit:g} s (comm.worker_timeout)")
         if not self.leader and now > self._control_deadline:
             raise PeerTimeout(f"server 0 started no flush for {self.flush_seconds + self.timeout:g} s")
 
     # ------------------------------------------------------------------ flushes
     def _maybe_flush(self) -> bool:
         """Leader: start a collective flush when it is due, or the final one when all are done."""
-        final = not self.active and not self.pending and not any(self.locks)
+        final = not self.active and not self.pending and not any(self.locks) and not self.fetches \
+            and not (self.membership is not None and self.membership.busy)
         now = time.monotonic()
         if not final and now - self.last_flush < self.flush_seconds:
             return False
         evaluate = self.evaluator is not None and (final or (
             not self.evaluator.busy and now - self.last_eval >= self.eval_seconds
             and self.exchanges > self.last_eval_exchanges))
+        checkpoint = self.membership is not None and (final or now - self.last_checkpoint >= self.checkpoint_seconds)
         self.flush_seq += 1
-        control = np.array([self.flush_seq, final, evaluate], dtype=np.float64)
+        control = np.array([self.flush_seq, final, evaluate, checkpoint], dtype=np.float64)
         reqs = [self.servers.Isend(control, dest=s, tag=P.TAG_CONTROL) for s in range(1, self.servers.size)]
         wait_all(reqs, self.timeout, "the other server ranks to take a flush message")
-        self._flush(final, evaluate)
+        self._flush(final, evaluate, checkpoint)
         return True
 
     def _poll_control(self) -> bool:
         if not self._control_req.Test():
             return False
-        _, final, evaluate = (float(v) for v in self._control)
-        self._flush(bool(final), bool(evaluate))
+        _, final, evaluate, checkpoint = (float(v) for v in self._control)
+        self._flush(bool(final), bool(evaluate), bool(checkpoint))
         if not self.finished:
             self._control_req = self.servers.Irecv(self._control, source=0, tag=P.TAG_CONTROL)
             self._control_deadline = time.monotonic() + self.flush_seconds + self.timeout
         return True
 
-    def _flush(self, final: bool, evaluate: bool) -> None:
-        """Collective over the servers: write what every server has, evaluate, flush the file."""
+    def _flush(self, final: bool, evaluate: bool, checkpoint: bool = False) -> None:
+        """Collective over the servers: write what every server has, evaluate, flush the file;
+        then (when due) the checkpoint, which matches the file as flushed."""
         comm = self.servers
         if final:
             # every worker got its last reply before it said DONE, so all servers are complete;
@@ -436,16 +607,31 @@ class CenterServer:
                           worker_rows=[s for _, s in taken], worker_meta=worker_meta,
                           tables=tables, attrs=attrs)
         self.last_flush = time.monotonic()
+        if checkpoint:
+            full = self._gather(self.center)
+            # the leader's list: another server may have dropped a worker a moment earlier or later
+            keys = self.servers.bcast(sorted(self.latest) if self.leader else None, root=0)
+            latest = {w: self._gather(self.latest.get(w, self.center_t).numpy()) for w in keys}
+            if self.leader:
+                self.membership.checkpoint(self, full, latest, self.writer.sizes())
+            self.last_checkpoint = time.monotonic()
+        if self.leader and self.membership is not None:
+            self.membership.write_status(self, "complete" if final else "stopping" if self.stopping else "running")
         if final:
             self.writer.close()
             self.finished = True
 
-    def _evaluate(self, final: bool) -> None:
-        """Collective: gather the center on the leader and hand it to the evaluator."""
+    def _gather(self, shard: np.ndarray) -> np.ndarray | None:
+        """Collective: the full vector on the leader from every server's shard."""
         counts = [hi - lo for lo, hi in self.bounds]
         full = np.empty(self.bounds[-1][1], dtype=np.float32) if self.leader else None
-        self.servers.Gatherv(self.center, [full, counts, [lo for lo, _ in self.bounds], MPI.FLOAT]
+        self.servers.Gatherv(shard, [full, counts, [lo for lo, _ in self.bounds], MPI.FLOAT]
                              if self.leader else None, root=0)
+        return full
+
+    def _evaluate(self, final: bool) -> None:
+        """Collective: gather the center on the leader and hand it to the evaluator."""
+        full = self._gather(self.center)
         if self.leader:
             self.last_eval, self.last_eval_exchanges = time.monotonic(), self.exchanges
             if final:
@@ -465,6 +651,7 @@ class CenterServer:
             now = time.monotonic()
             rate = (self.exchanges - mark_n) / max(now - mark_t, 1e-9)
             self.rate_mark = (now, self.exchanges)
-            self.log(f"[{t:7.1f}s] exchanges {exchanges:6d} ({rate:6.1f}/s)  workers {len(self.active)}/"
-                     f"{len(self.workers)}  center test acc {100 * acc:5.2f}%  loss {loss:.4f}")
+            self.rate = rate
+            self.log(f"[{t:7.1f}s] exchanges {exchanges:6d} ({rate:6.1f}/s)  workers {len(self.active)}  "
+                     f"center test acc {100 * acc:5.2f}%  loss {loss:.4f}")
         return bool(lines)

@@ -21,10 +21,15 @@ from . import schema
 
 class TrajectoryWriter:
     def __init__(self, path: str, comm: MPI.Comm, *, n_params: int, lo: int, hi: int,
-                 shard_width: int, attrs: dict, model_attrs: dict):
-        """Collective over `comm` (the server ranks): create the file and its datasets."""
+                 shard_width: int, attrs: dict, model_attrs: dict, resume: dict | None = None):
+        """Collective over `comm` (the server ranks): create the file and its datasets; or, with
+        `resume` (dataset sizes from a checkpoint), reopen it and cut every dataset back to the
+        checkpoint, so the resumed run continues exactly where the checkpoint was taken."""
         self.comm, self.lo, self.hi, self.n_params = comm, lo, hi, n_params
         self.leader = comm.rank == 0
+        if resume is not None:
+            self._reopen(path, resume, attrs)
+            return
         self.f = h5py.File(path, "w", driver="mpio", comm=comm)
         f = self.f
         for k, v in attrs.items():
@@ -46,6 +51,32 @@ class TrajectoryWriter:
         self.tables = {name: f.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(1024,))
                        for name, dtype in schema.TABLES.items()}
         f.flush()
+
+    def _reopen(self, path: str, sizes: dict, attrs: dict) -> None:
+        self.f = f = h5py.File(path, "r+", driver="mpio", comm=self.comm)
+        if f.attrs.get("format") != schema.FORMAT or f["center/params"].shape[1] != self.n_params:
+            raise ValueError(f"{path} is not this run's trajectory file")
+        self.center, self.center_meta = f["center/params"], f["center/meta"]
+        self.workers, self.workers_meta = f["workers/params"], f["workers/meta"]
+        self.tables = {name: f[name] for name in schema.TABLES}
+        for name, dset in self._datasets().items():
+            n = int(sizes[name])
+            if dset.shape[0] < n:
+                raise ValueError(f"{path}: /{name} has {dset.shape[0]} rows, fewer than the "
+                                 f"checkpoint's {n}: the file does not belong to this checkpoint")
+            dset.resize(n, axis=0)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs["status"] = "running"
+        f.flush()
+
+    def _datasets(self) -> dict:
+        return {"center/params": self.center, "center/meta": self.center_meta, "workers/params": self.workers,
+                "workers/meta": self.workers_meta, **self.tables}
+
+    def sizes(self) -> dict:
+        """Rows in every growing dataset (a checkpoint records them)."""
+        return {name: int(d.shape[0]) for name, d in self._datasets().items()}
 
     def _append_params(self, dset, meta, rows: list[np.ndarray], meta_rows: np.ndarray | None) -> None:
         """Collective: append len(rows) rows (same count on every rank); this rank's columns."""

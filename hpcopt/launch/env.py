@@ -7,6 +7,7 @@ names; none set means a single local process.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -28,18 +29,34 @@ class Environment:
         return cls(rank=comm.rank, size=comm.size, local_rank=local, host=socket.gethostname())
 
 
-def install_abort_on_error(comm) -> None:
-    """Any unhandled exception on any rank prints its traceback with the rank and aborts the
-    whole MPI job (like `python -m mpi4py`), so the other ranks never wait for a dead one."""
+def install_abort_on_error(comm, *, whole_job: bool = True) -> None:
+    """Any unhandled exception prints its traceback with the rank, then:
+
+    - whole_job (servers, synchronous ranks, setup): aborts the whole MPI job (like `python -m
+      mpi4py`), so no rank waits for a dead one. With Open MPI's recovery mode on
+      (OMPI_MCA_orte_enable_recovery, set by `hpcopt train -n`), MPI_Abort no longer kills the
+      other ranks, so the rank also asks its launcher (its parent, mpirun or orted) to end the job;
+    - otherwise (an asynchronous worker): only this process exits, with status 1; the servers
+      drop it as crashed and training goes on (under recovery mode, or the launcher ends the job).
+    """
     previous = sys.excepthook
 
     def hook(kind, value, tb):
         if issubclass(kind, KeyboardInterrupt):
             previous(kind, value, tb)
         text = "".join(traceback.format_exception(kind, value, tb))
-        sys.stderr.write(f"[hpcopt rank {comm.rank}] fatal error, aborting the job:\n{text}")
+        what = "aborting the job" if whole_job else "this worker exits; the others go on"
+        sys.stderr.write(f"[hpcopt rank {comm.rank}] fatal error, {what}:\n{text}")
         sys.stderr.flush()
+        sys.stdout.flush()
+        if not whole_job:
+            os._exit(1)
         try:
+            if os.environ.get("OMPI_MCA_orte_enable_recovery", "0").lower() in ("1", "true", "yes"):
+                parent = os.getppid()
+                with open(f"/proc/{parent}/comm") as f:
+                    if f.read().strip() in ("mpirun", "orterun", "orted", "mpiexec"):
+                        os.kill(parent, signal.SIGTERM)
             comm.Abort(1)
         finally:
             os._exit(1)

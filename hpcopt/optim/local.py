@@ -68,6 +68,14 @@ class AdamWStep:
         denom = (self.v / bias2).sqrt_().add_(self.eps)
         params.addcdiv_(self.m, denom, value=-lr / bias1)
 
+    def state_dict(self) -> dict:
+        return {"m": self.m.clone(), "v": self.v.clone(), "t": self.t}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.m.copy_(state["m"])
+        self.v.copy_(state["v"])
+        self.t = int(state["t"])
+
 
 def sam_perturbation(grad: torch.Tensor, rho: float, eps: float = 1e-12) -> torch.Tensor:
     """SAM (Foret et al. 2021): the ascent step e = rho g / ||g||. The descent step then uses

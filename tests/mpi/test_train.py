@@ -165,11 +165,12 @@ def test_deterministic_mode_records_exactly_what_workers_had(tmp_path, n, server
         np.testing.assert_array_equal(f["workers/params"][()], wparams)
 
 
-def test_diverging_worker_ends_the_job_with_a_clear_error(tmp_path):
+def test_all_workers_diverging_ends_the_run_with_a_clear_error(tmp_path):
     p = mpirun(3, "train", "--out", str(tmp_path / "nan"), "--model.name", "quadratic:model",
                "--data.name", "quadratic:data", "--train.lr", "50", "--train.epochs", "5", check=False)
     assert p.returncode != 0
-    assert "training loss is" in p.stderr and "lower train.lr" in p.stderr
+    assert "every worker diverged" in p.stderr and "lower train.lr" in p.stderr
+    assert "restarting from the center" in p.stdout
 
 
 # --- synchronous baselines --------------------------------------------------------------------

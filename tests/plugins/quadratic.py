@@ -6,6 +6,8 @@ Each training sample is a noise vector xi; a minibatch's gradient is h (w - x* -
 expected loss has its minimum at x*. Test samples are zero: the test loss is the exact f at x*.
 """
 
+import os
+
 import numpy as np
 import torch
 from torch import nn
@@ -22,8 +24,12 @@ def curvature(dim: int = DIM) -> np.ndarray:
 
 
 class Quadratic(nn.Module):
-    def __init__(self, dim: int = DIM, init: float = 3.0):
+    def __init__(self, dim: int = DIM, init: float = 3.0, poison_rank: int = -1, poison_call: int = 0):
+        """poison_rank/poison_call: the loss is NaN at that call on that MPI rank (once), to test
+        the divergence guard."""
         super().__init__()
+        self.poison = poison_rank >= 0 and int(os.environ.get("OMPI_COMM_WORLD_RANK", -1)) == poison_rank
+        self.poison_call, self.calls = poison_call, 0
         self.w = nn.Parameter(torch.full((dim,), float(init)))
         self.register_buffer("h", torch.from_numpy(curvature(dim)))
         self.register_buffer("xstar", torch.from_numpy(optimum(dim)))
@@ -32,8 +38,10 @@ class Quadratic(nn.Module):
         return self.w.expand(len(x), -1)
 
     def loss(self, x, y):
+        self.calls += 1
         r = self.w - self.xstar - x.mean(0)
-        return 0.5 * (self.h * r * r).sum()
+        value = 0.5 * (self.h * r * r).sum()
+        return value * float("nan") if self.poison and self.calls == self.poison_call else value
 
 
 def model(**kwargs):

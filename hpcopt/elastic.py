@@ -1,0 +1,262 @@
+"""Membership of a running training: joins, the status file, checkpoints (server side), and the
+joining side (`hpcopt join`).
+
+Joins go through MPI's dynamic process calls. On Open MPI 4.1 two separately started jobs can
+connect only through an `ompi-server` that both mpiruns know (the environment variable
+OMPI_MCA_pmix_server_uri=file:URI, or `mpirun --ompi-server file:URI`); `hpcopt train -n` and
+`hpcopt join -n` set that up. A join is a handshake through the run directory first, then MPI:
+
+ 1. the joiner writes OUT/joins/<id>.req: its token, its number of ranks, hosts and pids;
+ 2. every server checks the token against OUT/token. A wrong one: server 0 answers
+    <id>.refused, records a "refused" event, and nothing else happens. A right one: each server
+    starts accepting on its own MPI port in a background thread (MPI_Comm_accept blocks, so the
+    serving loop goes on meanwhile), and server 0 answers <id>.ok with the new worker ids and
+    the step to start at;
+ 3. the joiner connects to every server's port (its ranks are the remote group of each
+    intercommunicator), fetches the center and trains like any other worker.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import statistics
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from hpcopt.rundir import RunDir, read_json, write_json
+
+SCAN_SECONDS = 0.25  # how often servers look for join requests
+
+
+def joins_possible() -> bool:
+    """Whether this MPI job was started so that other jobs can connect to it."""
+    return bool(os.environ.get("OMPI_MCA_pmix_server_uri") or os.environ.get("PMIX_SERVER_URI_JOIN"))
+
+
+class Membership:
+    """Server side: joins, status file, checkpoints. Collective construction over the servers."""
+
+    def __init__(self, run: RunDir, servers, *, method: str, model: str, layout: dict, n_params: int,
+                 server_hosts: list[str], timeout: float, log=print, resumed_from: int = 0):
+        from mpi4py import MPI
+
+        self.run, self.servers, self.log, self.timeout = run, servers, log, timeout
+        self.leader = servers.rank == 0
+        self.method, self.model, self.layout, self.n_params = method, model, layout, n_params
+        self.server_hosts = server_hosts
+        self.enabled = joins_possible()
+        self.port = MPI.Open_port() if self.enabled else None
+        ports = servers.allgather(self.port)
+        self.token = run.read_token()
+        self.started = time.time()
+        self.queue: queue.Queue = queue.Queue()
+        self.accepting: dict[str, float] = {}  # request id -> since (monotonic)
+        self.abandoned = 0  # accept threads still blocked on a joiner that never came
+        self.seen: set[str] = set()
+        self.last_scan = 0.0
+        self.resumed_from = resumed_from
+        if self.leader:
+            run.joins.mkdir(exist_ok=True)
+            if self.enabled:
+                write_json(run.join_info, {"ports": ports, "servers": len(ports), "pid": os.getpid()})
+                uri = os.environ.get("OMPI_MCA_pmix_server_uri", "")
+                if uri.startswith("file:") and os.path.abspath(uri[5:]) != os.path.abspath(run.server_uri):
+                    try:  # joiners find the rendezvous in the run directory
+                        run.server_uri.write_text(open(uri[5:]).read())
+                    except OSError:
+                        pass
+            elif run.join_info.exists():
+                run.join_info.unlink()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.accepting)
+
+    # ------------------------------------------------------------------ joins
+    def poll(self, server) -> bool:
+        progress = False
+        while not self.queue.empty():
+            rid, inter, request, answer = self.queue.get()
+            self.accepting.pop(rid, None)
+            self._admit(server, rid, inter, request, answer)
+            progress = True
+        now = time.monotonic()
+        for rid, since in list(self.accepting.items()):
+            if now - since > self.timeout:  # the joiner never connected: give up on it
+                self.accepting.pop(rid)
+                self.abandoned += 1
+                self.log(f"join {rid}: the joiner never connected within {self.timeout:g} s; abandoned")
+                server.event("refused", detail=f"join {rid}: never connected")
+        if now - self.last_scan < SCAN_SECONDS:
+            return progress
+        self.last_scan = now
+        try:
+            names = sorted(e.name for e in os.scandir(self.run.joins) if e.name.endswith(".req"))
+        except OSError:
+            return progress
+        for name in names:
+            rid = name[:-4]
+            if rid in self.seen:
+                continue
+            self.seen.add(rid)
+            try:
+                request = read_json(self.run.joins / name)
+            except (OSError, ValueError):
+                self.seen.discard(rid)  # half-written (should not happen: written atomically); retry
+                continue
+            if request.get("time", 0) < self.started - 1:
+                continue  # left over from before this server started
+            progress = True
+            self._consider(server, rid, request)
+        return progress
+
+    def _consider(self, server, rid: str, request: dict) -> None:
+        why = None
+        if not self.enabled:
+            why = "joins are disabled: the training was started without an ompi-server"
+        elif request.get("token") != self.token:
+            why = "wrong token"
+        elif server.stopping or not server.active:
+            why = "the run is ending"
+        elif request.get("n_parameters") != self.n_params:
+            why = f"the joiner's model has {request.get('n_parameters')} parameters, the run's {self.n_params}"
+        n = int(request.get("n", 0))
+        if why is None and n < 1:
+            why = "no ranks"
+        if why is not None:
+            if self.leader:
+                self.log(f"[{server.now():7.1f}s] refused a join from {request.get('hosts', ['?'])[0]}: {why}")
+                server.event("refused", detail=f"join from {request.get('hosts', ['?'])[0]}: {why}")
+                write_json(self.run.joins / f"{rid}.refused", {"reason": why})
+            return
+        answer = None
+        if self.leader:
+            base = server.next_worker_id
+            server.next_worker_id += n
+            steps = [server.peers[w].step for w in server.active]
+            # the servers' alpha: elastic forces stay equal and opposite for the newcomers too
+            answer = {"first_worker_id": base, "start_step": int(statistics.median(steps)) if steps else 0,
+                      "alpha": server.alpha}
+        self.accepting[rid] = time.monotonic()
+        port = self.port
+
+        def accept():
+            from mpi4py import MPI
+
+            inter = MPI.COMM_SELF.Accept(port)
+            self.queue.put((rid, inter, request, answer))
+
+        threading.Thread(target=accept, name=f"hpcopt-accept-{rid}", daemon=True).start()
+        if self.leader:  # only now: the joiner connects once it reads this
+            write_json(self.run.joins / f"{rid}.ok", answer)
+
+    def _admit(self, server, rid: str, inter, request: dict, answer: dict | None) -> None:
+        if answer is None:  # not the leader: server 0's answer is in the run directory by now
+            answer = read_json(self.run.joins / f"{rid}.ok")
+            server.next_worker_id = max(server.next_worker_id, answer["first_worker_id"] + int(request["n"]))
+        base, hosts, pids = answer["first_worker_id"], request.get("hosts", []), request.get("pids", [])
+        link = server.add_link(inter)
+        for i in range(int(request["n"])):
+            host = hosts[i] if i < len(hosts) else "?"
+            server.add_worker(base + i, link, i, host, world_rank=i, pid=int(pids[i]) if i < len(pids) else -1)
+            server.event("join", base + i, answer["start_step"],
+                         f"joined from {host} (pid {pids[i] if i < len(pids) else '?'}, join {rid})")
+        if self.leader:
+            self.log(f"[{server.now():7.1f}s] {request['n']} worker(s) joined from {sorted(set(hosts))}: "
+                     f"ids {base}..{base + int(request['n']) - 1}; {len(server.active)} workers now")
+
+    # ------------------------------------------------------------------ status and checkpoints
+    def write_status(self, server, state: str) -> None:
+        """Server 0: OUT/status.json, rewritten atomically (read by `hpcopt status`)."""
+        now = time.monotonic()
+        last = server.evaluator.last if server.evaluator is not None else None
+        write_json(self.run.status, {
+            "state": state, "method": self.method, "pid": os.getpid(), "host": socket.gethostname(),
+            "updated": time.time(), "elapsed_seconds": round(server.now(), 3),
+            "exchanges": server.exchanges, "exchanges_per_second": round(server.rate, 2),
+            "center_test_accuracy": None if last is None else float(last[3]),
+            "center_test_loss": None if last is None else float(last[2]),
+            "evaluated_at_exchange": None if last is None else int(last[0]),
+            "servers": self.server_hosts, "joins_enabled": self.enabled,
+            "workers": [{"id": w, "host": p.host, "rank": p.world_rank, "pid": p.pid, "step": p.step,
+                         "exchanges": p.exchanges, "joined_at": round(p.joined, 3),
+                         "silent_seconds": round(now - p.last_seen, 3)}
+                        for w, p in sorted(server.peers.items()) if w in server.active],
+            "resumed_from_exchange": self.resumed_from,
+        })
+
+    def checkpoint(self, server, center: np.ndarray, latest: dict, sizes: dict) -> None:
+        from hpcopt.io import checkpoint
+
+        workers = [(w, server.peers[w].step, server.peers[w].exchanges, server.loss_avg.get(w, np.nan),
+                    server.grad_norms.get(w, np.nan)) for w in sorted(server.active)]
+        checkpoint.write(self.run.checkpoint, center=center, workers=workers, latest=latest, attrs={
+            "method": self.method, "model": self.model, "n_parameters": self.n_params,
+            "layout": self.layout, "exchanges": server.exchanges, "next_worker_id": server.next_worker_id,
+            "time": server.now(), "trajectory_sizes": sizes})
+
+    def close(self) -> None:
+        if self.port is not None and not self.accepting and not self.abandoned:
+            from mpi4py import MPI
+
+            MPI.Close_port(self.port)
+
+
+# ---------------------------------------------------------------------- the joining side
+class JoinRefused(RuntimeError):
+    pass
+
+
+def request_join(run: RunDir, *, token: str, hosts: list[str], pids: list[int], n_params: int,
+                 timeout: float) -> dict:
+    """Joiner's rank 0: ask the run to take len(hosts) workers; returns the servers' answer
+    (first worker id, start step) and their ports, or raises JoinRefused."""
+    if not run.join_info.exists():
+        raise JoinRefused(f"{run.path} accepts no joins: the training was started without an "
+                          f"ompi-server (start it with `hpcopt train -n N ...`, which sets one up)")
+    status = read_json(run.status) if run.status.exists() else {}
+    if status.get("state") in ("complete", "stopping"):
+        raise JoinRefused(f"the run in {run.path} is {status['state']}")
+    info = read_json(run.join_info)
+    rid = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    write_json(run.joins / f"{rid}.req", {"token": token, "n": len(hosts), "hosts": hosts, "pids": pids,
+                                          "n_parameters": n_params, "time": time.time()})
+    deadline = time.monotonic() + timeout
+    ok, refused = run.joins / f"{rid}.ok", run.joins / f"{rid}.refused"
+    while time.monotonic() < deadline:
+        if refused.exists():
+            raise JoinRefused(f"the run refused the join: {read_json(refused)['reason']}")
+        if ok.exists():
+            answer = read_json(ok)
+            answer["ports"], answer["request"] = info["ports"], rid
+            return answer
+        time.sleep(0.05)
+    raise JoinRefused(f"no answer from the run in {run.path} within {timeout:g} s: is it still running? "
+                      f"(hpcopt status {run.path})")
+
+
+def connect(comm, port: str | None, timeout: float):
+    """Collective over `comm`: MPI_Comm_connect to a server's port, with a deadline (the call
+    itself has none, so it runs in a thread; on timeout the process must exit)."""
+    result: dict = {}
+
+    def run():
+        try:
+            result["inter"] = comm.Connect(port, root=0)
+        except Exception as e:  # reported below
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name="hpcopt-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"could not connect to the run's server within {timeout:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["inter"]
+

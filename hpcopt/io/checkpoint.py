@@ -1,0 +1,88 @@
+"""The servers' checkpoint, OUT/checkpoint.h5: what `hpcopt train --resume` needs to go on.
+
+Written by server 0 right after a collective flush of the trajectory file, into a temporary file
+that is renamed over the old one (a crash leaves the old or the new checkpoint, never half of
+one). It records the trajectory file's dataset sizes at that flush: a resume cuts the file back
+to them, so a killed run loses at most one checkpoint interval and the file stays consistent.
+
+    attrs   format="hpcopt.checkpoint", version, method, model, n_parameters, layout (JSON),
+            exchanges, next_worker_id, time (run seconds), trajectory_sizes (JSON), created
+    center            float32[P]   the center variable
+    workers           table        worker_id, step, exchanges, loss_avg, grad_norm (active workers)
+    latest/<id>       float32[P]   MGRAWA/LSGD: each active worker's latest parameters
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT = "hpcopt.checkpoint"
+VERSION = 1
+WORKER = np.dtype([("worker_id", "<i4"), ("step", "<i8"), ("exchanges", "<i8"), ("loss_avg", "<f8"),
+                   ("grad_norm", "<f8")])
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, foreign, or does not match the model."""
+
+
+def write(path, *, center: np.ndarray, workers: list[tuple], latest: dict[int, np.ndarray], attrs: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["version"] = VERSION
+        f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        for k, v in attrs.items():
+            f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
+        f.create_dataset("center", data=center)
+        f.create_dataset("workers", data=np.array(workers, dtype=WORKER))
+        group = f.create_group("latest")
+        for wid, x in latest.items():
+            group.create_dataset(str(wid), data=x)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read(path, *, n_parameters: int, layout: dict, method: str) -> dict:
+    """The checkpoint as a dict, or CheckpointError saying what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: the run never wrote one (it ran shorter than "
+                              f"record.checkpoint_seconds?) or this is not a run directory")
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            if f.attrs.get("format") != FORMAT:
+                raise CheckpointError(f"{path} is not an hpcopt checkpoint (format attribute "
+                                      f"{f.attrs.get('format')!r})")
+            if int(f.attrs["version"]) > VERSION:
+                raise CheckpointError(f"{path} has checkpoint version {f.attrs['version']}; this hpcopt "
+                                      f"reads up to {VERSION}: upgrade hpcopt")
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            out = {"center": f["center"][...], "workers": f["workers"][...],
+                   "latest": {int(k): d[...] for k, d in f["latest"].items()}}
+    except CheckpointError:
+        raise
+    except (OSError, KeyError) as e:
+        raise CheckpointError(f"{path} is corrupt or unreadable: {e}") from None
+    if int(attrs["n_parameters"]) != n_parameters or json.loads(attrs["layout"]) != json.loads(json.dumps(layout)):
+        raise CheckpointError(
+            f"{path} does not match the model: the checkpoint has {attrs['n_parameters']} parameters "
+            f"({attrs.get('model')}), the configured model {n_parameters}; resume with the run's own config")
+    if attrs.get("method") != method:
+        raise CheckpointError(f"{path} was written by method {attrs.get('method')!r}, the config says {method!r}")
+    if out["center"].shape != (n_parameters,) or not np.isfinite(out["center"]).all():
+        raise CheckpointError(f"{path} is corrupt: its center is not {n_parameters} finite numbers")
+    attrs["trajectory_sizes"] = json.loads(attrs["trajectory_sizes"])
+    out["attrs"] = attrs
+    return out

@@ -1,0 +1,100 @@
+"""`hpcopt train -n N ...` and `hpcopt join RUN -n N`: start the MPI job for the user.
+
+Run outside mpirun, these start an `ompi-server` for the run (its URI in OUT/ompi-server.uri, so
+later joins can connect: Open MPI 4.1 connects separately started jobs only through one), then
+`mpirun -n N` with
+
+  OMPI_MCA_pmix_server_uri=file:OUT/ompi-server.uri   every job of the run uses that rendezvous;
+  OMPI_MCA_orte_enable_recovery=1                     (training only) a worker that dies does not take
+                                                      the job down (mpirun's default is to kill every rank).
+
+A first Ctrl-C (or SIGTERM) is passed on as SIGUSR1, which mpirun forwards to every rank: workers
+make a last exchange and leave, servers checkpoint and close the file. A second one stops mpirun.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+UNDER_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_ID")
+
+
+def under_mpi_launcher() -> bool:
+    return any(v in os.environ for v in UNDER_MPI_VARS[:3])
+
+
+def _mpirun() -> str:
+    exe = os.environ.get("HPCOPT_MPIRUN") or shutil.which("mpirun")
+    if not exe:
+        raise SystemExit("hpcopt: mpirun not found on PATH (set HPCOPT_MPIRUN)")
+    return exe
+
+
+def start_ompi_server(run_dir: Path, timeout: float = 30.0) -> subprocess.Popen | None:
+    """Start an ompi-server whose URI goes to RUN/ompi-server.uri, unless one answers there."""
+    uri = run_dir / "ompi-server.uri"
+    if uri.exists():
+        uri.unlink()  # a stale one from an earlier launch
+    exe = shutil.which("ompi-server")
+    if exe is None:
+        print("hpcopt: ompi-server not found; joins will be disabled", file=sys.stderr)
+        return None
+    log = open(run_dir / "ompi-server.log", "ab")
+    proc = subprocess.Popen([exe, "--no-daemonize", "-r", str(uri)], stdout=log, stderr=log,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not (uri.exists() and uri.stat().st_size > 0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"hpcopt: ompi-server did not start (see {run_dir / 'ompi-server.log'})")
+        time.sleep(0.05)
+    return proc
+
+
+def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
+           mpirun_args: list[str] | None = None) -> int:
+    """Run `mpirun -n N python -m hpcopt ARGS` with the run's rendezvous; returns its exit code."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    server = start_ompi_server(run_dir) if own_server else None
+    uri = run_dir / "ompi-server.uri"
+    if not own_server and not uri.exists():
+        raise SystemExit(f"hpcopt: {uri} is missing: the run was not started with joins enabled "
+                         f"(start it with `hpcopt train -n N ...`)")
+    env = dict(os.environ)
+    if uri.exists():
+        env["OMPI_MCA_pmix_server_uri"] = f"file:{uri.resolve()}"
+    if own_server:  # the training: a crashed worker must not take the servers down. (Not for a
+        # join: its exit status, which recovery mode hides, tells whether the join worked.)
+        env.setdefault("OMPI_MCA_orte_enable_recovery", "1")
+    if os.geteuid() == 0:  # root in a container or CI: Open MPI wants explicit consent
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    cmd = [_mpirun(), "--oversubscribe", "-n", str(n), *(mpirun_args or []),
+           sys.executable, "-m", "hpcopt", *hpcopt_args]
+    print("hpcopt: " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    signals = {"n": 0}
+
+    def forward(signum, frame):
+        signals["n"] += 1
+        if proc.poll() is None:
+            # first: a graceful stop through every rank; then: let mpirun end the job
+            proc.send_signal(signal.SIGUSR1 if signals["n"] == 1 else signal.SIGTERM)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(s, forward)
+    try:
+        return proc.wait()
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()

@@ -1,0 +1,234 @@
+"""Dynamic membership with real processes, real signals and real MPI: joins through an
+ompi-server, workers that leave on a signal or crash, the divergence guard, checkpoints and
+resume with another worker count."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import hpcopt, mpi_env, mpirun
+
+pytestmark = pytest.mark.mpi
+
+QUAD = ["--model.name", "quadratic:model", "--data.name", "quadratic:data", "--train.lr", "0.05",
+        "--easgd.tau", "4", "--data.batch_size", "50", "--record.flush_seconds", "0.3",
+        "--record.eval_seconds", "0.3", "--record.checkpoint_seconds", "0.5", "--comm.worker_timeout", "4"]
+
+
+def launch(*args, log: Path) -> subprocess.Popen:
+    """`hpcopt train -n ...` / `hpcopt join ... -n`: the user's launcher (ompi-server + mpirun)."""
+    return subprocess.Popen([sys.executable, "-m", "hpcopt", *args], env=mpi_env(), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def status(run: Path) -> dict:
+    try:
+        return json.loads((run / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_for(what, predicate, proc=None, timeout=120, log=None):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended before {what}:\n{Path(log).read_text() if log else ''}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{Path(log).read_text() if log else ''}")
+        time.sleep(0.1)
+
+
+def finish(proc, log, timeout=120) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"did not finish:\n{Path(log).read_text()}")
+    return Path(log).read_text()
+
+
+def events(path) -> list[tuple]:
+    with h5py.File(path, "r", locking=False) as f:
+        return [(e["kind"].decode(), int(e["worker_id"]), e["detail"].decode(), float(e["time"]))
+                for e in f["events"][...]]
+
+
+def stop(proc):
+    """A graceful stop of the whole run (what a first Ctrl-C does)."""
+    os.kill(proc.pid, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def running(tmp_path, n: int, min_exchanges: int = 20):
+    """A long training started with the launcher; stopped gracefully (and checked) at the end."""
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", str(n), "--out", str(run), "--train.epochs", "100000", *QUAD, log=log)
+    try:
+        wait_for("the first exchanges", lambda: status(run).get("exchanges", 0) > min_exchanges, proc, log=log)
+        yield run, proc, log
+        stop(proc)
+        out = finish(proc, log)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_join_mid_run_then_graceful_stop(tmp_path):
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "3", "--out", str(run), "--train.epochs", "100000", *QUAD, log=log)
+    try:
+        wait_for("the first exchanges", lambda: status(run).get("exchanges", 0) > 20, proc, log=log)
+        jlog = tmp_path / "join.log"
+        joiner = launch("join", str(run), "-n", "2", log=jlog)
+        wait_for("the joiners", lambda: len(status(run).get("workers", [])) == 4, proc, log=log)
+        n0 = status(run)["exchanges"]
+        wait_for("more exchanges", lambda: status(run).get("exchanges", 0) > n0 + 50, proc, log=log)
+        stop(proc)
+        out = finish(proc, log)
+        jout = finish(joiner, jlog)
+    finally:
+        for p in (proc,):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert joiner.returncode == 0, jout
+    assert "joined" in jout and "stopped by the server" in jout
+    ev = events(run / "trajectory.h5")
+    joins = [e for e in ev if e[0] == "join" and "joined from" in e[2]]
+    assert sorted(e[1] for e in joins) == [2, 3]
+    leaves = {e[1]: e[2] for e in ev if e[0] == "leave"}
+    assert set(leaves) == {0, 1, 2, 3}
+    # the stop reached the training's own ranks as a signal (mpirun forwards it), the joiners
+    # (another mpirun) through the servers' STOP notice
+    assert leaves[2] == leaves[3] == "stopped by the server"
+    assert {leaves[0], leaves[1]} <= {"left on a signal", "stopped by the server"}
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        assert f.attrs["status"] == "complete"
+        ids = set(f["exchanges"]["worker_id"].tolist())
+        join_time = min(e[3] for e in joins)
+        late = f["exchanges"][f["exchanges"]["time"] > join_time]
+    assert ids == {0, 1, 2, 3}
+    assert {0, 1} <= set(late["worker_id"].tolist())  # the first workers went on while the others joined
+    s = json.loads(hpcopt("status", str(run), "--json").stdout)
+    assert s["state"] == "complete"
+
+
+def test_wrong_token_is_refused_and_changes_nothing(tmp_path):
+    with running(tmp_path, 3, min_exchanges=10) as (run, proc, log):
+        jlog = tmp_path / "join.log"
+        joiner = launch("join", str(run), "-n", "1", "--token", "not-the-token", log=jlog)
+        jout = finish(joiner, jlog)
+        assert joiner.returncode != 0 and "refused" in jout and "wrong token" in jout, jout
+        assert len(status(run)["workers"]) == 2
+    ev = events(run / "trajectory.h5")
+    assert any(e[0] == "refused" and "wrong token" in e[2] for e in ev)
+    assert not any(e[0] == "join" and "joined from" in e[2] for e in ev)
+    assert oct((run / "token").stat().st_mode & 0o777) == "0o600"
+
+
+def _worker_pid(run, wid):
+    return next(w["pid"] for w in status(run)["workers"] if w["id"] == wid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_worker_leaves_or_crashes_and_training_goes_on(tmp_path, sig):
+    with running(tmp_path, 4) as (run, proc, log):
+        os.kill(_worker_pid(run, 1), sig)
+        wait_for("the worker to be gone", lambda: 1 not in [w["id"] for w in status(run).get("workers", [])],
+                 proc, log=log)
+        n0 = status(run)["exchanges"]
+        wait_for("the others to go on", lambda: status(run).get("exchanges", 0) > n0 + 30, proc, log=log)
+    ev = events(run / "trajectory.h5")
+    mine = [e for e in ev if e[1] == 1 and e[0] in ("leave", "crash")]
+    assert len(mine) == 1
+    if sig == signal.SIGTERM:
+        assert mine[0][0] == "leave" and mine[0][2] == "left on a signal"
+    else:
+        assert mine[0][0] == "crash" and "sent nothing for 4 s" in mine[0][2]  # comm.worker_timeout
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        ex = f["exchanges"][...]
+        assert f.attrs["status"] == "complete"
+    after = ex[ex["time"] > mine[0][3]]
+    assert {0, 2} <= set(after["worker_id"].tolist()) and 1 not in set(after["worker_id"].tolist())
+
+
+def test_nan_worker_is_reset_to_the_center_not_mixed_in(tmp_path):
+    out = tmp_path / "n"
+    # rank 2 (worker 1) gets a NaN loss at its 30th loss evaluation
+    p = mpirun(4, "train", "--out", str(out), *QUAD, "--train.epochs", "3",
+               "--model.kwargs", '{"poison_rank": 2, "poison_call": 30}')
+    assert "restarting from the center" in p.stdout
+    ev = events(out / "trajectory.h5")
+    diverged = [e for e in ev if e[0] == "diverged"]
+    assert [e[1] for e in diverged] == [1] and "nan" in diverged[0][2].lower()
+    with h5py.File(out / "trajectory.h5", "r", locking=False) as f:
+        assert np.isfinite(f["center/params"][...]).all()
+        assert f.attrs["status"] == "complete"
+        assert set(f["exchanges"]["worker_id"].tolist()) == {0, 1, 2}  # it went on after the reset
+
+
+def test_sigkill_whole_job_then_resume_with_another_worker_count(tmp_path):
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "4", "--out", str(run), "--train.epochs", "100000", *QUAD, log=log)
+    try:
+        wait_for("a checkpoint", lambda: (run / "checkpoint.h5").exists() and status(run).get("exchanges", 0) > 200,
+                 proc, log=log)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # every process at once, mid-training
+        proc.wait(timeout=30)
+        subprocess.run(["pkill", "-9", "-f", str(run)], check=False)  # ranks are in their own sessions
+    with h5py.File(run / "checkpoint.h5", "r") as f:
+        ck_exchanges, ck_time = int(f.attrs["exchanges"]), float(f.attrs["time"])
+        sizes = json.loads(f.attrs["trajectory_sizes"])
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        assert f.attrs["status"] == "running"
+        killed_at = float(f["center/meta"]["time"][-1])
+    # lost at most one checkpoint interval (plus the flush it rides on)
+    assert killed_at - ck_time <= 0.5 + 0.3 + 0.3
+
+    rlog = tmp_path / "resume.log"
+    resumed = launch("train", "-n", "3", "--resume", str(run), "--train.epochs", "100000", log=rlog)
+    try:
+        wait_for("the resumed run to go on", lambda: status(run).get("exchanges", 0) > ck_exchanges + 100,
+                 resumed, log=rlog)
+        stop(resumed)
+        out = finish(resumed, rlog)
+    finally:
+        if resumed.poll() is None:
+            os.killpg(resumed.pid, signal.SIGKILL)
+    assert resumed.returncode == 0, out
+    assert f"resuming {run / 'trajectory.h5'} at exchange {ck_exchanges}" in out
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        assert f.attrs["status"] == "complete"
+        meta = f["center/meta"][...]
+        assert f["center/params"].shape[0] == len(meta)
+        assert np.all(np.diff(meta["exchanges"]) > 0) and np.all(np.diff(meta["time"]) >= 0)
+        assert meta["exchanges"][sizes["center/meta"] - 1] <= ck_exchanges < meta["exchanges"][-1]
+        kinds = [e.decode() for e in f["events"]["kind"]]
+        assert "resume" in kinds
+        assert f["exchanges"]["time"][-1] > ck_time
+    assert hpcopt("inspect", str(run / "trajectory.h5")).returncode == 0
+
+
+def test_resume_with_another_model_or_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    out = tmp_path / "m"
+    mpirun(3, "train", "--out", str(out), *QUAD, "--train.epochs", "2")
+    p = mpirun(3, "train", "--resume", str(out), "--model.kwargs", '{"dim": 7}', check=False)
+    assert p.returncode == 2 and "does not match the model" in p.stderr, p.stderr
+    (out / "checkpoint.h5").write_bytes(b"garbage" * 100)
+    p = mpirun(3, "train", "--resume", str(out), check=False)
+    assert p.returncode == 2 and "corrupt" in p.stderr, p.stderr
+    p = mpirun(3, "train", "--resume", str(tmp_path / "nothing"), check=False)
+    assert p.returncode == 2 and "config.toml" in p.stderr, p.stderr
