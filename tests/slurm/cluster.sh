@@ -42,7 +42,7 @@ install() {
     say "installing slurm-wlm and munge with apt-get (a minute or two)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+    apt-get install -y -qq slurm-wlm munge >/dev/null
     have_slurm || die "apt-get install slurm-wlm munge did not give slurmctld, slurmd, sbatch and munged"
 }
 

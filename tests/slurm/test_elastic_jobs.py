@@ -21,18 +21,23 @@ def workers_now(run) -> list[dict]:
     return s.get("workers", []) if s.get("state") == "running" else []
 
 
+# Joins between two mpirun jobs on the simulated cluster: each mpirun starts its ranks on its own
+# node (DESIGN.md: daemons started through srun on a simulated node lose contact once the jobs connect).
+ISOLATED = {"LAUNCHER": "mpirun", "OMPI_MCA_plm": "isolated", "OMPI_MCA_ras": "^slurm"}
+
+
 def test_join_then_scancel_the_joiners(slurm, tmp_path):
     if not (has_command("join") and has_command("status")):
         pytest.skip("`hpcopt join` / `hpcopt status` are not there yet (issue 4)")
     run, train_out, join_out = tmp_path / "run", tmp_path / "train.out", tmp_path / "join.out"
     train = slurm.sbatch("-N", "2", "-w", "n[1-2]", "--ntasks-per-node=1", f"--output={train_out}",
-                         "jobscripts/train.sbatch", str(run), *LONG, env={"LAUNCHER": "mpirun"})
+                         "jobscripts/train.sbatch", str(run), *LONG, env=ISOLATED)
     log = lambda: train_out.read_text()[-3000:] if train_out.exists() else ""
     try:
         wait_for("the training's 2 workers exchanging", lambda: len(workers_now(run)) == 2, 240, log)
 
         join = slurm.sbatch("-N", "1", "-w", "n3", "--ntasks-per-node=2", f"--output={join_out}",
-                            "jobscripts/join.sbatch", str(run))
+                            "jobscripts/join.sbatch", str(run), env=ISOLATED)
         jlog = lambda: log() + "\n--- join job\n" + (join_out.read_text()[-3000:] if join_out.exists() else "")
         members = wait_for("2 joined workers", lambda: len(workers_now(run)) == 4 and workers_now(run), 240, jlog)
         assert len({w["id"] for w in members}) == 4
@@ -53,7 +58,8 @@ def test_join_then_scancel_the_joiners(slurm, tmp_path):
     assert s["events"].get("crash", 0) == 0, s["events"]  # the joiners left cleanly
 
 
-def test_preemptible_job_resumes_the_same_file_after_requeue(slurm, tmp_path):
+@pytest.mark.parametrize("stop", ["requeue", "signal"])
+def test_preemptible_job_resumes_the_same_file_after_requeue(slurm, tmp_path, stop):
     if not (has_command("status") and "--resume" in slurm.run("bash", "-c", '"$HPCOPT" train --help').stdout):
         pytest.skip("`hpcopt train --resume` / `hpcopt status` are not there yet (issue 4)")
     run, out = tmp_path / "run", tmp_path / "job.out"
@@ -64,7 +70,12 @@ def test_preemptible_job_resumes_the_same_file_after_requeue(slurm, tmp_path):
     log = lambda: out.read_text()[-3000:] if out.exists() else ""
     wait_for("mid-run, with a checkpoint", lambda: read_status(run).get("exchanges", 0) >= 40
              and (run / "checkpoint.h5").exists(), 240, log)
-    slurm.run("scontrol", "requeue", job)  # as an admin or a preempting job would
+    if stop == "requeue":
+        slurm.run("scontrol", "requeue", job)  # as an admin or a preempting job would: SIGTERM to all
+    else:
+        # what --signal=B:USR1@120 does before the time limit: USR1 to the batch shell, which
+        # stops the run through the ranks and requeues the job itself
+        slurm.run("scancel", "--batch", "--signal=USR1", job)
     # A requeued job becomes eligible only after a delay (its BeginTime, about 2 minutes): start it now.
     slurm.wait(job, lambda i: i.get("Restarts", "0") != "0" and i.get("JobState") == "PENDING", 120,
                "requeued", out)
@@ -73,6 +84,7 @@ def test_preemptible_job_resumes_the_same_file_after_requeue(slurm, tmp_path):
     text = out.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
     assert "start 2 of job" in text and "resuming" in text
+    assert ("got SIGUSR1" in text and "requeueing job" in text) if stop == "signal" else "got SIGTERM" in text
 
     s = inspect(run / "trajectory.h5")
     assert s["status"] == "complete" and s["events"].get("resume", 0) >= 1, s
