@@ -85,7 +85,7 @@ def main():
              timeout=args.worker_timeout * 3 + 30)
         time.sleep(args.quiet)
         os.kill(train.pid, signal.SIGINT)  # graceful stop
-        train.wait(timeout=120)
+        train.wait(timeout=300)
         joiner.wait(timeout=60)
     finally:
         for p in (train,):

@@ -75,6 +75,16 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
     """Local training with an exchange every tau steps (and one at the end). Starts at
     `first_step` (a join or a resume), from `state` if given. Returns the worker's counts."""
     trainer = LocalTrainer(cfg, worker_id, flat, data)
+    # On a GPU, exchanges go through the client's pinned host copy of the parameters
+    staged = client.params.data_ptr() != flat.params.data_ptr()
+
+    def through_host(call, *args):
+        if staged:
+            client.params.copy_(flat.params)
+        call(*args)
+        if staged:
+            flat.params.copy_(client.params)
+
     total, tau = trainer.total, cfg.easgd.tau
     k = 0
     if state is not None:
@@ -97,7 +107,7 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
         k += 1
         if reference_loss is None and loss_n:
             reference_loss = loss_sum / loss_n
-        client.exchange(header(P.EXCHANGE, step))
+        through_host(client.exchange, header(P.EXCHANGE, step))
         loss_sum, loss_n = 0.0, 0
         if run is not None and time.monotonic() - last_save >= cfg.record.checkpoint_seconds:
             save_worker_state(run.worker_state(worker_id), trainer, flat, step, k)
@@ -127,7 +137,7 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
             log(f"worker {worker_id}: {what} at step {step}: restarting from the center "
                 f"(reset {resets} of at most {cfg.train.max_resets})")
             loss_sum, loss_n = loss, 1  # the header carries the bad loss into the event
-            client.fetch(header(P.RESET, step))
+            through_host(client.fetch, header(P.RESET, step))
             loss_sum, loss_n = 0.0, 0
             trainer.reset_local_state()
             step += 1

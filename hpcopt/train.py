@@ -181,7 +181,8 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
 
     install_abort_on_error(world, whole_job=False)  # from now on a failing worker is a crash, not the end
     wid = workers[world.rank]
-    client = CenterClient([(world, s) for s in range(S)], bounds, flat.params, alpha=alpha,
+    flat, host = _on_device(flat, log_all)
+    client = CenterClient([(world, s) for s in range(S)], bounds, host, alpha=alpha,
                           chunk=_chunk(cfg), timeout=cfg.comm.timeout)
     state, first = None, 0
     if resume:
@@ -192,6 +193,23 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
             log_all(f"worker {wid}: no saved state; starting from the center at step {first}")
     return run_worker(cfg, wid, flat, data, client, start, run=run, first_step=first, state=state,
                       log=log_all)
+
+
+def _on_device(flat: FlatModel, log) -> tuple[FlatModel, torch.Tensor]:
+    """A worker moves to the GPU of its node-local rank, if it has one (hpcopt.launch.device).
+    Returns the model there and the CPU buffer exchanges use: the parameters themselves on the
+    CPU, else a pinned host copy (MPI never sees a GPU pointer; CUDA-aware MPI is detected and
+    reported, but exchanges are staged through the host either way)."""
+    from hpcopt.launch.device import select_device
+
+    choice = select_device("worker", log=log if torch.cuda.is_available() else None)
+    if choice.device == "cpu":
+        return flat, flat.params
+    moved = FlatModel(flat.module, device=choice.device)
+    torch.cuda.set_device(torch.device(choice.device))
+    host = torch.empty(moved.numel, dtype=torch.float32, pin_memory=True)
+    host.copy_(moved.params)
+    return moved, host
 
 
 def log_all(*args) -> None:
@@ -346,13 +364,15 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
     bounds = shard_bounds(flat.numel, len(links))
     wid = answer["first_worker_id"] + world.rank
     S = len(links)
-    client = CenterClient(links, bounds, flat.params, alpha=answer["alpha"], chunk=_chunk(cfg), timeout=cfg.comm.timeout)
+    flat, host = _on_device(flat, log_all)
+    client = CenterClient(links, bounds, host, alpha=answer["alpha"], chunk=_chunk(cfg), timeout=cfg.comm.timeout)
     status = read_json_safe(run.status)
     start = time.monotonic() - float(status.get("elapsed_seconds", 0.0))
     from hpcopt.launch.env import install_abort_on_error
 
     install_abort_on_error(world, whole_job=False)
     client.fetch(P.make_header(P.FETCH, wid, answer["start_step"]))
+    flat.params.copy_(client.params)
     log(f"joined {run.path} as worker(s) {answer['first_worker_id']}..{answer['first_worker_id'] + world.size - 1} "
         f"with {S} server(s) in {time.monotonic() - t0:.2f} s; starting at step {answer['start_step']}")
     return run_worker(cfg, wid, flat, data, client, start, run=run, first_step=answer["start_step"], log=log_all)

@@ -27,8 +27,9 @@ def make_local_step(cfg: Config, params: torch.Tensor):
 class LocalTrainer:
     def __init__(self, cfg: Config, worker_id: int, flat: FlatModel, data: dict):
         self.cfg, self.worker_id, self.flat = cfg, worker_id, flat
-        self.x = torch.from_numpy(data["x_train"])
-        self.y = torch.from_numpy(data["y_train"])
+        device = flat.params.device  # the worker's GPU, when it has one
+        self.x = torch.from_numpy(data["x_train"]).to(device)
+        self.y = torch.from_numpy(data["y_train"]).to(device)
         n = len(self.x)
         self.batch = min(cfg.data.batch_size, n)
         self.steps_per_epoch = n // self.batch  # full batches only

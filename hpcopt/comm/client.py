@@ -11,6 +11,8 @@ from mpi4py import MPI
 from hpcopt.optim.easgd import worker_exchange_
 
 from . import protocol as P
+from hpcopt.launch.env import JobFatal
+
 from .wait import BUSY_CAP, Backoff, PeerTimeout, wait_all
 
 
@@ -19,6 +21,11 @@ SEND_WINDOW = 2
 
 class Dropped(RuntimeError):
     """A server gave up on this worker (it was silent beyond comm.worker_timeout)."""
+
+
+class CenterLost(PeerTimeout, JobFatal):
+    """A server did not answer within comm.timeout: without its shard of the center the run
+    cannot go on, so this ends the whole job (not only this worker)."""
 
 
 class CenterClient:
@@ -66,7 +73,10 @@ class CenterClient:
 
     def _headers(self, header: np.ndarray) -> None:
         reqs = [comm.Isend(header, dest=rank, tag=P.TAG_HEADER) for comm, rank in self.links]
-        wait_all(reqs, self.timeout, "the servers to take a header")
+        try:
+            wait_all(reqs, self.timeout, "the servers to take a header")
+        except PeerTimeout as e:
+            raise CenterLost(str(e)) from None
         self.last_sent = time.monotonic()
 
     # ------------------------------------------------------------------ exchanges
@@ -130,13 +140,16 @@ class CenterClient:
                     if r != MPI.REQUEST_NULL:
                         r.Cancel()
                 self.poll_notices()  # a server that dropped us says so: a clearer error
-                raise PeerTimeout(f"no reply from the center (servers {list(servers)}) "
-                                  f"within {self.timeout:g} s (comm.timeout)")
+                raise CenterLost(f"no reply from the center (servers {list(servers)}) "
+                                 f"within {self.timeout:g} s (comm.timeout)")
             else:
                 if not progress and any(r is not None for r in self._notice_reqs):
                     self.poll_notices()
                 backoff.idle()
-        wait_all(headers, self.timeout, "the servers to take the exchange header")
+        try:
+            wait_all(headers, self.timeout, "the servers to take the exchange header")
+        except PeerTimeout as e:
+            raise CenterLost(str(e)) from None
         self.last_sent = time.monotonic()
 
     def done(self, worker_id: int, step: int, reason: int = P.FINISHED) -> None:

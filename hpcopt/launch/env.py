@@ -29,15 +29,33 @@ class Environment:
         return cls(rank=comm.rank, size=comm.size, local_rank=local, host=socket.gethostname())
 
 
+class JobFatal(RuntimeError):
+    """An error that ends the whole job even when raised on a worker (e.g. its server is gone)."""
+
+
+def abort_job(comm) -> None:
+    """End every rank of the job now. With Open MPI's recovery mode on (OMPI_MCA_orte_enable_recovery,
+    set by `hpcopt train -n`), MPI_Abort no longer kills the other ranks, so first ask the launcher
+    (this rank's parent: mpirun or orted) to end the job."""
+    try:
+        if os.environ.get("OMPI_MCA_orte_enable_recovery", "0").lower() in ("1", "true", "yes"):
+            parent = os.getppid()
+            with open(f"/proc/{parent}/comm") as f:
+                if f.read().strip() in ("mpirun", "orterun", "orted", "mpiexec"):
+                    os.kill(parent, signal.SIGTERM)
+        comm.Abort(1)
+    finally:
+        os._exit(1)
+
+
 def install_abort_on_error(comm, *, whole_job: bool = True) -> None:
     """Any unhandled exception prints its traceback with the rank, then:
 
     - whole_job (servers, synchronous ranks, setup): aborts the whole MPI job (like `python -m
-      mpi4py`), so no rank waits for a dead one. With Open MPI's recovery mode on
-      (OMPI_MCA_orte_enable_recovery, set by `hpcopt train -n`), MPI_Abort no longer kills the
-      other ranks, so the rank also asks its launcher (its parent, mpirun or orted) to end the job;
+      mpi4py`), so no rank waits for a dead one (abort_job);
     - otherwise (an asynchronous worker): only this process exits, with status 1; the servers
       drop it as crashed and training goes on (under recovery mode, or the launcher ends the job).
+      A JobFatal error (its server is gone) still ends the whole job.
     """
     previous = sys.excepthook
 
@@ -45,20 +63,13 @@ def install_abort_on_error(comm, *, whole_job: bool = True) -> None:
         if issubclass(kind, KeyboardInterrupt):
             previous(kind, value, tb)
         text = "".join(traceback.format_exception(kind, value, tb))
-        what = "aborting the job" if whole_job else "this worker exits; the others go on"
+        fatal = whole_job or issubclass(kind, JobFatal)
+        what = "aborting the job" if fatal else "this worker exits; the others go on"
         sys.stderr.write(f"[hpcopt rank {comm.rank}] fatal error, {what}:\n{text}")
         sys.stderr.flush()
         sys.stdout.flush()
-        if not whole_job:
+        if not fatal:
             os._exit(1)
-        try:
-            if os.environ.get("OMPI_MCA_orte_enable_recovery", "0").lower() in ("1", "true", "yes"):
-                parent = os.getppid()
-                with open(f"/proc/{parent}/comm") as f:
-                    if f.read().strip() in ("mpirun", "orterun", "orted", "mpiexec"):
-                        os.kill(parent, signal.SIGTERM)
-            comm.Abort(1)
-        finally:
-            os._exit(1)
+        abort_job(comm)
 
     sys.excepthook = hook

@@ -232,3 +232,22 @@ def test_resume_with_another_model_or_a_corrupt_checkpoint_is_a_clear_error(tmp_
     assert p.returncode == 2 and "corrupt" in p.stderr, p.stderr
     p = mpirun(3, "train", "--resume", str(tmp_path / "nothing"), check=False)
     assert p.returncode == 2 and "config.toml" in p.stderr, p.stderr
+
+
+def test_a_dead_server_ends_the_whole_job_and_leaves_the_checkpoint_intact(tmp_path):
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "3", "--out", str(run), "--train.epochs", "100000", *QUAD,
+                  "--comm.timeout", "5", log=log)
+    try:
+        wait_for("a checkpoint", lambda: (run / "checkpoint.h5").exists() and status(run).get("exchanges", 0) > 20,
+                 proc, log=log)
+        os.kill(status(run)["pid"], signal.SIGKILL)  # server 0
+        out = finish(proc, log, timeout=120)  # no hang: the workers give up after comm.timeout
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", str(run)], check=False)
+    assert proc.returncode != 0
+    assert "no reply from the center" in out or "servers to take" in out, out
+    with h5py.File(run / "checkpoint.h5", "r") as f:
+        assert f.attrs["format"] == "hpcopt.checkpoint" and np.isfinite(f["center"][...]).all()
