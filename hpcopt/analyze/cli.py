@@ -39,8 +39,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     def opt(name, **kw):
         f = doc[name]
         default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "" if default is None else f" (default: {default!r})"
         p.add_argument("--" + name.replace("_", "-"), dest=name, default=default,
-                       help=f"{helps.get(name, '')} (default: {default!r})", **kw)
+                       help=helps.get(name, "") + shown, **kw)
 
     opt("out", metavar="DIR")
     p.add_argument("--skip", default="", metavar="PARTS",

@@ -57,9 +57,15 @@ def grids(path) -> dict:
         return {name: {k: g[k][()] for k in g} | {"spec": g.attrs["spec"]} for name, g in f["grids"].items()}
 
 
-def test_grid_on_a_non_square_grid_matches_a_brute_force_loop_and_is_the_same_on_1_and_3_ranks(run):
-    mpirun(1, "analyze", str(run / "run"), "--out", str(run / "a1"), *GRID)
+@pytest.fixture(scope="module")
+def full_grid(run) -> dict:
+    """The grids of GRID computed in one go on 3 ranks."""
     mpirun(3, "analyze", str(run / "run"), "--out", str(run / "a3"), *GRID)
+    return grids(run / "a3" / "analysis.h5")
+
+
+def test_grid_on_a_non_square_grid_matches_a_brute_force_loop_and_is_the_same_on_1_and_3_ranks(run, full_grid):
+    mpirun(1, "analyze", str(run / "run"), "--out", str(run / "a1"), *GRID)
     g1, g3 = grids(run / "a1" / "analysis.h5"), grids(run / "a3" / "analysis.h5")
     assert set(g1) == {"random_1d", "random_2d"} == set(g3)
     for name in g1:
@@ -82,8 +88,8 @@ def test_grid_on_a_non_square_grid_matches_a_brute_force_loop_and_is_the_same_on
         np.testing.assert_array_equal(g["origin"], f["center/params"][-1].astype(np.float64))
 
 
-def test_interrupted_grid_resumes_and_completes_with_identical_values(run):
-    full = grids_of(run, "full", 3)
+def test_interrupted_grid_resumes_and_completes_with_identical_values(run, full_grid):
+    full = full_grid
     p = mpirun(3, "analyze", str(run / "run"), "--out", str(run / "part"), *GRID, "--max-points", "9", check=False)
     assert p.returncode == 3 and "run the same command again to resume" in p.stdout
     part = grids(run / "part" / "analysis.h5")
@@ -99,11 +105,6 @@ def test_interrupted_grid_resumes_and_completes_with_identical_values(run):
         assert resumed[name]["done"].all()
         np.testing.assert_array_equal(resumed[name]["loss"], full[name]["loss"])
         np.testing.assert_array_equal(resumed[name]["accuracy"], full[name]["accuracy"])
-
-
-def grids_of(run, name, n):
-    mpirun(n, "analyze", str(run / "run"), "--out", str(run / name), *GRID)
-    return grids(run / name / "analysis.h5")
 
 
 def test_distributed_curvature_matches_the_exact_hessian_and_the_report_is_written(run):
@@ -153,7 +154,7 @@ def test_distributed_curvature_matches_the_exact_hessian_and_the_report_is_writt
 def test_compare_two_runs(run):
     p = mpirun(2, "analyze", str(run / "run"), "--compare", str(run / "run" / "trajectory.h5"), "--out",
                str(run / "cmp"), "--skip", "landscape,interpolation,density", "--curvature-samples", "60",
-               "--trace-max-probes", "20", "--top-k", "2", "--sharpness-steps", "3")
+               "--trace-max-probes", "20", "--top-k", "2", "--lanczos-steps", "10", "--sharpness-steps", "3")
     assert "comparison:" in p.stdout
     html = (run / "cmp" / "compare.html").read_text()
     assert "compare_curves.png" in html and "compare_sharpness.png" in html and "compare_pca.png" in html
@@ -161,27 +162,46 @@ def test_compare_two_runs(run):
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
+    from hpcopt.analyze.source import load_run
+    from hpcopt.io.inspect import TrajectoryError
+
     (tmp_path / "x.h5").write_text("hello")
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f["data"] = np.arange(3)
     with h5py.File(tmp_path / "future.h5", "w") as f:
         f.attrs["format"] = "hpcopt.trajectory"
         f.attrs["schema_version"] = 99
+    with h5py.File(tmp_path / "damaged.h5", "w") as f:
+        f.attrs["format"] = "hpcopt.trajectory"
+        f.attrs["schema_version"] = 2
+        f.attrs["config"] = "[run]\n"
     for name, message in [("nope.h5", "does not exist"), ("x.h5", "not a readable HDF5 file"),
-                          ("other.h5", "not an hpcopt trajectory"), ("future.h5", "schema version 99")]:
-        p = hpcopt("analyze", str(tmp_path / name), "--out", str(tmp_path / "o"))
-        assert p.returncode == 2 and message in p.stderr, p.stderr
+                          ("other.h5", "not an hpcopt trajectory"), ("future.h5", "schema version 99"),
+                          ("damaged.h5", "damaged or incomplete trajectory")]:
+        with pytest.raises(TrajectoryError, match=message):
+            load_run(tmp_path / name)
+    p = hpcopt("analyze", str(tmp_path / "other.h5"), "--out", str(tmp_path / "o"))
+    assert p.returncode == 2 and "hpcopt analyze: error:" in p.stderr and "not an hpcopt trajectory" in p.stderr
     # under mpirun every rank finds the error, rank 0 alone reports it, and nobody waits
     p = mpirun(3, "analyze", str(tmp_path / "future.h5"), "--out", str(tmp_path / "o"), check=False, timeout=60)
     assert p.returncode == 2 and p.stderr.count("schema version 99") == 1, p.stderr
 
 
 def test_bad_options_and_a_foreign_results_file(run, tmp_path):
-    p = hpcopt("analyze", str(run / "run"), "--grid", "7by5")
-    assert p.returncode == 2 and "--grid must look like 21x21" in p.stderr
-    p = hpcopt("analyze", str(run / "run"), "--skip", "hessain")
-    assert p.returncode == 2 and "unknown part(s) to skip: hessain" in p.stderr
-    p = hpcopt("analyze", str(run / "run"), "--at", "worker:9", "--out", str(tmp_path / "o"))
+    import argparse
+
+    from hpcopt.analyze.cli import add_parser, options_from
+
+    parser = argparse.ArgumentParser()
+    add = add_parser(parser.add_subparsers(dest="command"))
+    with pytest.raises(ValueError, match="--grid must look like 21x21"):
+        options_from(parser.parse_args(["analyze", "f.h5", "--grid", "7by5"]))
+    with pytest.raises(ValueError, match="unknown part.s. to skip: hessain"):
+        options_from(parser.parse_args(["analyze", "f.h5", "--skip", "hessain"]))
+    assert options_from(parser.parse_args(["analyze", "f.h5", "--grid", "7x5"])).grid == (7, 5)
+    assert add.prog.endswith("analyze")
+    p = hpcopt("analyze", str(run / "run"), "--at", "worker:9", "--out", str(tmp_path / "o"),
+               "--skip", "trajectory,pca")
     assert p.returncode == 2 and "worker 9 has no recorded snapshot" in p.stderr
     (tmp_path / "f").mkdir()
     with h5py.File(tmp_path / "f" / "analysis.h5", "w") as f:
