@@ -208,3 +208,21 @@ def test_bad_options_and_a_foreign_results_file(run, tmp_path):
         f["x"] = 1
     p = mpirun(2, "analyze", str(run / "run"), "--out", str(tmp_path / "f"), check=False, timeout=60)
     assert p.returncode == 2 and p.stderr.count("is not an hpcopt analysis file") == 1
+
+
+def test_saved_models_by_name_also_across_runs(run):
+    from hpcopt.analyze.source import load_run, point, resolve_point
+
+    r = load_run(run / "run")
+    with h5py.File(run / "run" / "trajectory.h5", "r") as f:
+        center, workers, meta = f["center/params"][()], f["workers/params"][()], f["workers/meta"][()]
+    assert np.array_equal(point(r, "center")[1], center[-1]) and np.array_equal(point(r, "init")[1], center[0])
+    assert np.array_equal(point(r, "center:3")[1], center[3])
+    rows = np.flatnonzero(meta["worker_id"] == 1)
+    assert np.array_equal(point(r, "worker:1")[1], workers[rows[-1]])
+    assert np.array_equal(point(r, "worker:1:0")[1], workers[rows[0]])
+    label, other = resolve_point(r, f"{run / 'run' / 'trajectory.h5'}#worker:0")
+    assert label == "run#worker:0" and np.array_equal(other, workers[np.flatnonzero(meta["worker_id"] == 0)[-1]])
+    for bad in ("centre", "worker:7", "center:100000"):
+        with pytest.raises(ValueError):
+            point(r, bad)
