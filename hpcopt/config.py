@@ -29,16 +29,16 @@ def _doc(text: str, **kw) -> Any:
     return field(metadata={"doc": text}, **kw)
 
 
-ASYNC_METHODS = ("easgd", "eamsgd", "mgrawa", "lsgd")
+ASYNC_METHODS = ("easgd", "eamsgd", "grawa", "mgrawa", "lgrawa", "lsgd")
 SYNC_METHODS = ("dp-sgd", "local-sgd", "diloco")
 METHODS = ASYNC_METHODS + SYNC_METHODS
 SCHEDULES = ("cosine", "constant")
-LOCAL_STEPS = ("sgd", "adamw", "sam", "entropy-sgd")
+LOCAL_STEPS = ("sgd", "adamw", "sam", "entropy-sgd", "lars")
 
 
 @dataclass(kw_only=True)
 class RunConfig:
-    method: str = _doc("asynchronous: easgd (SGD local steps), eamsgd (Nesterov local steps), mgrawa (center weighted by 1/gradient norm), lsgd (pull toward the leader); synchronous baselines: dp-sgd, local-sgd, diloco", default="easgd")
+    method: str = _doc("asynchronous: easgd (SGD local steps), eamsgd (Nesterov local steps), mgrawa (center weighted by 1/gradient norm; grawa is the same), lgrawa (each layer of the center weighted by 1/that layer's gradient norm), lsgd (pull toward the leader); synchronous baselines: dp-sgd, local-sgd, diloco", default="easgd")
     servers: int = _doc("ranks that hold the center variable (each owns one contiguous shard); the other ranks are workers (asynchronous methods; synchronous ones have no servers)", default=1)
     out: str = _doc("run directory; the trajectory goes to OUT/trajectory.h5", default="runs/demo")
     seed: int = _doc("seed for model init, data order and everything random", default=0)
@@ -79,7 +79,8 @@ class TrainConfig:
     lr: float = _doc("learning rate eta of the local step", default=0.05)
     schedule: str = _doc("learning-rate schedule over each worker's local steps: cosine or constant", default="cosine")
     warmup_epochs: float = _doc("linear learning-rate warm-up, in epochs", default=0.0)
-    local: str = _doc("the local step: sgd (with Nesterov momentum when momentum > 0), adamw, sam (SGD on the gradient at the SAM ascent point) or entropy-sgd (SGD on the local-entropy gradient)", default="sgd")
+    local: str = _doc("the local step: sgd (with Nesterov momentum when momentum > 0), adamw, sam (SGD on the gradient at the SAM ascent point), entropy-sgd (SGD on the local-entropy gradient) or lars (SGD with per-layer trust ratios, momentum as for sgd)", default="sgd")
+    lars_eta: float = _doc("lars: trust coefficient eta; layer l's gradient is scaled by eta ||x_l|| / (||g_l|| + weight_decay ||x_l||)", default=1e-3)
     sam_rho: float = _doc("sam: radius rho of the ascent step", default=0.05)
     langevin_steps: int = _doc("entropy-sgd: Langevin steps L per local step", default=5)
     langevin_lr: float = _doc("entropy-sgd: learning rate eta' of the Langevin steps", default=0.1)
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         _choice("train.schedule", self.schedule, SCHEDULES)
         _choice("train.local", self.local, LOCAL_STEPS)
+        if not self.lars_eta > 0:
+            raise ConfigError(f"train.lars_eta must be > 0, got {self.lars_eta}")
         if not self.sam_rho > 0:
             raise ConfigError(f"train.sam_rho must be > 0, got {self.sam_rho}")
         _at_least("train.langevin_steps", self.langevin_steps, 1)

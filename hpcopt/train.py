@@ -183,7 +183,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
     wid = workers[world.rank]
     flat, host = _on_device(flat, log_all)
     client = CenterClient([(world, s) for s in range(S)], bounds, host, alpha=alpha,
-                          chunk=_chunk(cfg), timeout=cfg.comm.timeout)
+                          chunk=_chunk(cfg), timeout=cfg.comm.timeout, layer_norms=_layer_norms(cfg, flat))
     state, first = None, 0
     if resume:
         state = load_worker_state(run.worker_state(wid), flat)
@@ -233,6 +233,11 @@ def _worker_ids(ckpt, n: int) -> list[int]:
     return (old + list(range(fresh, fresh + n)))[:n]
 
 
+def _layer_norms(cfg: Config, flat: FlatModel):
+    """LGRAWA: the per-layer gradient norms every exchange ships (LocalTrainer fills them)."""
+    return flat.layer_grad_norms if cfg.run.method == "lgrawa" else None
+
+
 def _chunk(cfg: Config) -> int:
     return max(1, int(cfg.comm.chunk_mb * 1e6 / 4))
 
@@ -265,7 +270,10 @@ def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evalua
     membership = Membership(run, role, method=cfg.run.method, model=cfg.model.name, layout=flat.layout(),
                             n_params=flat.numel, server_hosts=[hosts[s] for s in range(role.size)],
                             timeout=cfg.comm.timeout, log=log, resumed_from=resumed)
-    rule = cfg.run.method if cfg.run.method in ("mgrawa", "lsgd") else "easgd"
+    from hpcopt.optim.grawa import layer_bounds
+
+    # "grawa" is the paper's model-level algorithm: asynchronously, that is MGRAWA
+    rule = {"grawa": "mgrawa", "mgrawa": "mgrawa", "lgrawa": "lgrawa", "lsgd": "lsgd"}.get(cfg.run.method, "easgd")
     server = CenterServer(
         world=world, servers=role, workers={w: (r, hosts[r], pids[r]) for r, w in workers.items()}, bounds=bounds,
         center=flat.params.numpy()[lo:hi].copy(), alpha=alpha, chunk=_chunk(cfg), timeout=cfg.comm.timeout,
@@ -274,7 +282,8 @@ def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evalua
         eval_seconds=cfg.record.eval_seconds, checkpoint_seconds=cfg.record.checkpoint_seconds,
         writer=writer, evaluator=evaluator, deterministic=cfg.run.deterministic, start=start, log=log,
         rule=rule, loss_decay=cfg.lsgd.loss_decay, membership=membership, exchanges=resumed,
-        next_worker_id=max(int(ckpt["attrs"]["next_worker_id"]), max(workers.values()) + 1) if ckpt else None)
+        next_worker_id=max(int(ckpt["attrs"]["next_worker_id"]), max(workers.values()) + 1) if ckpt else None,
+        layers=layer_bounds(flat.layout()))
     if ckpt is not None:
         _restore(server, ckpt, lo, hi)
         server.event("resume", detail=f"from the checkpoint at exchange {resumed}, {len(workers)} workers")
@@ -365,7 +374,8 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
     wid = answer["first_worker_id"] + world.rank
     S = len(links)
     flat, host = _on_device(flat, log_all)
-    client = CenterClient(links, bounds, host, alpha=answer["alpha"], chunk=_chunk(cfg), timeout=cfg.comm.timeout)
+    client = CenterClient(links, bounds, host, alpha=answer["alpha"], chunk=_chunk(cfg), timeout=cfg.comm.timeout,
+                          layer_norms=_layer_norms(cfg, flat))
     status = read_json_safe(run.status)
     start = time.monotonic() - float(status.get("elapsed_seconds", 0.0))
     from hpcopt.launch.env import install_abort_on_error

@@ -12,15 +12,20 @@ import torch.nn.functional as F
 
 from hpcopt.config import Config
 from hpcopt.models import FlatModel
-from hpcopt.optim.local import AdamWStep, EntropySGD, SGDStep, sam_perturbation
+from hpcopt.optim.grawa import layer_bounds, layer_norms
+from hpcopt.optim.local import AdamWStep, EntropySGD, LARSStep, SGDStep, sam_perturbation
 from hpcopt.optim.schedule import learning_rate
 
 
-def make_local_step(cfg: Config, params: torch.Tensor):
-    """The step that turns a gradient into an update: AdamW, or SGD (also under SAM and
-    Entropy-SGD, which change the gradient it gets)."""
+def make_local_step(cfg: Config, params: torch.Tensor, layers: list[tuple[int, int]] | None = None):
+    """The step that turns a gradient into an update: AdamW, LARS (per-layer trust ratios on
+    SGD; needs the model's `layers`), or SGD (also under SAM and Entropy-SGD, which change the
+    gradient it gets)."""
     if cfg.train.local == "adamw":
         return AdamWStep(params, weight_decay=cfg.train.weight_decay)
+    if cfg.train.local == "lars":
+        return LARSStep(params, layers, eta=cfg.train.lars_eta, momentum=cfg.momentum, nesterov=True,
+                        weight_decay=cfg.train.weight_decay)
     return SGDStep(params, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.train.weight_decay)
 
 
@@ -36,7 +41,7 @@ class LocalTrainer:
         self.total = max(1, round(cfg.train.epochs * self.steps_per_epoch))
         self.warmup = round(cfg.train.warmup_epochs * self.steps_per_epoch)
         self.gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + worker_id)
-        self.local = make_local_step(cfg, flat.params)
+        self.local = make_local_step(cfg, flat.params, layer_bounds(flat.layout()))
         self.module = flat.module
         self.module.train()
         self.loss_of = getattr(self.module, "loss", None)  # a user model may define loss(x, y)
@@ -45,6 +50,11 @@ class LocalTrainer:
         self.entropy = EntropySGD(langevin_steps=t.langevin_steps, langevin_lr=t.langevin_lr, gamma0=t.gamma0,
                                   gamma1=t.gamma1, noise=t.langevin_noise, seed=cfg.run.seed * 7919 + worker_id) \
             if t.local == "entropy-sgd" else None
+        self.step_index = 0  # the local step whose gradient flat.grads holds
+        # LGRAWA reports per-layer gradient norms: taken at the same steps as the worker's
+        # whole-model gradient norm (the last step before each exchange), before the local
+        # step uses flat.grads as scratch
+        self.layers = layer_bounds(flat.layout()) if cfg.run.method == "lgrawa" else None
 
     def lr(self, step: int) -> float:
         return learning_rate(step, self.total, self.cfg.train.lr, self.cfg.train.schedule, self.warmup)
@@ -53,6 +63,7 @@ class LocalTrainer:
         """The gradient the local step uses (into flat.grads) for local step `step`'s minibatch:
         plain, at the SAM ascent point, or the local-entropy gradient. Returns the minibatch loss
         at the current parameters."""
+        self.step_index = step
         i = step % self.steps_per_epoch
         if i == 0 or self.perm is None:
             self.perm = torch.randperm(len(self.x), generator=self.gen)
@@ -91,11 +102,14 @@ class LocalTrainer:
 
     def apply(self, lr: float) -> None:
         """The local step with the gradient in flat.grads."""
+        nxt = self.step_index + 1
+        if self.layers is not None and (nxt % self.cfg.easgd.tau == 0 or nxt == self.total):
+            self.flat.layer_grad_norms[:] = layer_norms(self.flat.grads, self.layers).double().cpu().numpy()
         self.local.step(self.flat.params, self.flat.grads, lr)
 
     def reset_local_state(self) -> None:
         """Forget the local step's state (momentum, Adam moments), e.g. after a divergence."""
-        self.local = make_local_step(self.cfg, self.flat.params)
+        self.local = make_local_step(self.cfg, self.flat.params, layer_bounds(self.flat.layout()))
 
     def state_dict(self) -> dict:
         """What a resumed worker needs to go on exactly: local step state and data order."""

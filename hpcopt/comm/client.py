@@ -35,7 +35,8 @@ class CenterClient:
     intercommunicators of its join. Every wait has `timeout`."""
 
     def __init__(self, links: list[tuple[MPI.Comm, int]], bounds: list[tuple[int, int]],
-                 params: torch.Tensor, *, alpha: float, chunk: int, timeout: float):
+                 params: torch.Tensor, *, alpha: float, chunk: int, timeout: float,
+                 layer_norms: np.ndarray | None = None):
         if params.device.type != "cpu" or not params.is_contiguous():
             raise ValueError("exchanges need a contiguous CPU parameter buffer")
         self.links, self.bounds, self.timeout = links, bounds, timeout
@@ -51,6 +52,9 @@ class CenterClient:
         self._notice_reqs = [comm.Irecv(buf, source=rank, tag=P.TAG_NOTICE)
                              for (comm, rank), buf in zip(links, self._notice)]
         self.stop_requested = False
+        # LGRAWA: per-layer gradient norms (float64, filled by the local trainer) that every
+        # exchange ships to every server after its header (protocol step 2)
+        self.layer_norms = layer_norms
 
     # ------------------------------------------------------------------ notices
     def poll_notices(self) -> bool:
@@ -96,6 +100,8 @@ class CenterClient:
         recvs = [self.links[s][0].Irecv(self.c[a:b], source=self.links[s][1], tag=P.TAG_REPLY)
                  for s, a, b in items]
         headers = [comm.Isend(header, dest=rank, tag=P.TAG_HEADER) for comm, rank in self.links]
+        if send and self.layer_norms is not None:
+            headers += [comm.Isend(self.layer_norms, dest=rank, tag=P.TAG_LAYER_NORMS) for comm, rank in self.links]
         # At most SEND_WINDOW chunks in flight per server: a backlog of rendezvous sends would
         # clog the shared-memory queues the replies come back through.
         sends: list = [None] * len(items)

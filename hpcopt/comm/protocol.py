@@ -2,11 +2,14 @@
 
 An exchange from a worker to each server rank s is:
   1. a header: HEADER_SIZE float64 (fields below), tag TAG_HEADER;
-  2. the worker's parameters of shard s, float32, in chunks of at most `chunk` elements, tag
+  2. LGRAWA only: the worker's per-layer gradient norms, one flat float64 array with one entry
+     per parameter tensor of the model (FlatModel.layout() order), tag TAG_LAYER_NORMS; every
+     server gets all of them and uses the layers that intersect its shard;
+  3. the worker's parameters of shard s, float32, in chunks of at most `chunk` elements, tag
      TAG_PARAMS (MPI's non-overtaking rule keeps chunks in order);
 and the server answers with the center's values of that shard (EASGD: as they were before this
 exchange moved them; MGRAWA: the weighted average of the workers' latest parameters, this one's
-included), in the same chunks, tag TAG_REPLY; the worker applies x <- x - alpha (x - center). Headers without parameters:
+included; LGRAWA: the same, weighted per layer), in the same chunks, tag TAG_REPLY; the worker applies x <- x - alpha (x - center). Headers without parameters:
   DONE       the worker has stopped (REASON: finished its epochs, got a signal, diverged too often);
   FETCH      a new worker (a join) asks for the center; the server sends it in the same chunks
              (tag TAG_REPLY) without moving it;
@@ -29,6 +32,7 @@ TAG_PARAMS = 12
 TAG_REPLY = 13
 TAG_CONTROL = 14
 TAG_NOTICE = 15
+TAG_LAYER_NORMS = 16
 
 # header kinds
 EXCHANGE = 1.0

@@ -27,7 +27,7 @@ from mpi4py import MPI
 
 from hpcopt.io import schema
 from hpcopt.optim.easgd import center_exchange_
-from hpcopt.optim.grawa import inverse_norm_weights
+from hpcopt.optim.grawa import inverse_norm_weights, shard_segments
 from hpcopt.optim.lsgd import leader
 
 from . import protocol as P
@@ -91,6 +91,8 @@ class _Exchange:
     snapshot: np.ndarray | None = None  # copy of the received parameters, when sampled
     leader: int = -1  # LSGD: the worker id whose parameters this exchange is pulled toward
     arrived: float = 0.0
+    layer_norms: np.ndarray | None = None  # LGRAWA: the worker's per-layer gradient norms
+    norms_req: object = None  # LGRAWA: their receive, until it completes
 
 
 class CenterServer:
@@ -100,20 +102,29 @@ class CenterServer:
                  eval_seconds: float, writer, evaluator=None, deterministic: bool = False,
                  start: float, log=print, rule: str = "easgd", loss_decay: float = 0.0,
                  worker_timeout: float | None = None, membership=None, checkpoint_seconds: float = 0.0,
-                 exchanges: int = 0, next_worker_id: int | None = None):
+                 exchanges: int = 0, next_worker_id: int | None = None,
+                 layers: list[tuple[int, int]] | None = None):
         """`workers` maps worker id -> (its rank in `world`, host[, pid]) for the workers started with
         the run; `center` is this server's shard (owned). `membership` (optional) handles joins,
-        the status file and checkpoints (see hpcopt.elastic)."""
+        the status file and checkpoints (see hpcopt.elastic). `layers` (LGRAWA) are the flat
+        slices [lo, hi) of the model's layers (hpcopt.optim.grawa.layer_bounds)."""
         self.world, self.servers = world, servers
         self.leader = servers.rank == 0
         self.bounds = bounds
         self.lo, self.hi = bounds[servers.rank]
         self.center = center
         self.center_t = torch.from_numpy(center)
-        if rule not in ("easgd", "mgrawa", "lsgd"):
+        if rule not in ("easgd", "mgrawa", "lgrawa", "lsgd"):
             raise ValueError(f"unknown center rule {rule!r}")
+        if rule == "lgrawa" and not layers:
+            raise ValueError("LGRAWA needs the model's layers")
         self.rule = rule
         self.grad_norms: dict[int, float] = {}  # MGRAWA: each worker's latest reported gradient norm
+        # LGRAWA: each worker's latest per-layer gradient norms; the parts of layers in this shard
+        self.layer_norms: dict[int, np.ndarray] = {}
+        self.n_layers = len(layers or [])
+        self.segments = shard_segments(layers, self.lo, self.hi) if layers else []
+        self.layer_rows: list[np.ndarray] = []  # leader, LGRAWA: one row per exchange row
         self.loss_avg: dict[int, float] = {}  # LSGD: each worker's moving average of reported losses
         self.loss_decay = loss_decay
         self.alpha = float(alpha)
@@ -127,7 +138,8 @@ class CenterServer:
         self.start, self.log = start, log
         self.membership = membership
         self.chunks = P.chunk_bounds(0, self.hi - self.lo, chunk)
-        self.bytes_per_exchange = 2 * 4 * (bounds[-1][1]) + len(bounds) * P.HEADER_SIZE * 8
+        self.bytes_per_exchange = 2 * 4 * (bounds[-1][1]) + len(bounds) * P.HEADER_SIZE * 8 \
+            + (len(bounds) * 8 * self.n_layers if rule == "lgrawa" else 0)
 
         self.peers: dict[int, Peer] = {}
         self.links: list[_Link] = []
@@ -216,6 +228,7 @@ class CenterServer:
             self.turn = self.turn % len(self.order) if self.order else 0
         if forget:
             self.grad_norms.pop(wid, None)
+            self.layer_norms.pop(wid, None)
             self.loss_avg.pop(wid, None)
             self.latest.pop(wid, None)
 
@@ -235,7 +248,7 @@ class CenterServer:
                 _cancel([lock[0]])
                 self.locks[i] = None
         for ex in [e for e in self.pending if e.wid == wid]:
-            _cancel(ex.requests)
+            _cancel(ex.requests + [ex.norms_req])
             self.pending.remove(ex)
         self.fetches = [f for f in self.fetches if f[2] != wid or _cancel(f[0])]  # cancel and forget its
         self._remove(wid)
@@ -269,11 +282,39 @@ class CenterServer:
         """MGRAWA/LSGD: take the worker's reported gradient norm and loss; LSGD picks the leader
         this exchange is pulled toward (fixed for all of its chunks)."""
         self.grad_norms[ex.wid] = float(ex.header[P.GRAD_NORM])
+        if self.rule == "lgrawa":
+            # a worker with no gradient yet (it left before its first tau steps) sends NaN: its
+            # parameters do not count until it reports real norms
+            norms = ex.layer_norms
+            if np.isfinite(norms).all() and (norms >= 0).all():
+                self.layer_norms[ex.wid] = norms
         if self.rule == "lsgd":
             decay, loss = self.loss_decay, float(ex.header[P.TRAIN_LOSS])
             previous = self.loss_avg.get(ex.wid)
             self.loss_avg[ex.wid] = loss if previous is None else decay * previous + (1 - decay) * loss
             ex.leader = leader(self.loss_avg)
+
+    def _lgrawa_center(self, a: int, b: int) -> None:
+        """LGRAWA: like MGRAWA, but every layer (or the part of it in this chunk) is its own
+        weighted average, with weights 1 / (the worker's latest gradient norm of that layer)."""
+        ids = sorted(self.layer_norms)
+        if not ids:  # nobody has reported norms yet: the center stays where it is
+            return
+        weights = inverse_norm_weights(torch.from_numpy(np.stack([self.layer_norms[w] for w in ids])))
+        for layer, s_lo, s_hi in self.segments:
+            lo, hi = max(a, s_lo), min(b, s_hi)
+            if lo >= hi:
+                continue
+            part = self.center_t[lo:hi]
+            part.zero_()
+            for w, weight in zip(ids, weights[:, layer].tolist()):
+                part.add_(self.latest[w][lo:hi], alpha=weight)
+
+    def _norms_in(self, ex: _Exchange) -> bool:
+        """LGRAWA: whether the exchange's per-layer norms have arrived (needed before its first reply)."""
+        if ex.norms_req is not None and ex.norms_req.Test():
+            ex.norms_req = None
+        return ex.norms_req is None
 
     def _grawa_center(self, a: int, b: int) -> None:
         """MGRAWA (Dimlioglu & Choromanska 2024), asynchronous: the center's chunk becomes the
@@ -399,6 +440,9 @@ class CenterServer:
                 raise RuntimeError(f"worker {wid} reported gradient norm {header[P.GRAD_NORM]}")
             if peer.posted is None:
                 self._settle(wid)
+            if self.rule == "lgrawa":  # protocol step 2: sent right after the header
+                ex.layer_norms = np.empty(self.n_layers, dtype=np.float64)
+                ex.norms_req = peer.comm.Irecv(ex.layer_norms, source=peer.rank, tag=P.TAG_LAYER_NORMS)
             ex.requests = peer.posted
             self.inflight[wid] = ex
             peer.posted = None
@@ -464,7 +508,7 @@ class CenterServer:
         peer = self.peers[ex.wid]
         while True:
             # reply to what is in before receiving more, so replies flow while chunks arrive
-            if ex.next_reply < ex.next_chunk and self._release(ex.next_reply):
+            if ex.next_reply < ex.next_chunk and self._norms_in(ex) and self._release(ex.next_reply):
                 i = ex.next_reply
                 a, b = self.chunks[i]
                 if self.rule != "easgd":  # this worker's new parameters, norm and loss count from now on
@@ -473,6 +517,8 @@ class CenterServer:
                     self.latest[ex.wid][a:b] = peer.recv_t[a:b]
                     if self.rule == "mgrawa":
                         self._grawa_center(a, b)
+                    elif self.rule == "lgrawa":
+                        self._lgrawa_center(a, b)
                     else:  # LSGD: the reply is the leader's parameters (the leader gets its own back)
                         # (a leader that crashed meanwhile is forgotten: no pull for the rest)
                         self.center_t[a:b] = self.latest.get(ex.leader, self.latest[ex.wid])[a:b]
@@ -511,6 +557,8 @@ class CenterServer:
         if self.leader:
             self.rows.append((ex.wid, step, k, t, h[P.TRAIN_LOSS], int(h[P.SAMPLES]), h[P.LR],
                               self.bytes_per_exchange, h[P.GRAD_NORM], ex.leader))
+            if self.rule == "lgrawa":
+                self.layer_rows.append(ex.layer_norms)
         if self.exchanges % self.center_every == 0:
             self.center_snaps.append((self.exchanges, t, self.center.copy()))
             self.last_snap = self.exchanges
@@ -524,7 +572,8 @@ class CenterServer:
         now = time.monotonic()
         limit = self.worker_timeout
         for ex in list(self.pending):
-            if ex.header[P.KIND] == P.EXCHANGE and ex.next_chunk < len(self.chunks) and now - ex.arrived > limit:
+            if ex.header[P.KIND] == P.EXCHANGE and (ex.next_chunk < len(self.chunks) or ex.norms_req is not None) \
+                    and now - ex.arrived > limit:
                 self.drop(ex.wid, f"sent an exchange header but not its parameters within {limit:g} s")
         for lock in self.locks:
             if lock is not None and now - lock[2] > limit:
@@ -600,7 +649,9 @@ class CenterServer:
                 self.event("end", detail=f"{self.exchanges} exchanges")
             tables = {"exchanges": self.rows, "evals": self.evaluator.take() if self.evaluator else [],
                       "events": self.events}
-            self.rows, self.events = [], []
+            if self.rule == "lgrawa":
+                tables["layer_grad_norms"] = self.layer_rows
+            self.rows, self.events, self.layer_rows = [], [], []
         attrs = {"exchanges_total": self.exchanges, "wall_seconds": self.now(),
                  "status": "complete" if final else "running"}
         self.writer.flush(center_rows=[s for _, _, s in snaps], center_meta=center_meta,

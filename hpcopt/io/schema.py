@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 FORMAT = "hpcopt.trajectory"
-SCHEMA_VERSION = 2  # 2: /exchanges gained grad_norm and leader
+SCHEMA_VERSION = 3  # 2: /exchanges gained grad_norm and leader; 3: /layer_grad_norms (LGRAWA)
 
 CENTER_META = np.dtype([("exchanges", "<i8"), ("time", "<f8")])
 WORKER_META = np.dtype([("worker_id", "<i4"), ("step", "<i8"), ("exchange", "<i8"), ("time", "<f8")])
@@ -31,6 +31,9 @@ EVENT = np.dtype([
 ])
 
 TABLES = {"exchanges": EXCHANGE, "evals": EVAL, "events": EVENT}
+# [n, n_layers] float32: LGRAWA's per-layer gradient norms, row i belongs to /exchanges row i
+# (no rows for other methods; layers in /model's names order)
+LAYER_NORMS = "layer_grad_norms"
 
 
 def event_row(time: float, kind: str, worker_id: int = -1, rank: int = -1, host: str = "",

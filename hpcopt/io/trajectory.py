@@ -50,6 +50,11 @@ class TrajectoryWriter:
         self.workers_meta = f.create_dataset("workers/meta", (0,), schema.WORKER_META, maxshape=(None,), chunks=(1024,))
         self.tables = {name: f.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(1024,))
                        for name, dtype in schema.TABLES.items()}
+        n_layers = len(model_attrs.get("names", []))
+        if n_layers:  # LGRAWA's per-layer gradient norms, one row per /exchanges row (empty otherwise)
+            self.tables[schema.LAYER_NORMS] = f.create_dataset(
+                schema.LAYER_NORMS, (0, n_layers), "<f4", maxshape=(None, n_layers),
+                chunks=(max(1, min(1024, 65536 // n_layers)), n_layers))
         f.flush()
 
     def _reopen(self, path: str, sizes: dict, attrs: dict) -> None:
@@ -59,8 +64,10 @@ class TrajectoryWriter:
         self.center, self.center_meta = f["center/params"], f["center/meta"]
         self.workers, self.workers_meta = f["workers/params"], f["workers/meta"]
         self.tables = {name: f[name] for name in schema.TABLES}
+        if schema.LAYER_NORMS in f:
+            self.tables[schema.LAYER_NORMS] = f[schema.LAYER_NORMS]
         for name, dset in self._datasets().items():
-            n = int(sizes[name])
+            n = int(sizes.get(name, 0))
             if dset.shape[0] < n:
                 raise ValueError(f"{path}: /{name} has {dset.shape[0]} rows, fewer than the "
                                  f"checkpoint's {n}: the file does not belong to this checkpoint")

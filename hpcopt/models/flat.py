@@ -6,6 +6,7 @@ snapshots work on a single tensor with no gather/scatter copies.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +22,9 @@ class FlatModel:
         self.numel = sum(p.numel() for p in params)
         self.params = torch.empty(self.numel, dtype=torch.float32, device=device)
         self.grads = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        # LGRAWA: the norm of each parameter tensor's slice of the gradient a worker last reported
+        # (hpcopt.worker.LocalTrainer fills it; the exchange client ships it)
+        self.layer_grad_norms = np.full(len(params), np.nan)
         offset = 0
         for p in params:
             n = p.numel()

@@ -5,7 +5,9 @@ The center is a convex combination of the workers, weighted toward the flatter o
     center = sum_i w_i x_i,   w_i = (1 / ||grad f(x_i)||) / sum_j (1 / ||grad f(x_j)||)
 
 one weight per worker (MGRAWA: the whole model's gradient norm) or one per layer (LGRAWA: each
-layer of the center is its own weighted average). Every tau steps each worker is pulled toward it:
+layer of the center is its own weighted average). GRAWA is the paper's name for the algorithm with
+model-level weights, whose asynchronous variant is MGRAWA; hpcopt runs both the same way (method
+"grawa" is "mgrawa"). Every tau steps each worker is pulled toward it:
 
     x_i <- (1 - alpha) x_i + alpha center
 """
@@ -56,3 +58,15 @@ def layer_norms(grad: torch.Tensor, layers: list[tuple[int, int]]) -> torch.Tens
 def pull_toward_(x: torch.Tensor, center: torch.Tensor, alpha: float) -> torch.Tensor:
     """x <- (1 - alpha) x + alpha center, in place."""
     return x.lerp_(center, alpha)
+
+
+def layer_bounds(layout: dict) -> list[tuple[int, int]]:
+    """Flat slices [lo, hi) of the model's layers (parameter tensors), from FlatModel.layout()."""
+    sizes = [int(torch.Size(s).numel()) for s in layout["shapes"]]
+    return [(int(o), int(o) + n) for o, n in zip(layout["offsets"], sizes)]
+
+
+def shard_segments(layers: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """The parts of the layers that fall in a server's shard [lo, hi), as (layer index, a, b) in
+    shard-local coordinates (a shard may start or end inside a layer)."""
+    return [(l, max(a, lo) - lo, min(b, hi) - lo) for l, (a, b) in enumerate(layers) if a < hi and b > lo]

@@ -95,6 +95,35 @@ def lars_trust_ratios(params: torch.Tensor, grad: torch.Tensor, layers: list[tup
     return ratios
 
 
+class LARSStep:
+    """LARS (You et al. 2017): SGD (with the same optional Nesterov/heavy-ball momentum) in which
+    each layer's gradient, weight decay included, is scaled by its trust ratio before the momentum:
+
+        g_l <- eta ||x_l|| / (||g_l|| + wd ||x_l||) * (g_l + wd x_l),   then SGDStep with lr
+
+    so a layer moves about lr * eta * ||x_l|| per step whatever its gradient's scale. Layers with
+    zero weights or gradient (e.g. zero-initialised biases) keep ratio 1."""
+
+    def __init__(self, params: torch.Tensor, layers: list[tuple[int, int]], *, eta: float = 1e-3,
+                 momentum: float = 0.0, nesterov: bool = True, weight_decay: float = 0.0):
+        self.layers, self.eta, self.weight_decay = layers, eta, weight_decay
+        self.sgd = SGDStep(params, momentum=momentum, nesterov=nesterov)
+
+    def step(self, params: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        ratios = lars_trust_ratios(params, grad, self.layers, eta=self.eta, weight_decay=self.weight_decay)
+        if self.weight_decay:
+            grad.add_(params, alpha=self.weight_decay)
+        for (lo, hi), ratio in zip(self.layers, ratios.tolist()):
+            grad[lo:hi].mul_(ratio)
+        self.sgd.step(params, grad, lr)
+
+    def state_dict(self) -> dict:
+        return self.sgd.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sgd.load_state_dict(state)
+
+
 class EntropySGD:
     """Entropy-SGD (Chaudhari et al. 2017): the outer step descends the local entropy, whose
     gradient gamma (x - mu) comes from L steps of stochastic gradient Langevin dynamics around x.

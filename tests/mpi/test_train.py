@@ -43,7 +43,7 @@ def test_mnist1d_run_writes_a_complete_trajectory(tmp_path, tiny_mnist1d, n, ser
     workers = n - servers
     with read(path) as f:
         a = f.attrs
-        assert a["format"] == "hpcopt.trajectory" and a["schema_version"] == 2 and a["status"] == "complete"
+        assert a["format"] == "hpcopt.trajectory" and a["schema_version"] == 3 and a["status"] == "complete"
         assert a["n_servers"] == servers and a["n_workers"] == workers
         P = int(a["n_parameters"])
         assert P == 5210 and f["center/params"].shape[1] == P and f["workers/params"].shape[1] == P
@@ -271,6 +271,82 @@ def test_mgrawa_matches_a_numpy_replay(tmp_path, n, servers, chunk_mb):
         np.testing.assert_allclose(got[(int(row["worker_id"]), int(row["exchange"]))], want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(centers[1:], np.array(want_centers), rtol=1e-5, atol=1e-5)
     assert np.all(ex["grad_norm"] > 0)
+
+
+LAYERS = [(0, 7), (7, 14), (14, 20)]  # np.array_split of 20 into 3: 2 servers cut the middle layer
+
+
+def minibatch_means(worker_id, x_train, batch=100, seed=0):
+    """The means of the noise vectors of a worker's minibatches, in LocalTrainer's order."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + worker_id)
+    per_epoch = len(x_train) // batch
+    while True:
+        perm = torch.randperm(len(x_train), generator=gen).numpy()
+        for i in range(per_epoch):
+            yield x_train[perm[i * batch:(i + 1) * batch]].astype(np.float64).mean(0)
+
+
+def replay_lgrawa(exchanges, x0, lr, alpha, h, xstar, x_train):
+    """NumPy replay of asynchronous LGRAWA on the noisy quadratic (each worker's own minibatches):
+    like MGRAWA, but every layer of the center is the average of that layer of the workers' latest
+    parameters, weighted by 1/||that layer's gradient||."""
+    x, steps, latest, norms, batches = {}, {}, {}, {}, {}
+    workers_at, centers, reported = [], [], []
+    for row in exchanges:
+        w, s = int(row["worker_id"]), int(row["step"])
+        xi = x.setdefault(w, x0.astype(np.float64).copy())
+        it = batches.setdefault(w, minibatch_means(w, x_train))
+        for _ in range(s - steps.get(w, 0)):
+            g = h * (xi - xstar - next(it))
+            layer = np.array([np.linalg.norm(g[a:b]) for a, b in LAYERS])
+            xi -= lr * g
+        steps[w] = s
+        norms[w], latest[w] = layer, xi.copy()
+        workers_at.append(xi.copy())
+        reported.append(layer)
+        c = np.empty_like(xi)
+        for l, (a, b) in enumerate(LAYERS):
+            inv = {v: 1 / n[l] for v, n in norms.items()}
+            c[a:b] = sum(inv[v] * latest[v][a:b] for v in sorted(latest)) / sum(inv.values())
+        xi += alpha * (c - xi)
+        centers.append(c)
+    return workers_at, centers, np.array(reported)
+
+
+def test_grawa_is_mgrawa(tmp_path):
+    ex, centers, _ = deterministic_quadratic(tmp_path, 4, 1, 4.0, "grawa", "--easgd.alpha", "0.5")
+    _, want_centers, _ = replay_mgrawa(ex, centers[0], 0.1, 0.5, quadratic.curvature(), quadratic.optimum())
+    np.testing.assert_allclose(centers[1:], np.array(want_centers), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,servers,chunk_mb", [(4, 1, 4.0), (5, 2, 20e-6)])
+def test_lgrawa_matches_a_numpy_replay(tmp_path, n, servers, chunk_mb):
+    """Noisy gradients (each worker its own minibatches), so workers differ and the per-layer
+    weights matter; 3 layers, and with 2 servers the middle layer is cut by the shard boundary."""
+    ex, centers, got = deterministic_quadratic(tmp_path, n, servers, chunk_mb, "lgrawa", "--easgd.alpha", "0.5",
+                                               "--model.kwargs", '{"layers": 3}', "--data.name", "quadratic:data",
+                                               "--train.epochs", "2")
+    h, xstar = quadratic.curvature().astype(np.float64), quadratic.optimum().astype(np.float64)
+    want_workers, want_centers, want_norms = replay_lgrawa(ex, centers[0], 0.1, 0.5, h, xstar,
+                                                           quadratic.data()["x_train"])
+    for row, want in zip(ex, want_workers):
+        np.testing.assert_allclose(got[(int(row["worker_id"]), int(row["exchange"]))], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(centers[1:], np.array(want_centers), rtol=1e-4, atol=1e-4)
+    with read(tmp_path / "lgrawa" / "trajectory.h5") as f:
+        recorded = f["layer_grad_norms"][()]
+        assert json.loads(f["model"].attrs["names"]) == ["parts.0", "parts.1", "parts.2"]
+    assert recorded.shape == (len(ex), 3)
+    np.testing.assert_allclose(recorded, want_norms, rtol=1e-3)
+    # the per-layer weights differ from MGRAWA's one weight per worker (so do the centers)
+    last = {int(w): norms for w, norms in zip(ex["worker_id"], want_norms)}
+    norms = np.array([last[w] for w in sorted(last)])
+    per_layer = (1 / norms) / (1 / norms).sum(0)
+    model = 1 / np.linalg.norm(norms, axis=1)
+    assert np.abs(per_layer - (model / model.sum())[:, None]).max() > 1e-3
+    np.testing.assert_allclose(per_layer.sum(0), 1.0)
+    assert len(ex) == (n - servers) * 20
 
 
 @pytest.mark.parametrize("n,servers,chunk_mb", [(4, 1, 4.0), (5, 2, 20e-6)])

@@ -24,22 +24,32 @@ def curvature(dim: int = DIM) -> np.ndarray:
 
 
 class Quadratic(nn.Module):
-    def __init__(self, dim: int = DIM, init: float = 3.0, poison_rank: int = -1, poison_call: int = 0):
+    def __init__(self, dim: int = DIM, init: float = 3.0, poison_rank: int = -1, poison_call: int = 0,
+                 layers: int = 1):
         """poison_rank/poison_call: the loss is NaN at that call on that MPI rank (once), to test
-        the divergence guard."""
+        the divergence guard. layers > 1 splits w into that many parameter tensors (np.array_split
+        sizes), for per-layer rules (LGRAWA, LARS)."""
         super().__init__()
         self.poison = poison_rank >= 0 and int(os.environ.get("OMPI_COMM_WORLD_RANK", -1)) == poison_rank
         self.poison_call, self.calls = poison_call, 0
-        self.w = nn.Parameter(torch.full((dim,), float(init)))
+        if layers == 1:
+            self.w = nn.Parameter(torch.full((dim,), float(init)))
+        else:
+            self.parts = nn.ParameterList([nn.Parameter(torch.full((len(p),), float(init)))
+                                           for p in np.array_split(np.arange(dim), layers)])
         self.register_buffer("h", torch.from_numpy(curvature(dim)))
         self.register_buffer("xstar", torch.from_numpy(optimum(dim)))
 
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.w if hasattr(self, "w") else torch.cat(list(self.parts))
+
     def forward(self, x):
-        return self.w.expand(len(x), -1)
+        return self.weights.expand(len(x), -1)
 
     def loss(self, x, y):
         self.calls += 1
-        r = self.w - self.xstar - x.mean(0)
+        r = self.weights - self.xstar - x.mean(0)
         value = 0.5 * (self.h * r * r).sum()
         return value * float("nan") if self.poison and self.calls == self.poison_call else value
 

@@ -63,3 +63,48 @@ def test_entropy_sgd_local_step_matches_numpy():
         t.apply(0.1)
         x = entropy_sgd_step(x, grad, 0.5 * 1.1 ** step, 0.1, 3, 0.1)
     np.testing.assert_allclose(flat.params.numpy(), x, rtol=1e-5)
+
+
+def lars_reference(x, g, layers, lr, eta, wd, momentum, buf):
+    """One LARS step in NumPy (You et al. 2017, with Nesterov momentum as torch.optim.SGD)."""
+    d = np.empty_like(x)
+    for lo, hi in layers:
+        w_norm, g_norm = np.linalg.norm(x[lo:hi]), np.linalg.norm(g[lo:hi])
+        ratio = eta * w_norm / (g_norm + wd * w_norm) if w_norm > 0 and g_norm > 0 else 1.0
+        d[lo:hi] = ratio * (g[lo:hi] + wd * x[lo:hi])
+    buf = d if buf is None else momentum * buf + d
+    return x - lr * (d + momentum * buf), buf
+
+
+@pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.9, 1e-2)])
+def test_lars_local_step_matches_numpy(momentum, wd):
+    cfg = C.load(None, {"model.name": "quadratic:model", "train.schedule": "constant", "train.lr": "2.0",
+                        "train.local": "lars", "train.lars_eta": "0.01", "train.momentum": str(momentum),
+                        "train.weight_decay": str(wd)})
+    flat = FlatModel(quadratic.model(layers=3, init=1.5))
+    t = LocalTrainer(cfg, 0, flat, quadratic.noiseless())
+    layers = [(0, 7), (7, 14), (14, 20)]
+    x, buf = flat.params.numpy().astype(np.float64), None
+    x[7:14] = XSTAR[7:14]  # a layer at its optimum (zero gradient) keeps ratio 1
+    flat.params.copy_(torch.from_numpy(x))
+    for step in range(4):
+        t.gradient(step)
+        t.apply(2.0)
+        x, buf = lars_reference(x, grad(x), layers, 2.0, 0.01, wd, momentum, buf)
+    np.testing.assert_allclose(flat.params.numpy(), x, rtol=1e-5, atol=1e-6)
+    # every layer with weights and gradient moved by about lr * eta * ||x_l|| at the first step
+    assert not np.allclose(x[:7], 1.5)
+
+
+def test_lars_trust_ratio_makes_the_step_scale_free():
+    """Scaling the loss (so the gradient) by 100 does not change a plain LARS step."""
+    from hpcopt.optim.local import LARSStep
+
+    layers = [(0, 3), (3, 8)]
+    g = torch.arange(1.0, 9.0)
+    outs = []
+    for scale in (1.0, 100.0):
+        x = torch.linspace(-1, 1, 8)
+        LARSStep(x, layers, eta=0.1).step(x, g * scale, 1.0)
+        outs.append(x)
+    torch.testing.assert_close(outs[0], outs[1])
