@@ -35,11 +35,11 @@ from .store import Grid, ResultsError, open_results, replace_group, write_tree
 class _Progress:
     """A tqdm bar on rank 0 (none elsewhere, or when progress is off)."""
 
-    def __init__(self, enabled: bool, total: int, desc: str):
+    def __init__(self, enabled: bool, total: int, desc: str, unit: str = "pt"):
         self.bar = None
         if enabled:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, unit="pt", dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True)
 
     def update(self, n: int = 1, **post) -> None:
         if self.bar is not None:
@@ -256,10 +256,10 @@ class _Session:
         t0 = time.monotonic()
         if o.wants("hessian"):
             steps = o.lanczos_steps or max(3 * o.top_k, 30)
-            bar = _Progress(self.progress, steps, "hessian eigenvalues")
+            bar = _Progress(self.progress, steps, "hessian eigenvalues", "step")
             eig = K.top_eigenvalues(hvp, P, o.top_k, steps=steps, seed=o.seed, progress=lambda j: bar.update())
             bar.close()
-            bar = _Progress(self.progress, o.trace_max_probes, "hessian trace")
+            bar = _Progress(self.progress, o.trace_max_probes, "hessian trace", "probe")
             tr = K.hutchinson_trace(hvp, P, rtol=o.trace_rtol, max_probes=o.trace_max_probes, seed=o.seed + 1,
                                     progress=lambda n, m, se: bar.update(1, trace=f"{m:.4g}", se=f"{se:.2g}"))
             bar.close()
@@ -272,7 +272,7 @@ class _Session:
             out["trace_samples"] = tr.samples
             out["trace_rtol"] = o.trace_rtol
         if o.wants("density"):
-            bar = _Progress(self.progress, o.density_runs * o.density_steps, "spectral density")
+            bar = _Progress(self.progress, o.density_runs * o.density_steps, "spectral density", "step")
             den = K.slq_density(hvp, P, runs=o.density_runs, steps=o.density_steps, seed=o.seed + 2,
                                 progress=lambda j: bar.update())
             bar.close()
@@ -285,7 +285,7 @@ class _Session:
                                         "a gradient")
                 return float(buf[0]), torch.from_numpy(buf[1:].astype(np.float32))
 
-            bar = _Progress(self.progress, o.sharpness_steps, "epsilon-sharpness")
+            bar = _Progress(self.progress, o.sharpness_steps, "epsilon-sharpness", "step")
             sh = K.epsilon_sharpness(loss_grad, w, epsilon=o.sharpness_eps, steps=o.sharpness_steps,
                                      progress=lambda s: bar.update())
             bar.close()
