@@ -139,12 +139,19 @@ class EASGDConfig:
 class LSGDConfig:
     lam: float = _doc("lambda: strength of each worker's pull toward the leader every tau steps", default=0.1)
     loss_decay: float = _doc("the leader is the worker with the lowest moving average of its reported training losses, with this decay (0: the latest report alone)", default=0.0)
+    tau_g: int = _doc("two-level LSGD: local steps between two pulls toward the global leader (a multiple of easgd.tau); lam then pulls toward the leader of the worker's node. 0: one level (lam toward the global leader every tau)", default=0)
+    lam_g: float = _doc("two-level LSGD: lambda_G, strength of the pull toward the global leader every tau_g steps", default=0.1)
+    group_size: int = _doc("two-level LSGD: nodes are the workers' hosts (0), or groups of this many consecutive worker ids (to emulate nodes on one machine)", default=0)
 
     def __post_init__(self):
         if not 0 < self.lam <= 1:
             raise ConfigError(f"lsgd.lam must be in (0, 1], got {self.lam}")
         if not 0 <= self.loss_decay < 1:
             raise ConfigError(f"lsgd.loss_decay must be in [0, 1), got {self.loss_decay}")
+        _at_least("lsgd.tau_g", self.tau_g, 0)
+        _at_least("lsgd.group_size", self.group_size, 0)
+        if not 0 <= self.lam_g <= 1:
+            raise ConfigError(f"lsgd.lam_g must be in [0, 1], got {self.lam_g}")
 
 
 @dataclass(kw_only=True)

@@ -131,6 +131,9 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         alpha, tau = 1.0, 1 if cfg.run.method == "dp-sgd" else cfg.sync.period
     elif cfg.run.method == "lsgd":
         alpha, tau = cfg.lsgd.lam, cfg.easgd.tau
+        if cfg.lsgd.tau_g % tau:
+            raise UsageError(f"lsgd.tau_g = {cfg.lsgd.tau_g} must be a multiple of easgd.tau = {tau} "
+                             f"(the global pull happens at an exchange)")
     else:
         alpha, tau = cfg.easgd.alpha or default_alpha(cfg.easgd.beta, len(workers)), cfg.easgd.tau
     hosts = dict(enumerate(world.allgather(env.host)))
@@ -283,7 +286,8 @@ def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evalua
         writer=writer, evaluator=evaluator, deterministic=cfg.run.deterministic, start=start, log=log,
         rule=rule, loss_decay=cfg.lsgd.loss_decay, membership=membership, exchanges=resumed,
         next_worker_id=max(int(ckpt["attrs"]["next_worker_id"]), max(workers.values()) + 1) if ckpt else None,
-        layers=layer_bounds(flat.layout()))
+        layers=layer_bounds(flat.layout()), lam_g=cfg.lsgd.lam_g, group_size=cfg.lsgd.group_size,
+        global_every=cfg.lsgd.tau_g // cfg.easgd.tau)
     if ckpt is not None:
         _restore(server, ckpt, lo, hi)
         server.event("resume", detail=f"from the checkpoint at exchange {resumed}, {len(workers)} workers")

@@ -110,7 +110,7 @@ class _Recorder:
     def round(self, rounds, step, batch, lr, losses, nbytes, gathered, final):
         t = self.now()
         self.rounds = rounds
-        self.rows += [(w, step, rounds, t, losses[w], step * batch, lr, nbytes, float("nan"), -1) for w in range(self.p)]
+        self.rows += [(w, step, rounds, t, losses[w], step * batch, lr, nbytes, float("nan"), -1, -1) for w in range(self.p)]
         if gathered is not None:
             self.workers += list(gathered)
             self.workers_meta += [(w, step, rounds, t) for w in range(self.p)]

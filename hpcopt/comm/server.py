@@ -28,7 +28,7 @@ from mpi4py import MPI
 from hpcopt.io import schema
 from hpcopt.optim.easgd import center_exchange_
 from hpcopt.optim.grawa import inverse_norm_weights, shard_segments
-from hpcopt.optim.lsgd import leader
+from hpcopt.optim.lsgd import group_leader, leader, two_level_target
 
 from . import protocol as P
 from .wait import BUSY_CAP, IDLE_CAP, Backoff, PeerTimeout, wait_all
@@ -90,6 +90,7 @@ class _Exchange:
     applied: int = 0  # chunks whose center update is done
     snapshot: np.ndarray | None = None  # copy of the received parameters, when sampled
     leader: int = -1  # LSGD: the worker id whose parameters this exchange is pulled toward
+    global_leader: int = -1  # two-level LSGD: the global leader, on exchanges with a global pull
     arrived: float = 0.0
     layer_norms: np.ndarray | None = None  # LGRAWA: the worker's per-layer gradient norms
     norms_req: object = None  # LGRAWA: their receive, until it completes
@@ -103,11 +104,15 @@ class CenterServer:
                  start: float, log=print, rule: str = "easgd", loss_decay: float = 0.0,
                  worker_timeout: float | None = None, membership=None, checkpoint_seconds: float = 0.0,
                  exchanges: int = 0, next_worker_id: int | None = None,
-                 layers: list[tuple[int, int]] | None = None):
+                 layers: list[tuple[int, int]] | None = None, lam_g: float = 0.0, global_every: int = 0,
+                 group_size: int = 0):
         """`workers` maps worker id -> (its rank in `world`, host[, pid]) for the workers started with
         the run; `center` is this server's shard (owned). `membership` (optional) handles joins,
         the status file and checkpoints (see hpcopt.elastic). `layers` (LGRAWA) are the flat
-        slices [lo, hi) of the model's layers (hpcopt.optim.grawa.layer_bounds)."""
+        slices [lo, hi) of the model's layers (hpcopt.optim.grawa.layer_bounds). Two-level LSGD
+        (`global_every` > 0): the leader is the local one (workers grouped by host, or by
+        worker id // `group_size`), and every `global_every`-th exchange of a worker adds a pull
+        of strength `lam_g` toward the global leader."""
         self.world, self.servers = world, servers
         self.leader = servers.rank == 0
         self.bounds = bounds
@@ -127,6 +132,7 @@ class CenterServer:
         self.layer_rows: list[np.ndarray] = []  # leader, LGRAWA: one row per exchange row
         self.loss_avg: dict[int, float] = {}  # LSGD: each worker's moving average of reported losses
         self.loss_decay = loss_decay
+        self.lam_g, self.global_every, self.group_size = float(lam_g), int(global_every), int(group_size)
         self.alpha = float(alpha)
         self.timeout = timeout
         self.worker_timeout = worker_timeout or timeout
@@ -292,7 +298,13 @@ class CenterServer:
             decay, loss = self.loss_decay, float(ex.header[P.TRAIN_LOSS])
             previous = self.loss_avg.get(ex.wid)
             self.loss_avg[ex.wid] = loss if previous is None else decay * previous + (1 - decay) * loss
-            ex.leader = leader(self.loss_avg)
+            if self.global_every:  # two-level: the local leader, and the global one when due
+                groups = {w: w // self.group_size if self.group_size else self.peers[w].host for w in self.loss_avg}
+                ex.leader = group_leader(self.loss_avg, groups, ex.wid)
+                if int(ex.header[P.EXCHANGE_INDEX]) % self.global_every == 0:
+                    ex.global_leader = leader(self.loss_avg)
+            else:
+                ex.leader = leader(self.loss_avg)
 
     def _lgrawa_center(self, a: int, b: int) -> None:
         """LGRAWA: like MGRAWA, but every layer (or the part of it in this chunk) is its own
@@ -521,7 +533,11 @@ class CenterServer:
                         self._lgrawa_center(a, b)
                     else:  # LSGD: the reply is the leader's parameters (the leader gets its own back)
                         # (a leader that crashed meanwhile is forgotten: no pull for the rest)
-                        self.center_t[a:b] = self.latest.get(ex.leader, self.latest[ex.wid])[a:b]
+                        target = self.latest.get(ex.leader, self.latest[ex.wid])[a:b]
+                        if ex.global_leader in self.latest:  # two-level: both pulls in one reply
+                            target = two_level_target(self.latest[ex.wid][a:b], target,
+                                                      self.latest[ex.global_leader][a:b], self.alpha, self.lam_g)
+                        self.center_t[a:b] = target
                 self.locks[i] = (peer.comm.Isend(self.center[a:b], dest=peer.rank, tag=P.TAG_REPLY),
                                  ex, time.monotonic())
                 ex.next_reply += 1
@@ -556,7 +572,7 @@ class CenterServer:
         self.peers[ex.wid].exchanges += 1
         if self.leader:
             self.rows.append((ex.wid, step, k, t, h[P.TRAIN_LOSS], int(h[P.SAMPLES]), h[P.LR],
-                              self.bytes_per_exchange, h[P.GRAD_NORM], ex.leader))
+                              self.bytes_per_exchange, h[P.GRAD_NORM], ex.leader, ex.global_leader))
             if self.rule == "lgrawa":
                 self.layer_rows.append(ex.layer_norms)
         if self.exchanges % self.center_every == 0:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 FORMAT = "hpcopt.trajectory"
-SCHEMA_VERSION = 3  # 2: /exchanges gained grad_norm and leader; 3: /layer_grad_norms (LGRAWA)
+SCHEMA_VERSION = 3  # 2: /exchanges gained grad_norm and leader; 3: /layer_grad_norms (LGRAWA), /exchanges/global_leader
 
 CENTER_META = np.dtype([("exchanges", "<i8"), ("time", "<f8")])
 WORKER_META = np.dtype([("worker_id", "<i4"), ("step", "<i8"), ("exchange", "<i8"), ("time", "<f8")])
@@ -23,6 +23,7 @@ EXCHANGE = np.dtype([
     ("bytes", "<i8"),        # bytes the exchange moved (both directions, all shards)
     ("grad_norm", "<f4"),    # norm of the worker's last minibatch gradient (GRAWA's weights use it)
     ("leader", "<i4"),       # LSGD: the worker id this exchange pulled toward (-1 for other methods)
+    ("global_leader", "<i4"),  # two-level LSGD: the global leader it was also pulled toward, else -1
 ])
 EVAL = np.dtype([("exchanges", "<i8"), ("time", "<f8"), ("test_loss", "<f4"), ("test_accuracy", "<f4")])
 EVENT = np.dtype([

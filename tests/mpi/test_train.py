@@ -374,3 +374,40 @@ def test_lsgd_matches_a_numpy_replay_and_never_pulls_the_leader(tmp_path, n, ser
             np.testing.assert_array_equal(xi, before)  # the leader is not pulled
         np.testing.assert_allclose(centers[i + 1], latest[lead], rtol=1e-5, atol=1e-5)
     assert len(set(ex["leader"].tolist())) >= 1 and np.all(np.isnan(ex["grad_norm"]) == False)  # noqa: E712
+
+
+def test_two_level_lsgd_matches_a_numpy_replay(tmp_path):
+    """Two-level LSGD, 4 workers in 2 emulated nodes (lsgd.group_size 2), noisy minibatches: every
+    exchange pulls toward the node's leader with lambda, every tau_G = 2 tau steps also toward the
+    global leader with lambda_G; a worker that leads both is not pulled."""
+    ex, centers, got = deterministic_quadratic(tmp_path, 5, 1, 4.0, "lsgd", "--lsgd.lam", "0.3", "--lsgd.lam_g", "0.2",
+                                               "--lsgd.tau_g", "8", "--lsgd.group_size", "2",
+                                               "--data.name", "quadratic:data", "--train.epochs", "2")
+    h, xstar = quadratic.curvature().astype(np.float64), quadratic.optimum().astype(np.float64)
+    x0, x_train = centers[0].astype(np.float64), quadratic.data()["x_train"]
+    x, steps, latest, losses, batches = {}, {}, {}, {}, {}
+    locals_, globals_ = set(), set()
+    for row in ex:
+        w, s, k = int(row["worker_id"]), int(row["step"]), int(row["exchange"])
+        xi = x.setdefault(w, x0.copy())
+        it = batches.setdefault(w, minibatch_means(w, x_train))
+        for _ in range(s - steps.get(w, 0)):
+            xi -= 0.1 * h * (xi - xstar - next(it))
+        steps[w] = s
+        np.testing.assert_allclose(got[(w, k)], xi, rtol=1e-4, atol=1e-4)
+        latest[w], losses[w] = xi.copy(), float(row["train_loss"])
+        node = {v: l for v, l in losses.items() if v // 2 == w // 2}
+        lead = min(node, key=lambda v: (node[v], v))
+        assert row["leader"] == lead
+        pull = 0.3 * (latest[lead] - xi)
+        if k % 2 == 0:
+            glob = min(losses, key=lambda v: (losses[v], v))
+            assert row["global_leader"] == glob
+            pull += 0.2 * (latest[glob] - xi)
+            globals_.add(glob)
+        else:
+            assert row["global_leader"] == -1
+        locals_.add(lead)
+        xi += pull
+    # both nodes had their own leaders, and the global pull crossed nodes
+    assert {v // 2 for v in locals_} == {0, 1} and len(ex) == 4 * 20

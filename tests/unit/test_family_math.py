@@ -150,3 +150,17 @@ def test_entropy_sgd_matches_a_numpy_reference_without_noise():
         ref = entropy_sgd_step(ref, grad, 0.5 * 1.1 ** t, 0.5, 4, 0.1)
         np.testing.assert_allclose(x.numpy(), ref, rtol=1e-10)
     assert np.linalg.norm(x.numpy()) < np.linalg.norm(x0)  # moved toward the minimum at 0
+
+
+def test_two_level_lsgd_target_applies_both_pulls():
+    from hpcopt.optim.lsgd import group_leader, two_level_target
+
+    rng = np.random.default_rng(3)
+    x, xl, xg = (torch.from_numpy(rng.standard_normal(6)) for _ in range(3))
+    lam, lam_g = 0.3, 0.2
+    r = two_level_target(x, xl, xg, lam, lam_g)
+    want = x.numpy() - lam * (x.numpy() - xl.numpy()) - lam_g * (x.numpy() - xg.numpy())
+    np.testing.assert_allclose((x - lam * (x - r)).numpy(), want, rtol=1e-12)
+    losses = {0: 1.0, 1: 0.5, 2: 0.2, 3: 0.9}
+    groups = {0: "a", 1: "a", 2: "b", 3: "b"}
+    assert group_leader(losses, groups, 0) == 1 and group_leader(losses, groups, 3) == 2
