@@ -47,15 +47,15 @@ def exchange_round_trips(comm, n, reps, chunk, tmp):
     if comm.rank == 0:
         writer = TrajectoryWriter(f"{tmp}/bench.h5", servers, n_params=n, lo=0, hi=n, shard_width=n,
                                   attrs={}, model_attrs={})
-        server = CenterServer(world=comm, servers=servers, workers={1: 0}, bounds=[(0, n)],
+        server = CenterServer(world=comm, servers=servers, workers={0: (1, "")}, bounds=[(0, n)],
                               center=np.zeros(n, np.float32), alpha=0.5, chunk=chunk, timeout=60,
                               center_every=10**9, worker_every=0, flush_seconds=3600, eval_seconds=3600,
-                              writer=writer, start=time.monotonic(), hosts={})
+                              writer=writer, start=time.monotonic())
         server.serve()
         result = None
     else:
         params = torch.ones(n)
-        client = CenterClient(comm, [0], [(0, n)], params, alpha=0.5, chunk=chunk, timeout=60)
+        client = CenterClient([(comm, 0)], [(0, n)], params, alpha=0.5, chunk=chunk, timeout=60)
         header = make_header(EXCHANGE, 0)
         client.exchange(header)  # warm-up
         t = time.perf_counter()

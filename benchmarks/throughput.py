@@ -24,16 +24,28 @@ from hpcopt import config as C  # noqa: E402
 from hpcopt.comm.wait import wait_all  # noqa: E402
 from hpcopt.data import load_data  # noqa: E402
 from hpcopt.models import FlatModel, build_model  # noqa: E402
-from hpcopt.train import run_worker, train  # noqa: E402
+from hpcopt.async_worker import run_worker  # noqa: E402
+from hpcopt.train import train  # noqa: E402
 
 
 class NoCommunication:
-    """The baseline: a worker that never exchanges."""
+    """The baseline: a worker that never exchanges (the same loop, every call a no-op)."""
+
+    def __init__(self, params):
+        self.params = params  # the worker's own parameters: no staging
 
     def exchange(self, header):
         pass
 
-    def done(self, worker_id, step):
+    fetch = exchange
+
+    def poll_notices(self):
+        return False
+
+    def heartbeat(self, worker_id, step, every):
+        pass
+
+    def done(self, worker_id, step, reason=0):
         pass
 
 
@@ -43,7 +55,7 @@ def alone(cfg, comm, data):
     if comm.rank == 1:
         torch.manual_seed(cfg.run.seed)
         flat = FlatModel(build_model(cfg.model.name))
-        result = run_worker(cfg, 0, flat, data, NoCommunication(), time.monotonic())
+        result = run_worker(cfg, 0, flat, data, NoCommunication(flat.params), time.monotonic())
     wait_all([comm.Ibarrier()], 600, "the other rank to finish its solo training")
     return comm.bcast(result, root=1)
 

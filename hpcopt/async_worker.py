@@ -46,6 +46,16 @@ class SignalFlag:
         return self.received is not None
 
 
+def ignore_leave_signals() -> None:
+    """Once a rank's work is done it waits in MPI_Finalize for every other rank of its job (a
+    PMIx fence). Python resets its own handlers to the default action when it finalizes, and the
+    default for SIGUSR1/2, SIGINT and SIGTERM is to die: a graceful stop forwarded to the whole job
+    would then kill the ranks that left early in the middle of the fence, and the others would
+    wait for them forever. Ignored signals stay ignored through finalization."""
+    for s in LEAVE_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def save_worker_state(path, trainer: LocalTrainer, flat: FlatModel, step: int, k: int) -> None:
     buf = io.BytesIO()
     torch.save({"step": step, "exchange": k, "params": flat.params.clone(),
@@ -154,6 +164,7 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
     if run is not None and reason in (P.SIGNALLED, P.STOPPED):
         save_worker_state(run.worker_state(worker_id), trainer, flat, step, k)
     client.done(worker_id, step, reason)
+    ignore_leave_signals()
     if flags:
         log(f"worker {worker_id}: left on signal {signal.Signals(flags.received).name} at step {step}")
     return {"worker_id": worker_id, "steps": step - first_step, "samples": (step - first_step) * trainer.batch,

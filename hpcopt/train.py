@@ -264,7 +264,7 @@ def _attrs(cfg, flat, hosts, bounds, n_servers, n_workers, alpha, tau) -> dict:
 
 def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evaluator, path, start, log,
            run, ckpt, pids):
-    from hpcopt.async_worker import SignalFlag
+    from hpcopt.async_worker import SignalFlag, ignore_leave_signals
     from hpcopt.comm.server import CenterServer
     from hpcopt.elastic import Membership
 
@@ -302,6 +302,7 @@ def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evalua
         summary = server.serve()
     finally:
         membership.close()
+        ignore_leave_signals()
     summary["abandoned_accepts"] = membership.abandoned
     if role.rank != 0:
         return None

@@ -51,6 +51,9 @@ def _cancel(requests) -> bool:
 # chunk by chunk.
 RECV_WINDOW = 2
 
+# A reply still in flight after this long is stalled (see CenterServer._unstall).
+STALL_SECONDS = 0.05
+
 
 @dataclass
 class Peer:
@@ -155,6 +158,7 @@ class CenterServer:
         self.locks: list[tuple | None] = [None] * len(self.chunks)
         self.inflight: dict[int, _Exchange] = {}  # worker id -> its exchange until fully applied
         self.fetches: list[tuple] = []  # (requests, center copy, worker id, since): FETCH/RESET replies
+        self.orphans: list[tuple] = []  # (reply request, old center buffer, worker id): see _unstall
         self.active: set[int] = set()
         self.order: list[int] = []  # round-robin order in deterministic mode
         self.turn = 0
@@ -257,6 +261,7 @@ class CenterServer:
             _cancel(ex.requests + [ex.norms_req])
             self.pending.remove(ex)
         self.fetches = [f for f in self.fetches if f[2] != wid or _cancel(f[0])]  # cancel and forget its
+        self.orphans = [o for o in self.orphans if o[2] != wid or _cancel([o[0]])]
         self._remove(wid)
         try:  # tell it, in case it is only slow: it stops with a clear error instead of timing out
             peer.comm.Isend(np.array([P.DROPPED]), dest=peer.rank, tag=P.TAG_NOTICE)
@@ -357,6 +362,32 @@ class CenterServer:
             self._complete(ex)
         return True
 
+    def _unstall(self, chunk: int) -> bool:
+        """A reply that has not left after STALL_SECONDS (its worker is descheduled, or dead: a
+        dead receiver never takes a rendezvous message) must not hold up every other worker until
+        the crash is detected. The center moves to a fresh copy; the old buffer stays with the
+        sends still reading it (so they deliver exactly the values they were posted with), and
+        the stalled exchange's update is applied now. Returns whether the chunk is free."""
+        req, ex, since = self.locks[chunk]
+        if time.monotonic() - since < STALL_SECONDS:
+            return False
+        self.orphans.append((req, self.center, ex.wid))
+        self.center = self.center.copy()
+        self.center_t = torch.from_numpy(self.center)
+        a, b = self.chunks[chunk]
+        if self.rule == "easgd":
+            center_exchange_(self.center_t[a:b], self.peers[ex.wid].recv_t[a:b], self.alpha)
+        self.locks[chunk] = None
+        ex.applied += 1
+        if ex.applied == len(self.chunks):
+            self._complete(ex)
+        return True
+
+    def _poll_orphans(self) -> bool:
+        before = len(self.orphans)
+        self.orphans = [o for o in self.orphans if not o[0].Test()]
+        return len(self.orphans) < before
+
     def _settle(self, wid: int) -> None:
         """The worker sent again, so it has every reply of its last exchange: finish applying
         that exchange now (its sends are complete at the worker; only the Test is missing)."""
@@ -398,6 +429,8 @@ class CenterServer:
             progress |= self._poll_exchanges()
             if self.fetches:
                 progress |= self._poll_fetches()
+            if self.orphans:
+                progress |= self._poll_orphans()
             if self.membership is not None:
                 progress |= self.membership.poll(self)
             if self.leader:
@@ -520,7 +553,7 @@ class CenterServer:
         peer = self.peers[ex.wid]
         while True:
             # reply to what is in before receiving more, so replies flow while chunks arrive
-            if ex.next_reply < ex.next_chunk and self._norms_in(ex) and self._release(ex.next_reply):
+            if ex.next_reply < ex.next_chunk and self._norms_in(ex) and (self._release(ex.next_reply) or self._unstall(ex.next_reply)):
                 i = ex.next_reply
                 a, b = self.chunks[i]
                 if self.rule != "easgd":  # this worker's new parameters, norm and loss count from now on
