@@ -2,6 +2,7 @@
 
     OUT/trajectory.h5     the trajectory (written by the servers through MPI-IO)
     OUT/config.toml       the run's config (a resume and a join read it)
+    OUT/data.npz          the generated data set, so joiners read the very same data
     OUT/token             the join token (mode 0600): a join must present it
     OUT/ompi-server.uri   the rendezvous server joins connect through (when joins are enabled)
     OUT/join.json         how to join: the servers' MPI ports

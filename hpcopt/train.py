@@ -77,6 +77,31 @@ def _load_data(cfg: Config, world) -> dict:
     return _on_root(world, lambda: load_data(cfg.data.name, cfg.data.seed))
 
 
+def _share_data(run: RunDir, cfg: Config, data: dict) -> None:
+    """Rank 0: keep the generated data set in the run directory (OUT/data.npz), so joining and
+    resumed workers read exactly the same data instead of generating it again. A user's HDF5
+    file is read from where it is."""
+    if cfg.data.name.endswith((".h5", ".hdf5", ".hdf")):
+        return
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")})
+    write_atomic(run.path / "data.npz", buf.getvalue())
+
+
+def _shared_data(run: RunDir, cfg: Config, world) -> dict:
+    path = run.path / "data.npz"
+    if not path.exists():
+        return _load_data(cfg, world)
+
+    def read():
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+
+    return _on_root(world, read)
+
+
 def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) -> dict:
     """Run a training; collective over MPI.COMM_WORLD. With `resume`, continue the run in
     cfg.run.out from its checkpoint (any number of workers). Returns a summary: the run's on the
@@ -106,6 +131,8 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
     else:
         path = _on_root(world, lambda: _prepare_run_dir(cfg, force))
     data = _load_data(cfg, world)
+    if world.rank == 0 and not resume:
+        _share_data(run, cfg, data)
     try:
         model = build_model(cfg.model.name, cfg.model.kwargs)
     except ValueError as e:
@@ -355,9 +382,11 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
         except C.ConfigError as e:
             raise UsageError(f"{run.config}: {e}") from None
 
+    t_start = time.monotonic()
     cfg = _on_root(world, load_cfg)
     torch.set_num_threads(cfg.run.threads)
-    data = _load_data(cfg, world)
+    data = _shared_data(run, cfg, world)
+    t_data = time.monotonic()
     flat = FlatModel(build_model(cfg.model.name, cfg.model.kwargs))
     hosts, pids = world.gather(env.host, root=0), world.gather(os.getpid(), root=0)
 
@@ -369,7 +398,7 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
             raise UsageError(str(e)) from None
 
     answer = _on_root(world, ask)
-    t0 = time.monotonic()
+    t0 = time.monotonic()  # the servers said yes
     links = []
     for port in answer["ports"]:
         links.append((connect(world, port if world.rank == 0 else None, cfg.comm.timeout), 0))
@@ -389,7 +418,8 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
     client.fetch(P.make_header(P.FETCH, wid, answer["start_step"]))
     flat.params.copy_(client.params)
     log(f"joined {run.path} as worker(s) {answer['first_worker_id']}..{answer['first_worker_id'] + world.size - 1} "
-        f"with {S} server(s) in {time.monotonic() - t0:.2f} s; starting at step {answer['start_step']}")
+        f"with {S} server(s), starting at step {answer['start_step']}: config+data {t_data - t_start:.2f} s, "
+        f"handshake {t0 - t_data:.2f} s, connect+fetch {time.monotonic() - t0:.2f} s")
     return run_worker(cfg, wid, flat, data, client, start, run=run, first_step=answer["start_step"], log=log_all)
 
 
