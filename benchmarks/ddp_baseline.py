@@ -1,6 +1,10 @@
 """The external baseline: PyTorch DistributedDataParallel (gloo) on the same model and data.
 
     mpirun -n 4 .venv/bin/python benchmarks/ddp_baseline.py --epochs 30 --out RESULT.json
+    mpirun -n 4 .venv/bin/python benchmarks/ddp_baseline.py --budget 60 --hidden 3000,3000 --lr 0.05 --out R.json
+
+--budget stops training after that many seconds (all ranks stop at the same step); --hidden
+trains hpcopt's MLP of those widths instead of the CNN.
 
 Ranks come from Open MPI's environment; torch.distributed rendezvous over TCP on localhost.
 Same model (MNIST-1D CNN), batch size per rank, local optimizer (SGD, Nesterov 0.9, weight decay
@@ -20,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hpcopt.data import load_data
 from hpcopt.evaluate import evaluate
-from hpcopt.models import CNN1D
+from hpcopt.models import CNN1D, build_model
 from hpcopt.optim.schedule import learning_rate
 
 
@@ -32,13 +36,16 @@ def main():
     ap.add_argument("--eval-seconds", type=float, default=0.5)
     ap.add_argument("--port", type=int, default=29533)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--budget", type=float, default=0.0, help="seconds of training at most (0: no limit)")
+    ap.add_argument("--hidden", default="", help="comma-separated MLP widths (default: the CNN)")
     args = ap.parse_args()
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", 0))
     size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=size)
     torch.manual_seed(0)
-    model = DistributedDataParallel(CNN1D())
+    net = build_model("mlp", {"hidden": [int(h) for h in args.hidden.split(",")]}) if args.hidden else CNN1D()
+    model = DistributedDataParallel(net)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     data = load_data("mnist1d")
     x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
@@ -50,7 +57,16 @@ def main():
     curve, last_eval = [], -1e9
     dist.barrier()
     start = time.monotonic()
+    stop = torch.zeros(1)
     for step in range(total):
+        if args.budget and step % 5 == 0:  # rank 0's clock decides, so every rank stops at the same step
+            stop[0] = float(rank == 0 and time.monotonic() - start > args.budget)
+            dist.broadcast(stop, 0)
+            if stop[0]:
+                total = step  # the steps actually taken
+                if rank == 0:
+                    curve.append((time.monotonic() - start, *evaluate(model.module, xt, yt)))
+                break
         if step % spe == 0:
             perm = torch.randperm(len(x), generator=gen)
         idx = perm[(step % spe) * args.batch:(step % spe + 1) * args.batch]

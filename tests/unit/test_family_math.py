@@ -164,3 +164,19 @@ def test_two_level_lsgd_target_applies_both_pulls():
     losses = {0: 1.0, 1: 0.5, 2: 0.2, 3: 0.9}
     groups = {0: "a", 1: "a", 2: "b", 3: "b"}
     assert group_leader(losses, groups, 0) == 1 and group_leader(losses, groups, 3) == 2
+
+
+def test_lgrawa_shard_segments_cover_every_layer_exactly_once():
+    from hpcopt.comm.protocol import shard_bounds
+    from hpcopt.optim.grawa import layer_bounds, shard_segments
+
+    layout = {"names": ["a", "b", "c"], "shapes": [[3, 4], [5], [2, 3]], "offsets": [0, 12, 17]}
+    layers = layer_bounds(layout)
+    assert layers == [(0, 12), (12, 17), (17, 23)]
+    for servers in (1, 2, 3, 5):
+        covered = np.zeros(23, dtype=int)
+        for lo, hi in shard_bounds(23, servers):
+            for layer, a, b in shard_segments(layers, lo, hi):
+                assert layers[layer][0] <= lo + a < lo + b <= layers[layer][1]
+                covered[lo + a:lo + b] += 1
+        assert (covered == 1).all()
