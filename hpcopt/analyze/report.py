@@ -90,10 +90,12 @@ def figures_for(results: dict, out: Path, exchanges=None) -> list[Path]:
             ax.plot(t, d, lw=0.8, alpha=0.7, label=f"worker {w}")
         if len(tr["spread"]):
             ax.plot(tr["spread_time"], tr["spread"], "k", lw=1.8, label="mean (spread)")
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no worker snapshots recorded", ha="center", transform=ax.transAxes)
         ax.set_xlabel("time (s)")
         ax.set_ylabel("||x_i - center||")
         ax.set_title("distance of each worker to the center")
-        ax.legend(fontsize=7)
         ax = axes[1]
         ax.plot(tr["center_time"], tr["center_distance_from_init"], label="distance from init")
         ax.plot(tr["center_time"], tr["center_path_length"], label="distance travelled")
@@ -323,26 +325,27 @@ def write_compare(all_results: list[dict], out: Path, shared=None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     figs: list[Path] = []
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    for r in all_results:
-        lab = r["run"]["label"]
+    for k, r in enumerate(all_results):  # one colour per run in every panel
+        lab, color = r["run"]["label"], f"C{k % 10}"
         c = r.get("curves")
         if c is not None and len(c["eval_time"]):
-            axes[0].plot(c["eval_time"], c["test_loss"], label=lab)
-            axes[1].plot(c["eval_time"], 100 * np.asarray(c["test_accuracy"]), label=lab)
+            axes[0].plot(c["eval_time"], c["test_loss"], color=color, label=lab)
+            axes[1].plot(c["eval_time"], 100 * np.asarray(c["test_accuracy"]), color=color, label=lab)
         t = r.get("trajectory")
         if t is not None and len(t["spread"]):
-            axes[2].plot(t["spread_time"], t["spread"], label=lab)
+            axes[2].plot(t["spread_time"], t["spread"], color=color, label=lab)
     axes[0].set_yscale("log")
     for ax, yl in zip(axes, ("center test loss", "center test accuracy (%)", "mean distance worker-center")):
         ax.set_xlabel("time (s)")
         ax.set_ylabel(yl)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     _save(fig, out, "compare_curves.png", figs)
     if shared is not None:
         fit, paths = shared
         fig, ax = plt.subplots(figsize=(6.2, 5.2))
-        for lab, p in paths.items():
-            line, = ax.plot(p[:, 0], p[:, 1], "-", label=lab)
+        for k, (lab, p) in enumerate(paths.items()):
+            line, = ax.plot(p[:, 0], p[:, 1], "-", color=f"C{k % 10}", label=lab)
             ax.plot(p[-1, 0], p[-1, 1], "*", ms=11, color=line.get_color())
             ax.plot(p[0, 0], p[0, 1], "o", ms=5, color=line.get_color())
         ax.set_xlabel(f"PC1 ({100 * fit.explained[0]:.1f}%)")
@@ -353,11 +356,14 @@ def write_compare(all_results: list[dict], out: Path, shared=None) -> str:
     with_cv = [r for r in all_results if r.get("curvature") and "eigenvalues" in r["curvature"]]
     if with_cv:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for r in with_cv:
+        for k, r in enumerate(all_results):
+            if not (r.get("curvature") and "eigenvalues" in r["curvature"]):
+                continue
             acc = 100 * r["run"]["final_test_accuracy"]
-            cv = r["curvature"]
-            axes[0].plot(cv["eigenvalues"][0], acc, "o", ms=8, label=r["run"]["label"])
-            axes[1].errorbar(cv["trace"], acc, xerr=cv["trace_stderr"], fmt="o", ms=8, label=r["run"]["label"])
+            cv, color = r["curvature"], f"C{k % 10}"
+            axes[0].plot(cv["eigenvalues"][0], acc, "o", ms=8, color=color, label=r["run"]["label"])
+            axes[1].errorbar(cv["trace"], acc, xerr=cv["trace_stderr"], fmt="o", ms=8, color=color,
+                             label=r["run"]["label"])
         axes[0].set_xlabel("top Hessian eigenvalue")
         axes[1].set_xlabel("Hessian trace")
         for ax in axes:
