@@ -124,8 +124,8 @@ class _Session:
         self.f.flush()
 
     def pca(self) -> None:
-        if self.rank != 0:
-            return
+        if self.rank != 0 or len(self.run.center) + len(self.run.workers) < 3:
+            return  # a plane needs at least three snapshots (a run that has only just started)
         fit, paths = PCA.run_pca(self.run, k=2)
         self.results["pca"] = {"fit": fit, "paths": paths}
         g = replace_group(self.f, "pca")
@@ -196,7 +196,7 @@ class _Session:
                       None, obj)
             self.grid("random_2d", {**base, **norm, "kind": "2d"}, at, np.stack([d1, d2]),
                       L.axis(-o.span, o.span, nx), L.axis(-o.span, o.span, ny), obj)
-            if o.wants("pca") and self.rank == 0:
+            if o.wants("pca") and self.rank == 0 and len(self.run.center) + len(self.run.workers) >= 3:
                 fit = PCA.fit(np.concatenate([self.run.center] + ([self.run.workers] if len(self.run.workers) else [])),
                               at, 2)
                 coords = fit.project(np.concatenate([self.run.center] + ([self.run.workers] if len(self.run.workers) else [])))
@@ -372,7 +372,7 @@ def compare(paths: list[str], opts: AnalyzeOptions | None = None, comm=None, out
         run.label = r["run"]["label"]
         runs.append(run)
     shared = None
-    if len({run.n_parameters for run in runs}) == 1:
+    if len({run.n_parameters for run in runs}) == 1 and sum(len(run.center) for run in runs) >= 3:
         shared = PCA.shared_pca(runs)
     from .report import write_compare
 

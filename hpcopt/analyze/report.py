@@ -121,7 +121,8 @@ def figures_for(results: dict, out: Path, exchanges=None) -> list[Path]:
         ax.bar(xpos - 0.2, rel, 0.4, label="net displacement / initial norm")
         ax.bar(xpos + 0.2, ratio, 0.4, label="distance travelled / net displacement")
         ax.set_xticks(xpos, names, rotation=30, ha="right", fontsize=8)
-        ax.set_yscale("log")
+        if min(rel + ratio) > 0:
+            ax.set_yscale("log")
         ax.set_title("center, per layer")
         ax.legend(fontsize=8)
         _save(fig, out, "layers.png", figs)

@@ -226,3 +226,26 @@ def test_saved_models_by_name_also_across_runs(run):
     for bad in ("centre", "worker:7", "center:100000"):
         with pytest.raises(ValueError):
             point(r, bad)
+
+
+def test_python_api_on_a_run_that_has_only_just_started(run, tmp_path):
+    """One center snapshot, no worker snapshot, status running: the API (one process, no MPI)
+    analyses what there is and leaves PCA out."""
+    import shutil
+
+    from hpcopt.analyze import AnalyzeOptions, analyze
+
+    path = tmp_path / "young.h5"
+    shutil.copy(run / "run" / "trajectory.h5", path)
+    with h5py.File(path, "a") as f:
+        for name in ("center/params", "center/meta"):
+            f[name].resize(1, axis=0)
+        for name in ("workers/params", "workers/meta"):
+            f[name].resize(0, axis=0)
+        f.attrs["status"] = "running"
+    res = analyze(str(path), AnalyzeOptions(out=str(tmp_path / "o"), skip=("hessian", "sharpness"), grid=(3, 2),
+                                            line_points=3, interp_points=3))
+    assert res["complete"] and "pca" not in res and "pca_2d" not in res["grids"]
+    assert res["grids"]["random_2d"]["done"].all() and list(res["grids"]) == ["random_1d", "random_2d", "interp_0"]
+    assert res["grids"]["interp_0"]["barrier"]["barrier"] == 0.0  # init -> center: the same point here
+    assert (tmp_path / "o" / "report.html").exists()
