@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 
-def grid_once(file: str, ranks: int, grid: str) -> tuple[float, np.ndarray]:
+def grid_once(file: str, ranks: int, grid: str) -> tuple[float, float, np.ndarray]:
     out = Path(tempfile.mkdtemp())
     cmd = [sys.executable, "-m", "hpcopt", "analyze", file, "--out", str(out), "--grid", grid, "--line-points", "1",
            "--skip", "trajectory,pca,interpolation,hessian,sharpness", "--no-report", "--no-progress"]
@@ -31,7 +31,7 @@ def grid_once(file: str, ranks: int, grid: str) -> tuple[float, np.ndarray]:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     with h5py.File(out / "analysis.h5", "r") as f:
         g = f["grids/random_2d"]
-        return float(g.attrs["seconds"]), g["loss"][()]
+        return float(g.attrs["seconds"]), float(g.attrs["cpu_seconds"]), g["loss"][()]
 
 
 def main():
@@ -41,19 +41,23 @@ def main():
     ap.add_argument("--grid", default="21x21")
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
-    t1, tn = [], []
+    load = f"{os.getloadavg()[0]:.1f}"
+    t1, tn, c1, cn = [], [], [], []
     for _ in range(a.rounds):
-        s, loss1 = grid_once(a.file, 1, a.grid)
+        s, c, loss1 = grid_once(a.file, 1, a.grid)
         t1.append(s)
-        s, lossn = grid_once(a.file, a.ranks, a.grid)
+        c1.append(c)
+        s, c, lossn = grid_once(a.file, a.ranks, a.grid)
         tn.append(s)
+        cn.append(c)
         assert np.array_equal(loss1, lossn), "1 rank and N ranks gave different grids"
     m1, mn = statistics.median(t1), statistics.median(tn)
-    print(f"grid {a.grid} ({loss1.size} points) on {a.file}")
-    print(f"  1 rank:   {m1:.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t1)})")
-    print(f"  {a.ranks} ranks:  {mn:.2f} s   (runs: {', '.join(f'{t:.2f}' for t in tn)})")
+    print(f"grid {a.grid} ({loss1.size} points) on {a.file}; load average before/after: {load}, {os.getloadavg()[0]:.1f}")
+    print(f"  1 rank:   {m1:.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t1)}; CPU {statistics.median(c1):.2f} s)")
+    print(f"  {a.ranks} ranks:  {mn:.2f} s   (runs: {', '.join(f'{t:.2f}' for t in tn)}; CPU {statistics.median(cn):.2f} s summed)")
     print(f"  speed-up {m1 / mn:.2f}x, parallel efficiency {m1 / (a.ranks * mn):.2f} (goal >= 0.8); identical values")
-
+    print(f"  CPU of 1 rank / CPU of {a.ranks} ranks: {statistics.median(c1) / statistics.median(cn):.2f} "
+          f"(below 1: work the parallel run adds; the efficiency is only meaningful on otherwise idle cores)")
 
 if __name__ == "__main__":
     main()
