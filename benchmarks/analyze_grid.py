@@ -25,8 +25,8 @@ def grid_once(file: str, ranks: int, grid: str) -> tuple[float, float, np.ndarra
     out = Path(tempfile.mkdtemp())
     cmd = [sys.executable, "-m", "hpcopt", "analyze", file, "--out", str(out), "--grid", grid, "--line-points", "1",
            "--skip", "trajectory,pca,interpolation,hessian,sharpness", "--no-report", "--no-progress"]
-    if ranks > 1:
-        cmd = ["mpirun", "--oversubscribe", "-n", str(ranks)] + cmd
+    # the baseline runs under mpirun too: same launcher, same process binding
+    cmd = ["mpirun", "--oversubscribe", "-n", str(ranks)] + cmd
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     with h5py.File(out / "analysis.h5", "r") as f:
