@@ -274,7 +274,9 @@ def numbers(results: dict) -> list[tuple[str, str]]:
         rows.append(("PCA explained variance (PC1, PC2)", ", ".join(f"{100 * e:.1f}%" for e in pca["fit"].explained)))
     for k, g in results.get("grids", {}).items():
         if "barrier" in g:
-            rows.append((f"barrier {g['spec']['a']} -> {g['spec']['b']}", _fmt(g["barrier"]["barrier"])))
+            b = g["barrier"]
+            rows.append((f"barrier {g['spec']['a']} -> {g['spec']['b']} (above the chord / above both ends)",
+                         f"{_fmt(b['barrier'])} / {_fmt(b['barrier_over_endpoints'])}"))
         if not g["done"].all():
             rows.append((f"grid {k}", f"{int(g['done'].sum())} of {g['done'].size} points done (run again to resume)"))
     cv = results.get("curvature")
