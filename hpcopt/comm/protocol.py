@@ -9,7 +9,10 @@ An exchange from a worker to each server rank s is:
      TAG_PARAMS (MPI's non-overtaking rule keeps chunks in order);
 and the server answers with the center's values of that shard (EASGD: as they were before this
 exchange moved them; MGRAWA: the weighted average of the workers' latest parameters, this one's
-included; LGRAWA: the same, weighted per layer), in the same chunks, tag TAG_REPLY; the worker applies x <- x - alpha (x - center). Headers without parameters:
+included; LGRAWA: the same, weighted per layer; LSGD: the leader's latest parameters, or with
+two levels the point that applies both pulls, see hpcopt.optim.lsgd.two_level_target), in the
+same chunks, tag TAG_REPLY; the worker applies x <- x - alpha (x - center) (LSGD: alpha = lambda).
+Headers without parameters:
   DONE       the worker has stopped (REASON: finished its epochs, got a signal, diverged too often);
   FETCH      a new worker (a join) asks for the center; the server sends it in the same chunks
              (tag TAG_REPLY) without moving it;
