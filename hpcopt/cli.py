@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from hpcopt import __version__
@@ -202,6 +203,19 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _exit_without_fence(code: int) -> int:
+    """In Open MPI's recovery mode (`hpcopt train -n`), a rank that is done exits right away
+    instead of entering MPI_Finalize: its fence includes every rank the job ever had, and with a
+    rank that was killed (a crashed worker) it can wait forever. Everything is written and closed
+    by now; mpirun in recovery mode takes such an exit as a normal one (status 0)."""
+    if os.environ.get("OMPI_MCA_orte_enable_recovery", "0").lower() in ("1", "true", "yes") \
+            and os.environ.get("OMPI_COMM_WORLD_SIZE"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hpcopt", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -243,11 +257,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return _analyze(args)
     if args.command == "train":
-        return _cmd_train(args)
+        return _exit_without_fence(_cmd_train(args))
     if args.command == "inspect":
         return _cmd_inspect(args)
     if args.command == "join":
-        return _cmd_join(args)
+        return _exit_without_fence(_cmd_join(args))
     if args.command == "status":
         return _cmd_status(args)
     parser.print_help()
