@@ -353,6 +353,11 @@ class CenterServer:
         req, ex, _ = lock
         if not req.Test():
             return False
+        self._unlock(chunk, ex)
+        return True
+
+    def _unlock(self, chunk: int, ex: _Exchange) -> None:
+        """The reply from `chunk` is out (or given up on): apply the exchange's update to it."""
         a, b = self.chunks[chunk]
         if self.rule == "easgd":  # MGRAWA's center was set before the reply
             center_exchange_(self.center_t[a:b], self.peers[ex.wid].recv_t[a:b], self.alpha)
@@ -360,7 +365,6 @@ class CenterServer:
         ex.applied += 1
         if ex.applied == len(self.chunks):
             self._complete(ex)
-        return True
 
     def _unstall(self, chunk: int) -> bool:
         """A reply that has not left after STALL_SECONDS (its worker is descheduled, or dead: a
@@ -374,13 +378,7 @@ class CenterServer:
         self.orphans.append((req, self.center, ex.wid))
         self.center = self.center.copy()
         self.center_t = torch.from_numpy(self.center)
-        a, b = self.chunks[chunk]
-        if self.rule == "easgd":
-            center_exchange_(self.center_t[a:b], self.peers[ex.wid].recv_t[a:b], self.alpha)
-        self.locks[chunk] = None
-        ex.applied += 1
-        if ex.applied == len(self.chunks):
-            self._complete(ex)
+        self._unlock(chunk, ex)
         return True
 
     def _poll_orphans(self) -> bool:
