@@ -70,7 +70,11 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$SOCKET
+# cred_expire: a job credential's lifetime, and also how long a requeued job waits before it may
+# start again (default 120 s). Forcing an earlier start (scontrol update starttime=now) can reach a
+# node that still holds the revoked credential of the job's previous start: the launch then fails
+# and the job ends FAILED (seen once in CI). 10 s keeps the requeue tests short and honest.
+AuthInfo=socket=$SOCKET,cred_expire=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid

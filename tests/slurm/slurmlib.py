@@ -83,6 +83,15 @@ class Slurm:
     def wait_done(self, job_id: str, timeout: float, log: Path | None = None) -> dict:
         return self.wait(job_id, lambda i: i.get("JobState") not in LIVE, timeout, "the end", log)
 
+    def controller_log(self, job_id: str) -> str:
+        """slurmctld's log lines about one job (why it was requeued, failed, or never started)."""
+        try:
+            lines = (SLURM_DIR / "log" / "slurmctld.log").read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return ""
+        mine = [line for line in lines if f"JobId={job_id} " in line + " " or f"job {job_id} " in line + " "]
+        return "--- slurmctld.log\n" + "\n".join(mine[-40:])
+
     def cancel(self, job_id: str, *flags: str) -> None:
         self.run("scancel", *flags, job_id, check=False)
 
