@@ -7,7 +7,12 @@ worker client. For each size P (float32 parameters) it times, alternating, R rou
   raw       rank 1 Send(P floats) -> rank 0 Recv, rank 0 Send(P floats) -> rank 1 Recv (blocking)
   exchange  CenterClient.exchange(): P floats to the server, elastic update, P floats back
 and prints bandwidth = 2 * 4P bytes / round-trip time for both (medians over alternating
-rounds), and their ratio (goal >= 0.8).
+rounds), their ratio (goal >= 0.8) and the ratio of the best rounds (noise on a shared machine
+only adds time). It also times, on rank 0, the server's arithmetic alone: one elastic update
+(hpcopt.optim.easgd.elastic_exchange_, two passes) over P floats in the same chunks. An exchange
+must read and write the center besides moving the bytes; when the P floats do not fit in the
+cache, that traffic competes with the transfer for memory bandwidth, and raw / (raw + update) is
+what an exchange that cannot overlap the two would reach.
 """
 
 import argparse
@@ -26,6 +31,7 @@ from hpcopt.comm.client import CenterClient  # noqa: E402
 from hpcopt.comm.protocol import EXCHANGE, make_header  # noqa: E402
 from hpcopt.comm.server import CenterServer  # noqa: E402
 from hpcopt.io.trajectory import TrajectoryWriter  # noqa: E402
+from hpcopt.optim.easgd import elastic_exchange_  # noqa: E402
 
 
 def raw_round_trips(comm, buf, reps):
@@ -55,7 +61,7 @@ def exchange_round_trips(comm, n, reps, chunk, tmp):
         result = None
     else:
         params = torch.ones(n)
-        client = CenterClient([(comm, 0)], [(0, n)], params, alpha=0.5, chunk=chunk, timeout=60)
+        client = CenterClient([(comm, 0)], [(0, n)], params, chunk=chunk, timeout=60)
         header = make_header(EXCHANGE, 0)
         client.exchange(header)  # warm-up
         t = time.perf_counter()
@@ -65,6 +71,16 @@ def exchange_round_trips(comm, n, reps, chunk, tmp):
         client.done(0, 0)
     servers.Free()
     return comm.bcast(result, root=1)
+
+
+def update_alone(n, chunk, reps):
+    """The server's arithmetic of one exchange, without any transfer (alpha as in the paper, 0.9/4)."""
+    center, x = torch.zeros(n), torch.ones(n)
+    t = time.perf_counter()
+    for _ in range(reps):
+        for a in range(0, n, chunk):
+            elastic_exchange_(center[a:a + chunk], x[a:a + chunk], 0.225)
+    return (time.perf_counter() - t) / reps
 
 
 def main():
@@ -79,7 +95,8 @@ def main():
         raise SystemExit("run with exactly 2 ranks: mpirun -n 2 python benchmarks/exchange.py")
     tmp = comm.bcast(tempfile.mkdtemp() if comm.rank == 0 else None)
     if comm.rank == 0:
-        print(f"{'parameters':>11} {'MB':>6} {'raw GB/s':>9} {'exchange GB/s':>14} {'ratio':>6}")
+        print(f"{'parameters':>11} {'MB':>6} {'raw GB/s':>9} {'exchange GB/s':>14} {'ratio':>6} {'best':>5}"
+              f" {'raw ms':>7} {'update ms':>9} {'raw/(raw+update)':>16}")
     for n in (int(float(s)) for s in args.sizes.split(",")):
         buf = np.ones(n, np.float32)
         raw_round_trips(comm, buf, 2)  # warm-up
@@ -89,8 +106,12 @@ def main():
             exch.append(exchange_round_trips(comm, n, args.reps, int(args.chunk_mb * 1e6 / 4), tmp))
         t_raw, t_ex = statistics.median(raw), statistics.median(exch)
         if comm.rank == 0:
+            chunk = int(args.chunk_mb * 1e6 / 4)
+            t_up = statistics.median(update_alone(n, chunk, args.reps) for _ in range(args.rounds))
             gb = 2 * 4 * n / 1e9
-            print(f"{n:>11,} {4 * n / 1e6:>6.0f} {gb / t_raw:>9.2f} {gb / t_ex:>14.2f} {t_raw / t_ex:>6.2f}", flush=True)
+            print(f"{n:>11,} {4 * n / 1e6:>6.0f} {gb / t_raw:>9.2f} {gb / t_ex:>14.2f} {t_raw / t_ex:>6.2f}"
+                  f" {min(raw) / min(exch):>5.2f} {1e3 * t_raw:>7.2f} {1e3 * t_up:>9.2f}"
+                  f" {t_raw / (t_raw + t_up):>16.2f}", flush=True)
 
 
 if __name__ == "__main__":

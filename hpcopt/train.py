@@ -212,7 +212,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
     install_abort_on_error(world, whole_job=False)  # from now on a failing worker is a crash, not the end
     wid = workers[world.rank]
     flat, host = _on_device(flat, log_all)
-    client = CenterClient([(world, s) for s in range(S)], bounds, host, alpha=alpha,
+    client = CenterClient([(world, s) for s in range(S)], bounds, host,
                           chunk=_chunk(cfg), timeout=cfg.comm.timeout, layer_norms=_layer_norms(cfg, flat))
     state, first = None, 0
     if resume:
@@ -408,7 +408,7 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
     wid = answer["first_worker_id"] + world.rank
     S = len(links)
     flat, host = _on_device(flat, log_all)
-    client = CenterClient(links, bounds, host, alpha=answer["alpha"], chunk=_chunk(cfg), timeout=cfg.comm.timeout,
+    client = CenterClient(links, bounds, host, chunk=_chunk(cfg), timeout=cfg.comm.timeout,
                           layer_norms=_layer_norms(cfg, flat))
     status = read_json_safe(run.status)
     start = time.monotonic() - float(status.get("elapsed_seconds", 0.0))

@@ -8,8 +8,6 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hpcopt.optim.easgd import worker_exchange_
-
 from . import protocol as P
 from hpcopt.launch.env import JobFatal
 
@@ -29,22 +27,19 @@ class CenterLost(PeerTimeout, JobFatal):
 
 
 class CenterClient:
-    """Sends the worker's flat parameters to the server ranks and moves toward the center
-    values they send back. `links[s]` is (communicator, rank) of the server owning shard s: a
+    """Sends the worker's flat parameters to the server ranks and receives its new parameters
+    back, straight into the same buffer (the servers compute the move). `links[s]` is (communicator, rank) of the server owning shard s: a
     worker started with the training reaches them on MPI.COMM_WORLD, a joined worker on the
     intercommunicators of its join. Every wait has `timeout`."""
 
     def __init__(self, links: list[tuple[MPI.Comm, int]], bounds: list[tuple[int, int]],
-                 params: torch.Tensor, *, alpha: float, chunk: int, timeout: float,
+                 params: torch.Tensor, *, chunk: int, timeout: float,
                  layer_norms: np.ndarray | None = None):
         if params.device.type != "cpu" or not params.is_contiguous():
             raise ValueError("exchanges need a contiguous CPU parameter buffer")
         self.links, self.bounds, self.timeout = links, bounds, timeout
-        self.alpha = float(alpha)
         self.params = params
-        self.x = params.numpy()  # shares memory with params: sends copy nothing
-        self.center = torch.empty_like(params)  # the center's values as the servers send them
-        self.c = self.center.numpy()
+        self.x = params.numpy()  # shares memory with params: sends and replies copy nothing more
         self.chunks = [P.chunk_bounds(lo, hi, chunk) for lo, hi in bounds]
         self.last_sent = time.monotonic()
         # a standing receive per server for its notices (stop, dropped)
@@ -85,71 +80,63 @@ class CenterClient:
 
     # ------------------------------------------------------------------ exchanges
     def exchange(self, header: np.ndarray) -> None:
-        """One elastic exchange: x <- x - alpha (x - center) on every shard, with the center as
-        the servers send it back (they move it by the opposite amount). Each reply chunk is
-        applied as soon as it is in, while later chunks are still travelling."""
-        self._transfer(header, send=True, alpha=self.alpha)
+        """One elastic exchange: the parameters go to the servers, which move the center and
+        reply with the worker's new parameters (EASGD: x - alpha (x - center); the other rules:
+        see protocol.py); each reply chunk lands in place as soon as that chunk's send is done."""
+        self._transfer(header, send=True)
 
     def fetch(self, header: np.ndarray) -> None:
         """x <- center (a FETCH when joining, a RESET after divergence): the servers send the
         center and do not move it."""
-        self._transfer(header, send=False, alpha=1.0)
+        self._transfer(header, send=False)
 
-    def _transfer(self, header: np.ndarray, *, send: bool, alpha: float) -> None:
-        items = [(s, a, b) for s, chunks in enumerate(self.chunks) for a, b in chunks]
-        recvs = [self.links[s][0].Irecv(self.c[a:b], source=self.links[s][1], tag=P.TAG_REPLY)
-                 for s, a, b in items]
+    def _transfer(self, header: np.ndarray, *, send: bool) -> None:
         headers = [comm.Isend(header, dest=rank, tag=P.TAG_HEADER) for comm, rank in self.links]
         if send and self.layer_norms is not None:
             headers += [comm.Isend(self.layer_norms, dest=rank, tag=P.TAG_LAYER_NORMS) for comm, rank in self.links]
-        # At most SEND_WINDOW chunks in flight per server: a backlog of rendezvous sends would
-        # clog the shared-memory queues the replies come back through.
-        sends: list = [None] * len(items)
-        sent = [not send] * len(items)
         servers = range(len(self.links))
-        queue = {s: [i for i, it in enumerate(items) if it[0] == s] if send else [] for s in servers}
-        flying: dict[int, list[int]] = {s: [] for s in servers}
+        # Per server: chunks still to send, sends in flight (at most SEND_WINDOW: a backlog of
+        # rendezvous sends would clog the shared-memory queues the replies come back through),
+        # and the chunks whose reply receive is posted. A reply lands in x[a:b] itself, so its
+        # receive is posted only once that chunk's send is complete (MPI forbids a receive into
+        # a buffer a pending send reads), and in chunk order (replies match receives in order).
+        to_send = {s: list(self.chunks[s]) if send else [] for s in servers}
+        flying: dict[int, list] = {s: [] for s in servers}  # [(request, (a, b))] in chunk order
+        to_recv = {s: list(self.chunks[s]) for s in servers}  # chunks whose reply is not posted
+        recvs: list = []
 
         def post(s):
             comm, rank = self.links[s]
-            while queue[s] and len(flying[s]) < SEND_WINDOW:
-                i = queue[s].pop(0)
-                _, a, b = items[i]
-                sends[i] = comm.Isend(self.x[a:b], dest=rank, tag=P.TAG_PARAMS)
-                flying[s].append(i)
+            while flying[s] and flying[s][0][0].Test():
+                flying[s].pop(0)
+            while to_recv[s] and (not send or len(to_recv[s]) > len(to_send[s]) + len(flying[s])):
+                a, b = to_recv[s].pop(0)  # its send is complete (or there was none)
+                recvs.append(comm.Irecv(self.x[a:b], source=rank, tag=P.TAG_REPLY))
+            while to_send[s] and len(flying[s]) < SEND_WINDOW:
+                a, b = to_send[s].pop(0)
+                flying[s].append((comm.Isend(self.x[a:b], dest=rank, tag=P.TAG_PARAMS), (a, b)))
 
-        for s in servers:
-            post(s)
-        todo = list(range(len(items)))
         deadline = time.monotonic() + self.timeout
         backoff = Backoff(cap=BUSY_CAP)
-        while todo:
-            progress = False
+        total = sum(len(c) for c in self.chunks)
+        done = 0
+        while done < total:
+            before = (done, len(recvs), sum(len(f) for f in flying.values()))
             for s in servers:
-                for i in flying[s][:]:
-                    if sends[i].Test():
-                        sent[i] = True
-                        flying[s].remove(i)
-                        progress = True
                 post(s)
-            # Apply replies in order, each as soon as it is in; testing only the next one keeps
-            # MPI from copying in every other reply first (each Test progresses all transfers).
-            # x[a:b] may change only once its own send is complete.
-            while todo and sent[todo[0]] and recvs[todo[0]].Test():
-                _, a, b = items[todo.pop(0)]
-                worker_exchange_(self.params[a:b], self.center[a:b], alpha)
-                progress = True
-            if progress:
+            while done < len(recvs) and recvs[done].Test():
+                done += 1
+            if (done, len(recvs), sum(len(f) for f in flying.values())) != before:
                 backoff.reset()
             elif time.monotonic() > deadline:
-                for r in recvs + [r for r in sends if r is not None]:
+                for r in recvs[done:] + [r for f in flying.values() for r, _ in f]:
                     if r != MPI.REQUEST_NULL:
                         r.Cancel()
                 self.poll_notices()  # a server that dropped us says so: a clearer error
                 raise CenterLost(f"no reply from the center (servers {list(servers)}) "
                                  f"within {self.timeout:g} s (comm.timeout)")
             else:
-                if not progress and any(r is not None for r in self._notice_reqs):
+                if any(r is not None for r in self._notice_reqs):
                     self.poll_notices()
                 backoff.idle()
         try:

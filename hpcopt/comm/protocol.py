@@ -7,15 +7,17 @@ An exchange from a worker to each server rank s is:
      server gets all of them and uses the layers that intersect its shard;
   3. the worker's parameters of shard s, float32, in chunks of at most `chunk` elements, tag
      TAG_PARAMS (MPI's non-overtaking rule keeps chunks in order);
-and the server answers with the center's values of that shard (EASGD: as they were before this
-exchange moved them; MGRAWA: the weighted average of the workers' latest parameters, this one's
-included; LGRAWA: the same, weighted per layer; LSGD: the leader's latest parameters, or with
-two levels the point that applies both pulls, see hpcopt.optim.lsgd.two_level_target), in the
-same chunks, tag TAG_REPLY; the worker applies x <- x - alpha (x - center) (LSGD: alpha = lambda).
+and the server answers, chunk by chunk as they arrive, with the worker's new parameters of that
+shard, x <- x - alpha (x - target), in the same chunks, tag TAG_REPLY; the worker receives them
+straight into its parameter buffer (each chunk's receive is posted once its send is complete).
+The target: EASGD the center as it was before this exchange, which the server moves by the
+opposite amount; MGRAWA the weighted average of the workers' latest parameters, this one's
+included; LGRAWA the same, weighted per layer; LSGD (alpha = lambda) the leader's latest
+parameters, or with two levels the point that applies both pulls (hpcopt.optim.lsgd.two_level_target).
 Headers without parameters:
   DONE       the worker has stopped (REASON: finished its epochs, got a signal, diverged too often);
   FETCH      a new worker (a join) asks for the center; the server sends it in the same chunks
-             (tag TAG_REPLY) without moving it;
+             (tag TAG_REPLY) without moving it, and the worker takes it as its parameters;
   RESET      the worker diverged (NaN/Inf or exploding loss): like FETCH, and recorded as an event;
   HEARTBEAT  the worker is alive but busy (a long stretch of local steps), so it is not dropped.
 A server tells a worker to stop, or that it was dropped, with a NOTICE message (tag TAG_NOTICE).

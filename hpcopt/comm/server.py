@@ -5,10 +5,12 @@ holds up the others), chunk by chunk as the parameters arrive, and buffers what 
 file records. Server 0 is also the coordinator: every `flush_seconds` it tells the other servers
 (TAG_CONTROL) to enter a collective flush of the trajectory file, and it evaluates the center.
 
-The reply to a chunk of parameters is the center's chunk itself, sent straight from the center
-array (no copy); the server moves that chunk toward the worker only once the reply has left, and
-holds any other exchange on the same chunk until then, so each exchange sees and moves one
-consistent value per chunk and the elastic forces stay exactly equal and opposite.
+As each chunk of a worker's parameters arrives, the server moves that chunk of the center and
+turns the received chunk, in place, into the worker's new parameters (EASGD: both elastic moves
+in two passes over data still in cache, hpcopt.optim.easgd.elastic_exchange_), and sends it back
+from that same buffer. So the center is never locked by a reply in flight: a worker that is slow
+to take its reply (descheduled, or dead: a dead receiver never takes a rendezvous message) holds
+only its own receive buffer, never the other workers.
 
 Within one server, exchanges are applied atomically per chunk; across servers the shards of a
 snapshot may have absorbed the same exchanges in a slightly different order — that is the
@@ -26,7 +28,7 @@ import torch
 from mpi4py import MPI
 
 from hpcopt.io import schema
-from hpcopt.optim.easgd import center_exchange_
+from hpcopt.optim.easgd import elastic_exchange_
 from hpcopt.optim.grawa import inverse_norm_weights, shard_segments
 from hpcopt.optim.lsgd import group_leader, leader, two_level_target
 
@@ -50,9 +52,6 @@ def _cancel(requests) -> bool:
 # cache) before anything else happens; a small window interleaves copies, replies and updates
 # chunk by chunk.
 RECV_WINDOW = 2
-
-# A reply still in flight after this long is stalled (see CenterServer._unstall).
-STALL_SECONDS = 0.05
 
 
 @dataclass
@@ -88,9 +87,8 @@ class _Exchange:
     wid: int
     header: np.ndarray
     requests: list = field(default_factory=list)  # one receive per chunk
-    next_chunk: int = 0  # next chunk to receive
-    next_reply: int = 0  # next chunk whose reply (the old center chunk) is to be sent
-    applied: int = 0  # chunks whose center update is done
+    next_chunk: int = 0  # next chunk to receive (all before it are served and their replies sent)
+    replies: list = field(default_factory=list)  # one send per served chunk
     snapshot: np.ndarray | None = None  # copy of the received parameters, when sampled
     leader: int = -1  # LSGD: the worker id whose parameters this exchange is pulled toward
     global_leader: int = -1  # two-level LSGD: the global leader, on exchanges with a global pull
@@ -154,11 +152,10 @@ class CenterServer:
         self.links: list[_Link] = []
         # MGRAWA, LSGD: each worker's parameters as of its last exchange served here
         self.latest: dict[int, torch.Tensor] = {}
-        # per center chunk: the reply in flight from it (request, exchange, since) or None
-        self.locks: list[tuple | None] = [None] * len(self.chunks)
-        self.inflight: dict[int, _Exchange] = {}  # worker id -> its exchange until fully applied
+        # worker id -> (reply sends, since) of its served exchange: its receive buffer is busy
+        # until they are out, then the receives of its next exchange are posted
+        self.replies: dict[int, tuple[list, float]] = {}
         self.fetches: list[tuple] = []  # (requests, center copy, worker id, since): FETCH/RESET replies
-        self.orphans: list[tuple] = []  # (reply request, old center buffer, worker id): see _unstall
         self.active: set[int] = set()
         self.order: list[int] = []  # round-robin order in deterministic mode
         self.turn = 0
@@ -244,7 +241,8 @@ class CenterServer:
 
     def drop(self, wid: int, why: str) -> None:
         """A worker is gone without saying so (killed, node lost, silent): cancel what it owed,
-        unlock what it held (its half-done exchange is not applied), record a crash, go on."""
+        record a crash, go on (the chunks of a half-received exchange that were served stay
+        applied, like the exchanges before them: the elastic moves are per chunk)."""
         if wid not in self.active:
             return
         peer = self.peers[wid]
@@ -252,16 +250,11 @@ class CenterServer:
         self.event("crash", wid, peer.step, why)
         _cancel(peer.posted or [])
         peer.posted = None
-        ex = self.inflight.pop(wid, None)
-        for i, lock in enumerate(self.locks):
-            if lock is not None and lock[1].wid == wid:
-                _cancel([lock[0]])
-                self.locks[i] = None
+        _cancel(self.replies.pop(wid, ([], 0))[0])
         for ex in [e for e in self.pending if e.wid == wid]:
-            _cancel(ex.requests + [ex.norms_req])
+            _cancel(ex.requests + ex.replies + [ex.norms_req])
             self.pending.remove(ex)
         self.fetches = [f for f in self.fetches if f[2] != wid or _cancel(f[0])]  # cancel and forget its
-        self.orphans = [o for o in self.orphans if o[2] != wid or _cancel([o[0]])]
         self._remove(wid)
         try:  # tell it, in case it is only slow: it stops with a clear error instead of timing out
             peer.comm.Isend(np.array([P.DROPPED]), dest=peer.rank, tag=P.TAG_NOTICE)
@@ -344,68 +337,24 @@ class CenterServer:
         for w, weight in zip(ids, weights.tolist()):
             chunk.add_(self.latest[w][a:b], alpha=weight)
 
-    def _release(self, chunk: int) -> bool:
-        """If the reply in flight from center chunk `chunk` has left, apply its exchange's update
-        to that chunk and unlock it. Returns whether the chunk is free."""
-        lock = self.locks[chunk]
-        if lock is None:
-            return True
-        req, ex, _ = lock
-        if not req.Test():
-            return False
-        self._unlock(chunk, ex)
-        return True
+    def _poll_replies(self) -> bool:
+        """Workers whose replies are all out get the receives of their next exchange posted."""
+        done = [wid for wid, (reqs, _) in self.replies.items() if MPI.Request.Testall(reqs)]
+        for wid in done:
+            del self.replies[wid]
+            if wid in self.active:
+                self._post(wid)
+        return bool(done)
 
-    def _unlock(self, chunk: int, ex: _Exchange) -> None:
-        """The reply from `chunk` is out (or given up on): apply the exchange's update to it."""
-        a, b = self.chunks[chunk]
-        if self.rule == "easgd":  # MGRAWA's center was set before the reply
-            center_exchange_(self.center_t[a:b], self.peers[ex.wid].recv_t[a:b], self.alpha)
-        self.locks[chunk] = None
-        ex.applied += 1
-        if ex.applied == len(self.chunks):
-            self._complete(ex)
-
-    def _unstall(self, chunk: int) -> bool:
-        """A reply that has not left after STALL_SECONDS (its worker is descheduled, or dead: a
-        dead receiver never takes a rendezvous message) must not hold up every other worker until
-        the crash is detected. The center moves to a fresh copy; the old buffer stays with the
-        sends still reading it (so they deliver exactly the values they were posted with), and
-        the stalled exchange's update is applied now. Returns whether the chunk is free."""
-        req, ex, since = self.locks[chunk]
-        if time.monotonic() - since < STALL_SECONDS:
-            return False
-        self.orphans.append((req, self.center, ex.wid))
-        self.center = self.center.copy()
-        self.center_t = torch.from_numpy(self.center)
-        self._unlock(chunk, ex)
-        return True
-
-    def _poll_orphans(self) -> bool:
-        before = len(self.orphans)
-        self.orphans = [o for o in self.orphans if not o[0].Test()]
-        return len(self.orphans) < before
-
-    def _settle(self, wid: int) -> None:
-        """The worker sent again, so it has every reply of its last exchange: finish applying
-        that exchange now (its sends are complete at the worker; only the Test is missing)."""
-        ex = self.inflight.get(wid)
-        if ex is None or ex.next_reply < len(self.chunks):
+    def _settle(self, wid: int, post: bool = True) -> None:
+        """The worker sent again (or said DONE), so it has every reply of its last exchange:
+        complete their sends (only the Test is missing) and free its receive buffer."""
+        if wid in self.replies:
+            wait_all(self.replies.pop(wid)[0], self.timeout, f"worker {wid} to take its reply")
+        elif post and self.peers[wid].posted is None:
             raise RuntimeError(f"worker {wid} started an exchange before its last one was answered")
-        for i, lock in enumerate(self.locks):
-            if lock is not None and lock[1] is ex:
-                wait_all([lock[0]], self.timeout, f"worker {wid} to take its reply")
-                self._release(i)
-        if wid in self.inflight:
-            raise RuntimeError(f"the last exchange of worker {wid} is incomplete")
-
-    def _poll_locks(self) -> bool:
-        """Apply the updates whose replies have left (finishing exchanges that are complete)."""
-        progress = False
-        for i, lock in enumerate(self.locks):
-            if lock is not None and self._release(i):
-                progress = True
-        return progress
+        if post and self.peers[wid].posted is None:
+            self._post(wid)
 
     def _poll_fetches(self) -> bool:
         before = len(self.fetches)
@@ -423,12 +372,11 @@ class CenterServer:
         while not self.finished:
             loops += 1
             progress = self._poll_headers()
-            progress |= self._poll_locks()
+            if self.replies:
+                progress |= self._poll_replies()
             progress |= self._poll_exchanges()
             if self.fetches:
                 progress |= self._poll_fetches()
-            if self.orphans:
-                progress |= self._poll_orphans()
             if self.membership is not None:
                 progress |= self.membership.poll(self)
             if self.leader:
@@ -487,7 +435,6 @@ class CenterServer:
                 ex.layer_norms = np.empty(self.n_layers, dtype=np.float64)
                 ex.norms_req = peer.comm.Irecv(ex.layer_norms, source=peer.rank, tag=P.TAG_LAYER_NORMS)
             ex.requests = peer.posted
-            self.inflight[wid] = ex
             peer.posted = None
             k = int(header[P.EXCHANGE_INDEX])
             if self.worker_every and k % self.worker_every == 0:
@@ -530,8 +477,7 @@ class CenterServer:
         kind = ex.header[P.KIND]
         if kind == P.DONE:
             self.pending.remove(ex)
-            if ex.wid in self.inflight:  # its last exchange still owes updates: finish them first
-                self._settle(ex.wid)
+            self._settle(ex.wid, post=False)
             reason = int(ex.header[P.REASON])
             self.left[reason] = self.left.get(reason, 0) + 1
             _cancel(self.peers[ex.wid].posted or [])
@@ -549,52 +495,49 @@ class CenterServer:
         progress = False
         n = len(self.chunks)
         peer = self.peers[ex.wid]
-        while True:
-            # reply to what is in before receiving more, so replies flow while chunks arrive
-            if ex.next_reply < ex.next_chunk and self._norms_in(ex) and (self._release(ex.next_reply) or self._unstall(ex.next_reply)):
-                i = ex.next_reply
-                a, b = self.chunks[i]
-                if self.rule != "easgd":  # this worker's new parameters, norm and loss count from now on
-                    if i == 0:
-                        self._report_in(ex)
-                    self.latest[ex.wid][a:b] = peer.recv_t[a:b]
-                    if self.rule == "mgrawa":
-                        self._grawa_center(a, b)
-                    elif self.rule == "lgrawa":
-                        self._lgrawa_center(a, b)
-                    else:  # LSGD: the reply is the leader's parameters (the leader gets its own back)
-                        # (a leader that crashed meanwhile is forgotten: no pull for the rest)
-                        target = self.latest.get(ex.leader, self.latest[ex.wid])[a:b]
-                        if ex.global_leader in self.latest:  # two-level: both pulls in one reply
-                            target = two_level_target(self.latest[ex.wid][a:b], target,
-                                                      self.latest[ex.global_leader][a:b], self.alpha, self.lam_g)
-                        self.center_t[a:b] = target
-                self.locks[i] = (peer.comm.Isend(self.center[a:b], dest=peer.rank, tag=P.TAG_REPLY),
-                                 ex, time.monotonic())
-                ex.next_reply += 1
-            elif ex.next_chunk < n and ex.requests[ex.next_chunk].Test():
-                if ex.snapshot is not None:
-                    a, b = self.chunks[ex.next_chunk]
-                    ex.snapshot[a:b] = peer.recv[a:b]
-                if ex.next_chunk + RECV_WINDOW < n:
-                    ex.requests.append(self._irecv(ex.wid, ex.next_chunk + RECV_WINDOW))
-                ex.next_chunk += 1
-            else:
-                break
+        # serve each chunk as it arrives: update, reply, and receive one more (RECV_WINDOW ahead)
+        while ex.next_chunk < n and self._norms_in(ex) and ex.requests[ex.next_chunk].Test():
+            i = ex.next_chunk
+            a, b = self.chunks[i]
+            if ex.snapshot is not None:  # the parameters the worker had at this exchange
+                ex.snapshot[a:b] = peer.recv[a:b]
+            if i + RECV_WINDOW < n:
+                ex.requests.append(self._irecv(ex.wid, i + RECV_WINDOW))
+            if i == 0 and self.rule != "easgd":
+                self._report_in(ex)
+            self._serve_chunk(ex, a, b)
+            ex.replies.append(peer.comm.Isend(peer.recv[a:b], dest=peer.rank, tag=P.TAG_REPLY))
+            ex.next_chunk += 1
             progress = True
-        if ex.next_reply == n and ex in self.pending:
-            # every reply is out: the next exchange in deterministic order may start
+        if ex.next_chunk == n:
             self.pending.remove(ex)
-            if self.deterministic and self.order:
+            self.replies[ex.wid] = (ex.replies, time.monotonic())
+            self._finish_exchange(ex)
+            if self.deterministic and self.order:  # the next exchange in that order may start
                 self.turn = (self.turn + 1) % len(self.order)
         return progress
 
-    def _complete(self, ex: _Exchange) -> None:
-        """All of the exchange's chunk updates are applied."""
-        self.inflight.pop(ex.wid, None)
-        self._finish_exchange(ex)
-        if ex.wid in self.active:
-            self._post(ex.wid)
+    def _serve_chunk(self, ex: _Exchange, a: int, b: int) -> None:
+        """Move the center's chunk [a, b) and turn the worker's received chunk into its new
+        parameters, x <- x - alpha (x - target), in place (it is the reply)."""
+        x = self.peers[ex.wid].recv_t[a:b]
+        if self.rule == "easgd":
+            elastic_exchange_(self.center_t[a:b], x, self.alpha)
+            return
+        # the other rules: this worker's new parameters, norm and loss count from now on
+        self.latest[ex.wid][a:b] = x
+        if self.rule == "mgrawa":
+            self._grawa_center(a, b)
+        elif self.rule == "lgrawa":
+            self._lgrawa_center(a, b)
+        else:  # LSGD: the target is the leader's parameters (the leader is pulled toward itself);
+            # a leader that crashed meanwhile is forgotten: no pull for the rest
+            target = self.latest.get(ex.leader, self.latest[ex.wid])[a:b]
+            if ex.global_leader in self.latest:  # two-level: both pulls in one move
+                target = two_level_target(self.latest[ex.wid][a:b], target,
+                                          self.latest[ex.global_leader][a:b], self.alpha, self.lam_g)
+            self.center_t[a:b] = target  # recorded as /center/params
+        x.lerp_(self.center_t[a:b], self.alpha)
 
     def _finish_exchange(self, ex: _Exchange) -> None:
         self.exchanges += 1
@@ -622,9 +565,9 @@ class CenterServer:
             if ex.header[P.KIND] == P.EXCHANGE and (ex.next_chunk < len(self.chunks) or ex.norms_req is not None) \
                     and now - ex.arrived > limit:
                 self.drop(ex.wid, f"sent an exchange header but not its parameters within {limit:g} s")
-        for lock in self.locks:
-            if lock is not None and now - lock[2] > limit:
-                self.drop(lock[1].wid, f"did not take its reply within {limit:g} s")
+        for wid, (_, since) in list(self.replies.items()):
+            if now - since > limit:
+                self.drop(wid, f"did not take its reply within {limit:g} s")
         for f in list(self.fetches):
             if now - f[3] > limit:
                 self.drop(f[2], f"did not take the center within {limit:g} s")
@@ -637,7 +580,7 @@ class CenterServer:
     # ------------------------------------------------------------------ flushes
     def _maybe_flush(self) -> bool:
         """Leader: start a collective flush when it is due, or the final one when all are done."""
-        final = not self.active and not self.pending and not any(self.locks) and not self.fetches \
+        final = not self.active and not self.pending and not self.replies and not self.fetches \
             and not (self.membership is not None and self.membership.busy)
         now = time.monotonic()
         if not final and now - self.last_flush < self.flush_seconds:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcopt.optim.easgd import center_exchange_, default_alpha, worker_exchange_
+from hpcopt.optim.easgd import default_alpha, elastic_exchange_
 from hpcopt.optim.local import SGDStep
 from hpcopt.optim.schedule import learning_rate
 
@@ -17,34 +17,30 @@ def easgd_reference(x, center, alpha):
     return x - d, c + d
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.05, 0.225, 0.9, 1.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.05, 0.225, 0.5, 0.51, 0.9, 1.0])
 def test_elastic_exchange_matches_numpy(alpha):
     rng = np.random.default_rng(0)
     x0 = rng.standard_normal(1000).astype(np.float32)
     c0 = rng.standard_normal(1000).astype(np.float32)
     want_x, want_c = easgd_reference(x0, c0, alpha)
 
-    center = torch.from_numpy(c0.copy())
-    reply = center.clone()                     # the server replies with the center as it was
-    center_exchange_(center, torch.from_numpy(x0.copy()), alpha)
-    x = torch.from_numpy(x0.copy())
-    worker_exchange_(x, reply, alpha)
+    center, x = torch.from_numpy(c0.copy()), torch.from_numpy(x0.copy())
+    elastic_exchange_(center, x, alpha)        # the server moves both; x is the reply
     np.testing.assert_allclose(x.numpy(), want_x, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(center.numpy(), want_c, rtol=1e-6, atol=1e-6)
 
 
-def test_elastic_forces_are_equal_and_opposite():
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])
+def test_elastic_forces_are_equal_and_opposite(alpha):
     rng = np.random.default_rng(1)
     x0 = rng.standard_normal(500).astype(np.float32)
     c0 = rng.standard_normal(500).astype(np.float32)
     center, x = torch.from_numpy(c0.copy()), torch.from_numpy(x0.copy())
-    reply = center.clone()
-    center_exchange_(center, x.clone(), 0.3)
-    worker_exchange_(x, reply, 0.3)
+    elastic_exchange_(center, x, alpha)
     # the pull on the worker and on the center cancel: x + c is conserved
     np.testing.assert_allclose((x + center).numpy(), x0 + c0, rtol=1e-5, atol=1e-5)
     # and both moved toward each other by the same fraction
-    np.testing.assert_allclose((x - center).numpy(), (1 - 2 * 0.3) * (x0 - c0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose((x - center).numpy(), (1 - 2 * alpha) * (x0 - c0), rtol=1e-4, atol=1e-5)
 
 
 def test_default_alpha_is_beta_over_p():
