@@ -213,7 +213,8 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
     wid = workers[world.rank]
     flat, host = _on_device(flat, log_all)
     client = CenterClient([(world, s) for s in range(S)], bounds, host,
-                          chunk=_chunk(cfg), timeout=cfg.comm.timeout, layer_norms=_layer_norms(cfg, flat))
+                          chunk=_chunk(cfg), timeout=cfg.comm.timeout, layer_norms=_layer_norms(cfg, flat),
+                          leaders=cfg.run.method == "lsgd")
     state, first = None, 0
     if resume:
         state = load_worker_state(run.worker_state(wid), flat)
@@ -352,6 +353,8 @@ def _restore(server, ckpt, lo: int, hi: int) -> None:
             server.grad_norms[wid] = float(row["grad_norm"])
         if wid in ckpt["latest"] and wid in server.latest:
             server.latest[wid].copy_(torch.from_numpy(ckpt["latest"][wid][lo:hi]))
+        elif wid in ckpt["latest"] and server.rule == "lsgd":  # the leaders' parameters it held
+            server.latest[wid] = torch.from_numpy(ckpt["latest"][wid][lo:hi].copy())
 
 
 def join(run_path: str, *, token: str | None = None, overrides: dict | None = None, log=print) -> dict:
@@ -409,7 +412,7 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
     S = len(links)
     flat, host = _on_device(flat, log_all)
     client = CenterClient(links, bounds, host, chunk=_chunk(cfg), timeout=cfg.comm.timeout,
-                          layer_norms=_layer_norms(cfg, flat))
+                          layer_norms=_layer_norms(cfg, flat), leaders=cfg.run.method == "lsgd")
     status = read_json_safe(run.status)
     start = time.monotonic() - float(status.get("elapsed_seconds", 0.0))
     from hpcopt.launch.env import install_abort_on_error

@@ -10,11 +10,18 @@ from mpi4py import MPI
 
 from . import protocol as P
 from hpcopt.launch.env import JobFatal
+from hpcopt.optim.lsgd import pull_
 
 from .wait import BUSY_CAP, Backoff, PeerTimeout, wait_all
 
 
 SEND_WINDOW = 2
+
+
+def _cancel_all(requests) -> None:
+    for r in requests:
+        if r is not None and r != MPI.REQUEST_NULL:
+            r.Cancel()
 
 
 class Dropped(RuntimeError):
@@ -34,7 +41,7 @@ class CenterClient:
 
     def __init__(self, links: list[tuple[MPI.Comm, int]], bounds: list[tuple[int, int]],
                  params: torch.Tensor, *, chunk: int, timeout: float,
-                 layer_norms: np.ndarray | None = None):
+                 layer_norms: np.ndarray | None = None, leaders: bool = False):
         if params.device.type != "cpu" or not params.is_contiguous():
             raise ValueError("exchanges need a contiguous CPU parameter buffer")
         self.links, self.bounds, self.timeout = links, bounds, timeout
@@ -50,6 +57,10 @@ class CenterClient:
         # LGRAWA: per-layer gradient norms (float64, filled by the local trainer) that every
         # exchange ships to every server after its header (protocol step 2)
         self.layer_norms = layer_norms
+        # LSGD: only leaders send their parameters; the others get a target and move themselves
+        self.leaders = leaders
+        self.target: np.ndarray | None = None  # LSGD: the pull target as it arrives
+        self.verdicts = np.zeros((len(links), P.VERDICT_SIZE))
 
     # ------------------------------------------------------------------ notices
     def poll_notices(self) -> bool:
@@ -83,7 +94,10 @@ class CenterClient:
         """One elastic exchange: the parameters go to the servers, which move the center and
         reply with the worker's new parameters (EASGD: x - alpha (x - center); the other rules:
         see protocol.py); each reply chunk lands in place as soon as that chunk's send is done."""
-        self._transfer(header, send=True)
+        if self.leaders:
+            self._lead_exchange(header)
+        else:
+            self._transfer(header, send=True)
 
     def fetch(self, header: np.ndarray) -> None:
         """x <- center (a FETCH when joining, a RESET after divergence): the servers send the
@@ -144,6 +158,65 @@ class CenterClient:
         except PeerTimeout as e:
             raise CenterLost(str(e)) from None
         self.last_sent = time.monotonic()
+
+    def _lead_exchange(self, header: np.ndarray) -> None:
+        """LSGD (protocol.py): the header, then each server's verdict; the parameters go only
+        where asked (the worker leads, or a snapshot is due), and a pull target, where one comes,
+        moves x <- x + rate (target - x), chunk by chunk once that chunk's send (if any) is done."""
+        verdict_reqs = [comm.Irecv(self.verdicts[s], source=rank, tag=P.TAG_VERDICT)
+                        for s, (comm, rank) in enumerate(self.links)]
+        headers = [comm.Isend(header, dest=rank, tag=P.TAG_HEADER) for comm, rank in self.links]
+        self._wait(verdict_reqs + headers, "the servers' verdicts")
+        if self.target is None and self.verdicts[:, 1].any():
+            self.target = np.empty_like(self.x)
+        # per chunk: where its send goes (None: no send), its send, its reply receive, rate, a, b
+        work = []
+        for s, (comm, rank) in enumerate(self.links):
+            send, rate = bool(self.verdicts[s, 0]), float(self.verdicts[s, 1])
+            for a, b in self.chunks[s]:
+                recv = comm.Irecv(self.target[a:b], source=rank, tag=P.TAG_REPLY) if rate > 0 else None
+                work.append({"to": (comm, rank) if send else None, "send": None, "recv": recv, "rate": rate,
+                             "a": a, "b": b})
+        unsent = [w for w in work if w["to"] is not None]
+        flying: list[dict] = []
+        pending = list(range(len(work)))
+        deadline, backoff = time.monotonic() + self.timeout, Backoff(cap=BUSY_CAP)
+        while pending:
+            progress = False
+            for w in [w for w in flying if w["send"].Test()]:
+                w["to"] = None  # sent: x[a:b] may change now
+                flying = [f for f in flying if f is not w]
+                progress = True
+            while unsent and len(flying) < SEND_WINDOW:  # at most SEND_WINDOW sends in flight
+                w = unsent.pop(0)
+                comm, rank = w["to"]
+                w["send"] = comm.Isend(self.x[w["a"]:w["b"]], dest=rank, tag=P.TAG_PARAMS)
+                flying.append(w)
+            for i in list(pending):
+                w = work[i]
+                if w["to"] is not None or (w["recv"] is not None and not w["recv"].Test()):
+                    continue
+                if w["recv"] is not None:
+                    a, b = w["a"], w["b"]
+                    pull_(self.params[a:b], torch.from_numpy(self.target[a:b]), w["rate"])
+                pending.remove(i)
+                progress = True
+            if progress:
+                backoff.reset()
+            elif time.monotonic() > deadline:
+                _cancel_all([w["send"] for w in flying] + [w["recv"] for w in work])
+                self.poll_notices()
+                raise CenterLost(f"no reply from the center within {self.timeout:g} s (comm.timeout)")
+            else:
+                backoff.idle()
+        self.last_sent = time.monotonic()
+
+    def _wait(self, requests: list, what: str) -> None:
+        try:
+            wait_all(requests, self.timeout, what)
+        except PeerTimeout as e:
+            self.poll_notices()
+            raise CenterLost(str(e)) from None
 
     def done(self, worker_id: int, step: int, reason: int = P.FINISHED) -> None:
         """Tell every server this worker has stopped, and why."""

@@ -12,8 +12,13 @@ shard, x <- x - alpha (x - target), in the same chunks, tag TAG_REPLY; the worke
 straight into its parameter buffer (each chunk's receive is posted once its send is complete).
 The target: EASGD the center as it was before this exchange, which the server moves by the
 opposite amount; MGRAWA the weighted average of the workers' latest parameters, this one's
-included; LGRAWA the same, weighted per layer; LSGD (alpha = lambda) the leader's latest
-parameters, or with two levels the point that applies both pulls (hpcopt.optim.lsgd.two_level_target).
+included; LGRAWA the same, weighted per layer.
+LSGD differs, so that only the leaders' parameters travel: after the header the server sends a
+verdict (VERDICT_SIZE float64, tag TAG_VERDICT): [send, rate, leader, global leader]. With send
+= 1 (the worker leads, or a worker snapshot is due) the worker sends its parameters as in step 3;
+with rate > 0 the server sends a pull target m (the held leader's parameters, or with two levels
+hpcopt.optim.lsgd.pull_target of both) in the same chunks, tag TAG_REPLY, and the worker moves
+x <- x + rate (m - x) itself, each chunk once its own send (if any) is complete.
 Headers without parameters:
   DONE       the worker has stopped (REASON: finished its epochs, got a signal, diverged too often);
   FETCH      a new worker (a join) asks for the center; the server sends it in the same chunks
@@ -38,6 +43,7 @@ TAG_REPLY = 13
 TAG_CONTROL = 14
 TAG_NOTICE = 15
 TAG_LAYER_NORMS = 16
+TAG_VERDICT = 17
 
 # header kinds
 EXCHANGE = 1.0
@@ -59,6 +65,9 @@ NOTICE_SIZE = 1
 # header fields (float64 holds integers exactly up to 2**53)
 KIND, WORKER_ID, STEP, EXCHANGE_INDEX, TRAIN_LOSS, SAMPLES, LR, TIME, GRAD_NORM, REASON = range(10)
 HEADER_SIZE = 10
+
+# LSGD: the server's answer to an exchange header, [send parameters?, pull rate, leader, global leader]
+VERDICT_SIZE = 4
 
 # control message fields: [sequence number, final?, evaluate?, checkpoint?]
 CONTROL_SIZE = 4

@@ -30,7 +30,7 @@ from mpi4py import MPI
 from hpcopt.io import schema
 from hpcopt.optim.easgd import elastic_exchange_
 from hpcopt.optim.grawa import inverse_norm_weights, shard_segments
-from hpcopt.optim.lsgd import group_leader, leader, two_level_target
+from hpcopt.optim.lsgd import group_leader, leader, pull_target
 
 from . import protocol as P
 from .wait import BUSY_CAP, IDLE_CAP, Backoff, PeerTimeout, wait_all
@@ -81,7 +81,7 @@ class _Link:
     req: object = None
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (in lists of pending exchanges)
 class _Exchange:
     """One worker's exchange, fetch or DONE message in progress on this server."""
     wid: int
@@ -95,6 +95,10 @@ class _Exchange:
     arrived: float = 0.0
     layer_norms: np.ndarray | None = None  # LGRAWA: the worker's per-layer gradient norms
     norms_req: object = None  # LGRAWA: their receive, until it completes
+    started: bool = False  # LSGD: the verdict is out
+    upload: np.ndarray | None = None  # LSGD: where the worker's parameters go, when it sends them
+    leads: bool = False  # LSGD: the worker leads (its upload becomes what others are pulled toward)
+    pulled: bool = False  # LSGD: the worker got a pull target
 
 
 class CenterServer:
@@ -209,7 +213,7 @@ class CenterServer:
         link.members[rank] = wid
         if link.req is None:
             link.req = link.comm.Irecv(link.buf, source=MPI.ANY_SOURCE, tag=P.TAG_HEADER)
-        if self.rule != "easgd":
+        if self.rule in ("mgrawa", "lgrawa"):
             self.latest[wid] = self.center_t.clone()
         self.active.add(wid)
         self.order.append(wid)
@@ -274,13 +278,17 @@ class CenterServer:
 
     # ------------------------------------------------------------------ main loop
     def _post(self, wid: int) -> None:
-        """Post the first receives of the worker's next exchange (its buffer is free)."""
+        """Post the first receives of the worker's next exchange (its buffer is free). LSGD posts
+        them only once it has told the worker to send its parameters."""
+        if self.rule == "lsgd":
+            self.peers[wid].posted = []
+            return
         self.peers[wid].posted = [self._irecv(wid, c) for c in range(min(RECV_WINDOW, len(self.chunks)))]
 
-    def _irecv(self, wid: int, chunk: int):
+    def _irecv(self, wid: int, chunk: int, into: np.ndarray | None = None):
         a, b = self.chunks[chunk]
         peer = self.peers[wid]
-        return peer.comm.Irecv(peer.recv[a:b], source=peer.rank, tag=P.TAG_PARAMS)
+        return peer.comm.Irecv((peer.recv if into is None else into)[a:b], source=peer.rank, tag=P.TAG_PARAMS)
 
     def _report_in(self, ex: _Exchange) -> None:
         """MGRAWA/LSGD: take the worker's reported gradient norm and loss; LSGD picks the leader
@@ -297,7 +305,7 @@ class CenterServer:
             previous = self.loss_avg.get(ex.wid)
             self.loss_avg[ex.wid] = loss if previous is None else decay * previous + (1 - decay) * loss
             if self.global_every:  # two-level: the local leader, and the global one when due
-                groups = {w: w // self.group_size if self.group_size else self.peers[w].host for w in self.loss_avg}
+                groups = {w: self._group(w) for w in self.loss_avg}
                 ex.leader = group_leader(self.loss_avg, groups, ex.wid)
                 if int(ex.header[P.EXCHANGE_INDEX]) % self.global_every == 0:
                     ex.global_leader = leader(self.loss_avg)
@@ -348,7 +356,12 @@ class CenterServer:
 
     def _settle(self, wid: int, post: bool = True) -> None:
         """The worker sent again (or said DONE), so it has every reply of its last exchange:
-        complete their sends (only the Test is missing) and free its receive buffer."""
+        complete their sends (only the Test is missing) and free its receive buffer. LSGD: an
+        upload the worker has finished sending may still be untaken here; take it first."""
+        for ex in [e for e in self.pending if e.wid == wid and e.started]:
+            while ex in self.pending:
+                if not self._lsgd_advance(ex):
+                    wait_all([ex.requests[ex.next_chunk]], self.timeout, f"worker {wid}'s parameters")
         if wid in self.replies:
             wait_all(self.replies.pop(wid)[0], self.timeout, f"worker {wid} to take its reply")
         elif post and self.peers[wid].posted is None:
@@ -437,7 +450,7 @@ class CenterServer:
             ex.requests = peer.posted
             peer.posted = None
             k = int(header[P.EXCHANGE_INDEX])
-            if self.worker_every and k % self.worker_every == 0:
+            if self.rule != "lsgd" and self.worker_every and k % self.worker_every == 0:
                 ex.snapshot = np.empty(self.hi - self.lo, dtype=np.float32)
         elif kind in (P.FETCH, P.RESET):
             if kind == P.RESET:
@@ -492,6 +505,8 @@ class CenterServer:
             self.pending.remove(ex)
             self._fetch(ex)
             return True
+        if self.rule == "lsgd":
+            return self._lsgd_advance(ex)
         progress = False
         n = len(self.chunks)
         peer = self.peers[ex.wid]
@@ -528,16 +543,84 @@ class CenterServer:
         self.latest[ex.wid][a:b] = x
         if self.rule == "mgrawa":
             self._grawa_center(a, b)
-        elif self.rule == "lgrawa":
+        else:
             self._lgrawa_center(a, b)
-        else:  # LSGD: the target is the leader's parameters (the leader is pulled toward itself);
-            # a leader that crashed meanwhile is forgotten: no pull for the rest
-            target = self.latest.get(ex.leader, self.latest[ex.wid])[a:b]
-            if ex.global_leader in self.latest:  # two-level: both pulls in one move
-                target = two_level_target(self.latest[ex.wid][a:b], target,
-                                          self.latest[ex.global_leader][a:b], self.alpha, self.lam_g)
-            self.center_t[a:b] = target  # recorded as /center/params
         x.lerp_(self.center_t[a:b], self.alpha)
+
+    # ------------------------------------------------------------------ LSGD
+    def _lsgd_start(self, ex: _Exchange) -> None:
+        """LSGD: only leaders' parameters travel. The server keeps the parameters of the workers
+        that led at their own latest exchange (`latest`). At an exchange the worker's loss average
+        is updated; if it is now the lowest (of its node, with two levels), the worker leads: it
+        sends its parameters, which replace what it held, and is not pulled. Otherwise what it held
+        is dropped (no longer a leader's) and it is pulled toward the best-loss worker whose
+        parameters are held (of its node; and on global exchanges also toward the best overall).
+        The verdict [send, rate, leader, global leader] tells the worker what follows: its
+        parameters (send; also when a worker snapshot is due), and a target m with
+        x <- x + rate (m - x), m = (lam x_L + lam_G x_G) / (lam + lam_G)."""
+        ex.started = True
+        self._report_in(ex)
+        wid, held, peer = ex.wid, self.latest, self.peers[ex.wid]
+        sample = bool(self.worker_every and int(ex.header[P.EXCHANGE_INDEX]) % self.worker_every == 0)
+        local = [w for w in held if not self.global_every or self._group(w) == self._group(wid)]
+        ex.leads = ex.leader == wid
+        lead = wid if ex.leads else min((w for w in local if w != wid), key=lambda w: (self.loss_avg[w], w), default=-1)
+        pulls = [] if ex.leads or lead < 0 else [(self.alpha, held[lead])]
+        if ex.global_leader >= 0:
+            if ex.global_leader == wid:
+                ex.leads = True  # the global leader leads its node too
+            else:
+                glob = min((w for w in held if w != wid), key=lambda w: (self.loss_avg[w], w), default=-1)
+                if glob >= 0:
+                    pulls.append((self.lam_g, held[glob]))
+                ex.global_leader = glob
+        if not ex.leads:
+            held.pop(wid, None)
+        ex.leader = lead
+        target, rate = pull_target(pulls)  # one target is a held buffer, never written again: sent as is
+        send = ex.leads or sample
+        verdict = np.array([float(send), rate, float(lead), float(ex.global_leader)], dtype=np.float64)
+        ex.replies = [peer.comm.Isend(verdict, dest=peer.rank, tag=P.TAG_VERDICT)]
+        if target is not None:
+            ex.pulled = True
+            t = target.numpy()
+            ex.replies += [peer.comm.Isend(t[a:b], dest=peer.rank, tag=P.TAG_REPLY) for a, b in self.chunks]
+        if send:
+            # a leader's upload goes to a fresh buffer: the one it held may still be read by sends
+            ex.upload = np.empty(self.hi - self.lo, dtype=np.float32) if ex.leads else peer.recv
+            ex.requests = [self._irecv(wid, c, ex.upload) for c in range(min(RECV_WINDOW, len(self.chunks)))]
+        else:
+            ex.next_chunk = len(self.chunks)  # nothing to receive
+
+
+    def _group(self, wid: int):
+        return wid // self.group_size if self.group_size else self.peers[wid].host
+
+    def _lsgd_advance(self, ex: _Exchange) -> bool:
+        """Start the exchange (in its turn, in deterministic mode), then take the upload, if any."""
+        n, progress = len(self.chunks), not ex.started
+        if not ex.started:
+            self._lsgd_start(ex)
+        while ex.next_chunk < n and ex.requests[ex.next_chunk].Test():
+            if ex.next_chunk + RECV_WINDOW < n:
+                ex.requests.append(self._irecv(ex.wid, ex.next_chunk + RECV_WINDOW, ex.upload))
+            ex.next_chunk += 1
+            progress = True
+        if ex.next_chunk == n:
+            self.pending.remove(ex)
+            if ex.leads:
+                self.latest[ex.wid] = torch.from_numpy(ex.upload)
+                self.center_t.copy_(self.latest[ex.wid])  # /center/params: the latest leader upload
+            if ex.upload is not None and self.worker_every and int(ex.header[P.EXCHANGE_INDEX]) % self.worker_every == 0:
+                ex.snapshot = ex.upload if ex.leads else ex.upload.copy()
+            self._lsgd_done(ex)
+        return progress
+
+    def _lsgd_done(self, ex: _Exchange) -> None:
+        self.replies[ex.wid] = (ex.replies, time.monotonic())
+        self._finish_exchange(ex)
+        if self.deterministic and self.order:
+            self.turn = (self.turn + 1) % len(self.order)
 
     def _finish_exchange(self, ex: _Exchange) -> None:
         self.exchanges += 1
@@ -545,8 +628,12 @@ class CenterServer:
         step, k = int(h[P.STEP]), int(h[P.EXCHANGE_INDEX])
         self.peers[ex.wid].exchanges += 1
         if self.leader:
+            sent = self.bytes_per_exchange
+            if self.rule == "lsgd":  # header, verdict, and the parameters that travelled (as seen here)
+                sent = len(self.bounds) * 8 * (P.HEADER_SIZE + P.VERDICT_SIZE) \
+                    + 4 * self.bounds[-1][1] * ((ex.upload is not None) + ex.pulled)
             self.rows.append((ex.wid, step, k, t, h[P.TRAIN_LOSS], int(h[P.SAMPLES]), h[P.LR],
-                              self.bytes_per_exchange, h[P.GRAD_NORM], ex.leader, ex.global_leader))
+                              sent, h[P.GRAD_NORM], ex.leader, ex.global_leader))
             if self.rule == "lgrawa":
                 self.layer_rows.append(ex.layer_norms)
         if self.exchanges % self.center_every == 0:

@@ -10,7 +10,7 @@ lambda_G toward the global leader:
 
     x_i <- x_i - lambda (x_i - x_local_leader) - lambda_G (x_i - x_global_leader)
 
-A leader is not pulled toward itself. In the paper only the leaders' parameters travel.
+A leader is not pulled toward itself. Only the leaders' parameters travel (see hpcopt.comm.server).
 """
 
 from __future__ import annotations
@@ -39,16 +39,21 @@ def group_leader(losses: dict[int, float], groups: dict[int, object], worker: in
     return leader({w: l for w, l in losses.items() if groups[w] == mine})
 
 
-def two_level_target(x: torch.Tensor, x_local: torch.Tensor, x_global: torch.Tensor, lam: float,
-                     lam_g: float) -> torch.Tensor:
-    """The point r with x - lam (x - r) = x - lam (x - x_local) - lam_G (x - x_global): a server
-    that replies r to a worker that moves x <- x - lam (x - reply) applies both pulls at once,
-    r = x_local - (lam_G / lam) (x - x_global)."""
-    return torch.sub(x, x_global).mul_(-lam_g / lam).add_(x_local)
+def pull_target(pulls: list[tuple[float, torch.Tensor]]) -> tuple[torch.Tensor | None, float]:
+    """Pulls x <- x + sum_j r_j (t_j - x) as one move x <- x + rate (m - x): returns (m, rate) with
+    rate = sum_j r_j and m = sum_j r_j t_j / rate ((None, 0) without pulls). Two-level LSGD:
+    [(lambda, x_local_leader), (lambda_G, x_global_leader)]. One target is returned as it is."""
+    rate = float(sum(r for r, _ in pulls))
+    if not pulls:
+        return None, 0.0
+    if len(pulls) == 1:
+        return pulls[0][1], rate
+    m = pulls[0][1] * (pulls[0][0] / rate)
+    for r, t in pulls[1:]:
+        m.add_(t, alpha=r / rate)
+    return m, rate
 
 
-def pull_to_leader_(x: torch.Tensor, x_leader: torch.Tensor, lam: float, *, is_leader: bool) -> torch.Tensor:
-    """x <- x - lambda (x - x_leader), in place; the leader stays where it is."""
-    if not is_leader:
-        x.sub_(x - x_leader, alpha=lam)
-    return x
+def pull_(x: torch.Tensor, target: torch.Tensor, rate: float) -> torch.Tensor:
+    """x <- x - rate (x - target), in place (the worker's move toward its leader's parameters)."""
+    return x.lerp_(target, rate)

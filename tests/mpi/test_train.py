@@ -349,11 +349,27 @@ def test_lgrawa_matches_a_numpy_replay(tmp_path, n, servers, chunk_mb):
     assert len(ex) == (n - servers) * 20
 
 
-@pytest.mark.parametrize("n,servers,chunk_mb", [(4, 1, 4.0), (5, 2, 20e-6)])
-def test_lsgd_matches_a_numpy_replay_and_never_pulls_the_leader(tmp_path, n, servers, chunk_mb):
-    ex, centers, got = deterministic_quadratic(tmp_path, n, servers, chunk_mb, "lsgd", "--lsgd.lam", "0.3")
+def best(losses, among):
+    """The worker with the lowest loss among `among` (ties: lowest id), or -1."""
+    return min(among, key=lambda v: (losses[v], v), default=-1)
+
+
+def lsgd_bytes(P, servers, uploaded, pulled):
+    """What an LSGD exchange moves: header and verdict per server, parameters that travelled."""
+    return servers * 8 * (10 + 4) + 4 * P * (int(uploaded) + int(pulled))
+
+
+@pytest.mark.parametrize("n,servers,chunk_mb,snapshots", [(4, 1, 4.0, True), (5, 2, 20e-6, True), (4, 1, 4.0, False)])
+def test_lsgd_matches_a_numpy_replay_and_only_leaders_send(tmp_path, n, servers, chunk_mb, snapshots):
+    """LSGD with only the leaders' parameters travelling: the server holds the parameters of the
+    workers that led at their own latest exchange; a worker that now has the lowest loss sends
+    its parameters and is not pulled, any other is pulled toward the best-loss worker held (and
+    sends its parameters only when a worker snapshot is due)."""
+    extra = [] if snapshots else ["--record.worker_every", "0"]
+    ex, centers, got = deterministic_quadratic(tmp_path, n, servers, chunk_mb, "lsgd", "--lsgd.lam", "0.3", *extra)
     h, xstar, x0 = quadratic.curvature(), quadratic.optimum(), centers[0].astype(np.float64)
-    x, steps, latest, losses = {}, {}, {}, {}
+    P = len(x0)
+    x, steps, held, losses, center = {}, {}, {}, {}, x0.copy()
     for i, row in enumerate(ex):
         w, s = int(row["worker_id"]), int(row["step"])
         xi = x.setdefault(w, x0.copy())
@@ -364,28 +380,41 @@ def test_lsgd_matches_a_numpy_replay_and_never_pulls_the_leader(tmp_path, n, ser
             xi -= 0.1 * h * r
         steps[w] = s
         assert row["train_loss"] == pytest.approx(np.mean(step_losses), rel=1e-4)
-        np.testing.assert_allclose(got[(w, int(row["exchange"]))], xi, rtol=1e-5, atol=1e-5)
-        latest[w], losses[w] = xi.copy(), float(row["train_loss"])  # the server's own loss values
-        lead = min(losses, key=lambda v: (losses[v], v))
-        assert row["leader"] == lead
+        if snapshots:
+            np.testing.assert_allclose(got[(w, int(row["exchange"]))], xi, rtol=1e-5, atol=1e-5)
+        losses[w] = float(row["train_loss"])  # the server's own loss values
         before = xi.copy()
-        xi += 0.3 * (latest[lead] - xi)
+        if best(losses, losses) == w:  # it leads: its parameters travel, it is not pulled
+            held[w] = center = xi.copy()
+            lead = w
+        else:
+            held.pop(w, None)
+            lead = best(losses, [v for v in held if v != w])
+            if lead >= 0:
+                xi += 0.3 * (held[lead] - xi)
+        assert row["leader"] == lead
         if lead == w:
-            np.testing.assert_array_equal(xi, before)  # the leader is not pulled
-        np.testing.assert_allclose(centers[i + 1], latest[lead], rtol=1e-5, atol=1e-5)
-    assert len(set(ex["leader"].tolist())) >= 1 and np.all(np.isnan(ex["grad_norm"]) == False)  # noqa: E712
+            np.testing.assert_array_equal(xi, before)
+        np.testing.assert_allclose(centers[i + 1], center, rtol=1e-5, atol=1e-5)
+        assert row["bytes"] == lsgd_bytes(P, servers, lead == w or snapshots, 0 <= lead != w)
+    leads = ex["leader"] == ex["worker_id"]
+    assert leads.any() and (~leads).any()
+    if not snapshots:  # fewer parameters travel than with every worker sending and receiving them all
+        params_moved = ex["bytes"].sum() - len(ex) * lsgd_bytes(P, servers, False, False)
+        assert params_moved < 0.75 * len(ex) * 2 * 4 * P
 
 
 def test_two_level_lsgd_matches_a_numpy_replay(tmp_path):
     """Two-level LSGD, 4 workers in 2 emulated nodes (lsgd.group_size 2), noisy minibatches: every
     exchange pulls toward the node's leader with lambda, every tau_G = 2 tau steps also toward the
-    global leader with lambda_G; a worker that leads both is not pulled."""
+    global leader with lambda_G; a worker that leads both is not pulled. Leaders are held as in
+    single-level LSGD (a worker leading its node sends its parameters)."""
     ex, centers, got = deterministic_quadratic(tmp_path, 5, 1, 4.0, "lsgd", "--lsgd.lam", "0.3", "--lsgd.lam_g", "0.2",
                                                "--lsgd.tau_g", "8", "--lsgd.group_size", "2",
                                                "--data.name", "quadratic:data", "--train.epochs", "2")
     h, xstar = quadratic.curvature().astype(np.float64), quadratic.optimum().astype(np.float64)
     x0, x_train = centers[0].astype(np.float64), quadratic.data()["x_train"]
-    x, steps, latest, losses, batches = {}, {}, {}, {}, {}
+    x, steps, held, losses, batches = {}, {}, {}, {}, {}
     locals_, globals_ = set(), set()
     for row in ex:
         w, s, k = int(row["worker_id"]), int(row["step"]), int(row["exchange"])
@@ -395,19 +424,25 @@ def test_two_level_lsgd_matches_a_numpy_replay(tmp_path):
             xi -= 0.1 * h * (xi - xstar - next(it))
         steps[w] = s
         np.testing.assert_allclose(got[(w, k)], xi, rtol=1e-4, atol=1e-4)
-        latest[w], losses[w] = xi.copy(), float(row["train_loss"])
-        node = {v: l for v, l in losses.items() if v // 2 == w // 2}
-        lead = min(node, key=lambda v: (node[v], v))
-        assert row["leader"] == lead
-        pull = 0.3 * (latest[lead] - xi)
+        losses[w] = float(row["train_loss"])
+        node = [v for v in losses if v // 2 == w // 2]
+        leads = best(losses, node) == w
+        pull = np.zeros_like(xi)
+        lead = w if leads else best(losses, [v for v in held if v // 2 == w // 2 and v != w])
+        if 0 <= lead != w:
+            pull += 0.3 * (held[lead] - xi)
+        glob = -1
         if k % 2 == 0:
-            glob = min(losses, key=lambda v: (losses[v], v))
-            assert row["global_leader"] == glob
-            pull += 0.2 * (latest[glob] - xi)
-            globals_.add(glob)
+            glob = w if best(losses, losses) == w else best(losses, [v for v in held if v != w])
+            if 0 <= glob != w:
+                pull += 0.2 * (held[glob] - xi)
+                globals_.add(glob)
+        if leads:
+            held[w] = xi.copy()
         else:
-            assert row["global_leader"] == -1
+            held.pop(w, None)
+        assert row["leader"] == lead and row["global_leader"] == glob
         locals_.add(lead)
         xi += pull
     # both nodes had their own leaders, and the global pull crossed nodes
-    assert {v // 2 for v in locals_} == {0, 1} and len(ex) == 4 * 20
+    assert {v // 2 for v in locals_ if v >= 0} == {0, 1} and globals_ and len(ex) == 4 * 20

@@ -7,7 +7,7 @@ import torch
 from hpcopt.optim.grawa import (inverse_norm_weights, layer_norms, layerwise_center, pull_toward_,
                                 weighted_center)
 from hpcopt.optim.local import AdamWStep, EntropySGD, lars_trust_ratios, sam_perturbation
-from hpcopt.optim.lsgd import leader, loss_average, pull_to_leader_
+from hpcopt.optim.lsgd import leader, loss_average, pull_
 from hpcopt.optim.sync import DiLoCoOuter, local_sgd_should_average
 from references import entropy_sgd_step
 
@@ -70,10 +70,7 @@ def test_lsgd_leader_is_the_lowest_average_and_is_not_pulled():
     x_lead = torch.from_numpy(rng.standard_normal(8).astype(np.float32))
     x = torch.from_numpy(rng.standard_normal(8).astype(np.float32))
     want = x.numpy() - 0.2 * (x.numpy() - x_lead.numpy())
-    np.testing.assert_allclose(pull_to_leader_(x.clone(), x_lead, 0.2, is_leader=False).numpy(), want, rtol=1e-5)
-    same = x_lead.clone()
-    pull_to_leader_(same, x, 0.2, is_leader=True)
-    assert torch.equal(same, x_lead)
+    np.testing.assert_allclose(pull_(x.clone(), x_lead, 0.2).numpy(), want, rtol=1e-5)
     with pytest.raises(ValueError):
         leader({0: float("nan")})
 
@@ -153,14 +150,17 @@ def test_entropy_sgd_matches_a_numpy_reference_without_noise():
 
 
 def test_two_level_lsgd_target_applies_both_pulls():
-    from hpcopt.optim.lsgd import group_leader, two_level_target
+    from hpcopt.optim.lsgd import group_leader, pull_target
 
     rng = np.random.default_rng(3)
     x, xl, xg = (torch.from_numpy(rng.standard_normal(6)) for _ in range(3))
     lam, lam_g = 0.3, 0.2
-    r = two_level_target(x, xl, xg, lam, lam_g)
+    m, rate = pull_target([(lam, xl), (lam_g, xg)])
     want = x.numpy() - lam * (x.numpy() - xl.numpy()) - lam_g * (x.numpy() - xg.numpy())
-    np.testing.assert_allclose((x - lam * (x - r)).numpy(), want, rtol=1e-12)
+    assert rate == pytest.approx(lam + lam_g)
+    np.testing.assert_allclose(pull_(x.clone(), m, rate).numpy(), want, rtol=1e-12)
+    one, r1 = pull_target([(lam, xl)])
+    assert one is xl and r1 == lam and pull_target([]) == (None, 0.0)  # one target is sent as it is
     losses = {0: 1.0, 1: 0.5, 2: 0.2, 3: 0.9}
     groups = {0: "a", 1: "a", 2: "b", 3: "b"}
     assert group_leader(losses, groups, 0) == 1 and group_leader(losses, groups, 3) == 2
