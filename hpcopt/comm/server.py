@@ -592,7 +592,6 @@ class CenterServer:
         else:
             ex.next_chunk = len(self.chunks)  # nothing to receive
 
-
     def _group(self, wid: int):
         return wid // self.group_size if self.group_size else self.peers[wid].host
 
