@@ -35,9 +35,10 @@ class CenterLost(PeerTimeout, JobFatal):
 
 class CenterClient:
     """Sends the worker's flat parameters to the server ranks and receives its new parameters
-    back, straight into the same buffer (the servers compute the move). `links[s]` is (communicator, rank) of the server owning shard s: a
-    worker started with the training reaches them on MPI.COMM_WORLD, a joined worker on the
-    intercommunicators of its join. Every wait has `timeout`."""
+    back, straight into the same buffer (the servers compute the move). `links[s]` is
+    (communicator, rank) of the server owning shard s: a worker started with the training reaches
+    them on MPI.COMM_WORLD, a joined worker on the intercommunicators of its join. Every wait has
+    `timeout`."""
 
     def __init__(self, links: list[tuple[MPI.Comm, int]], bounds: list[tuple[int, int]],
                  params: torch.Tensor, *, chunk: int, timeout: float,
@@ -83,10 +84,7 @@ class CenterClient:
 
     def _headers(self, header: np.ndarray) -> None:
         reqs = [comm.Isend(header, dest=rank, tag=P.TAG_HEADER) for comm, rank in self.links]
-        try:
-            wait_all(reqs, self.timeout, "the servers to take a header")
-        except PeerTimeout as e:
-            raise CenterLost(str(e)) from None
+        self._wait(reqs, "the servers to take a header")
         self.last_sent = time.monotonic()
 
     # ------------------------------------------------------------------ exchanges
@@ -143,9 +141,7 @@ class CenterClient:
             if (done, len(recvs), sum(len(f) for f in flying.values())) != before:
                 backoff.reset()
             elif time.monotonic() > deadline:
-                for r in recvs[done:] + [r for f in flying.values() for r, _ in f]:
-                    if r != MPI.REQUEST_NULL:
-                        r.Cancel()
+                _cancel_all(recvs[done:] + [r for f in flying.values() for r, _ in f])
                 self.poll_notices()  # a server that dropped us says so: a clearer error
                 raise CenterLost(f"no reply from the center (servers {list(servers)}) "
                                  f"within {self.timeout:g} s (comm.timeout)")
@@ -153,10 +149,7 @@ class CenterClient:
                 if any(r is not None for r in self._notice_reqs):
                     self.poll_notices()
                 backoff.idle()
-        try:
-            wait_all(headers, self.timeout, "the servers to take the exchange header")
-        except PeerTimeout as e:
-            raise CenterLost(str(e)) from None
+        self._wait(headers, "the servers to take the exchange header")
         self.last_sent = time.monotonic()
 
     def _lead_exchange(self, header: np.ndarray) -> None:
@@ -212,6 +205,8 @@ class CenterClient:
         self.last_sent = time.monotonic()
 
     def _wait(self, requests: list, what: str) -> None:
+        """wait_all with comm.timeout; a server that dropped this worker says so (Dropped), any
+        other silence ends the job (CenterLost)."""
         try:
             wait_all(requests, self.timeout, what)
         except PeerTimeout as e:

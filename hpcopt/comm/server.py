@@ -154,7 +154,8 @@ class CenterServer:
 
         self.peers: dict[int, Peer] = {}
         self.links: list[_Link] = []
-        # MGRAWA, LSGD: each worker's parameters as of its last exchange served here
+        # MGRAWA/LGRAWA: each worker's parameters as of its last exchange served here;
+        # LSGD: the parameters of the workers that led at their latest exchange (see _lsgd_start)
         self.latest: dict[int, torch.Tensor] = {}
         # worker id -> (reply sends, since) of its served exchange: its receive buffer is busy
         # until they are out, then the receives of its next exchange are posted
