@@ -5,14 +5,18 @@
 Rank 0 is a real hpcopt server (CenterServer, trajectory file in a temp dir), rank 1 a real
 worker client. For each size P (float32 parameters) it times, alternating, R round trips of
   raw       rank 1 Send(P floats) -> rank 0 Recv, rank 0 Send(P floats) -> rank 1 Recv (blocking)
-  exchange  CenterClient.exchange(): P floats to the server, elastic update, P floats back
-and prints bandwidth = 2 * 4P bytes / round-trip time for both (medians over alternating
-rounds), their ratio (goal >= 0.8) and the ratio of the best rounds (noise on a shared machine
-only adds time). It also times, on rank 0, the server's arithmetic alone: one elastic update
-(hpcopt.optim.easgd.elastic_exchange_, two passes) over P floats in the same chunks. An exchange
-must read and write the center besides moving the bytes; when the P floats do not fit in the
-cache, that traffic competes with the transfer for memory bandwidth, and raw / (raw + update) is
-what an exchange that cannot overlap the two would reach.
+  in place  CenterClient.exchange() as a training does it when worker and server share a node
+            (comm.shared_memory, the default; hpcopt.comm.shared): the header, the server's
+            elastic update of the worker's parameters where they live, the answer
+  messages  CenterClient.exchange() as between nodes or with a joined worker: P floats to the
+            server, elastic update, P floats back
+and prints bandwidth = 2 * 4P bytes / round-trip time for each (medians over alternating
+rounds), the exchanges' ratios to raw (goal >= 0.8) and the ratios of the best rounds (noise on
+a shared machine only adds time). It also times, on rank 0, the server's arithmetic alone: one
+elastic update (hpcopt.optim.easgd.elastic_exchange_, two passes) over P floats in the same
+chunks. An exchange over messages must read and write the center besides moving the bytes;
+when the P floats do not fit in the cache, that traffic competes with the transfer for memory
+bandwidth, and raw / (raw + update) is what an exchange that cannot overlap the two would reach.
 """
 
 import argparse
@@ -30,6 +34,7 @@ from mpi4py import MPI  # noqa: E402
 from hpcopt.comm.client import CenterClient  # noqa: E402
 from hpcopt.comm.protocol import EXCHANGE, make_header  # noqa: E402
 from hpcopt.comm.server import CenterServer  # noqa: E402
+from hpcopt.comm.shared import share_node  # noqa: E402
 from hpcopt.io.trajectory import TrajectoryWriter  # noqa: E402
 from hpcopt.optim.easgd import elastic_exchange_  # noqa: E402
 
@@ -47,7 +52,8 @@ def raw_round_trips(comm, buf, reps):
     return (time.perf_counter() - t) / reps
 
 
-def exchange_round_trips(comm, n, reps, chunk, tmp):
+def exchange_round_trips(comm, n, reps, chunk, tmp, share=None):
+    """Time CenterClient.exchange() against a CenterServer; in place when `share` (a NodeShare) is given."""
     servers = comm.Split(0 if comm.rank == 0 else 1, comm.rank)
     comm.Barrier()
     if comm.rank == 0:
@@ -56,12 +62,15 @@ def exchange_round_trips(comm, n, reps, chunk, tmp):
         server = CenterServer(world=comm, servers=servers, workers={0: (1, "")}, bounds=[(0, n)],
                               center=np.zeros(n, np.float32), alpha=0.5, chunk=chunk, timeout=60,
                               center_every=10**9, worker_every=0, flush_seconds=3600, eval_seconds=3600,
-                              writer=writer, start=time.monotonic())
+                              writer=writer, start=time.monotonic(),
+                              shared=share.workers if share else None, sync=share.sync if share else lambda: None)
         server.serve()
         result = None
     else:
-        params = torch.ones(n)
-        client = CenterClient([(comm, 0)], [(0, n)], params, chunk=chunk, timeout=60)
+        params = share.params if share else torch.ones(n)
+        params.fill_(1.0)
+        client = CenterClient([(comm, 0)], [(0, n)], params, chunk=chunk, timeout=60,
+                              shared=share.servers if share else set(), sync=share.sync if share else lambda: None)
         header = make_header(EXCHANGE, 0)
         client.exchange(header)  # warm-up
         t = time.perf_counter()
@@ -94,23 +103,30 @@ def main():
     if comm.size != 2:
         raise SystemExit("run with exactly 2 ranks: mpirun -n 2 python benchmarks/exchange.py")
     tmp = comm.bcast(tempfile.mkdtemp() if comm.rank == 0 else None)
+    chunk = int(args.chunk_mb * 1e6 / 4)
     if comm.rank == 0:
-        print(f"{'parameters':>11} {'MB':>6} {'raw GB/s':>9} {'exchange GB/s':>14} {'ratio':>6} {'best':>5}"
-              f" {'raw ms':>7} {'update ms':>9} {'raw/(raw+update)':>16}")
+        print("bandwidth = 2 x 4P bytes per round trip, GB/s; ratio = exchange / raw (median rounds), best = best rounds")
+        print(f"{'parameters':>11} {'MB':>6} {'raw':>6} {'in place':>8} {'ratio':>6} {'best':>5}"
+              f" {'messages':>8} {'ratio':>6} {'best':>5} {'raw ms':>7} {'update ms':>9} {'raw/(raw+update)':>16}")
     for n in (int(float(s)) for s in args.sizes.split(",")):
         buf = np.ones(n, np.float32)
         raw_round_trips(comm, buf, 2)  # warm-up
-        raw, exch = [], []
-        for _ in range(args.rounds):  # alternate, so drift hits both the same
+        share = share_node(comm, 1, n)
+        if share.win is None:
+            raise SystemExit("the two ranks share no node: run both on one node for the in-place exchange")
+        raw, shm, msg = [], [], []
+        for _ in range(args.rounds):  # alternate, so drift hits all three the same
             raw.append(raw_round_trips(comm, buf, args.reps))
-            exch.append(exchange_round_trips(comm, n, args.reps, int(args.chunk_mb * 1e6 / 4), tmp))
-        t_raw, t_ex = statistics.median(raw), statistics.median(exch)
+            shm.append(exchange_round_trips(comm, n, args.reps, chunk, tmp, share))
+            msg.append(exchange_round_trips(comm, n, args.reps, chunk, tmp))
+        share.close()
         if comm.rank == 0:
-            chunk = int(args.chunk_mb * 1e6 / 4)
+            t_raw = statistics.median(raw)
             t_up = statistics.median(update_alone(n, chunk, args.reps) for _ in range(args.rounds))
             gb = 2 * 4 * n / 1e9
-            print(f"{n:>11,} {4 * n / 1e6:>6.0f} {gb / t_raw:>9.2f} {gb / t_ex:>14.2f} {t_raw / t_ex:>6.2f}"
-                  f" {min(raw) / min(exch):>5.2f} {1e3 * t_raw:>7.2f} {1e3 * t_up:>9.2f}"
+            cols = "".join(f" {gb / statistics.median(t):>8.2f} {t_raw / statistics.median(t):>6.2f}"
+                           f" {min(raw) / min(t):>5.2f}" for t in (shm, msg))
+            print(f"{n:>11,} {4 * n / 1e6:>6.0f} {gb / t_raw:>6.2f}{cols} {1e3 * t_raw:>7.2f} {1e3 * t_up:>9.2f}"
                   f" {t_raw / (t_raw + t_up):>16.2f}", flush=True)
 
 

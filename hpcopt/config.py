@@ -195,6 +195,7 @@ class CommConfig:
     timeout: float = _doc("seconds any wait on another rank may last before the run fails with a clear error", default=120.0)
     worker_timeout: float = _doc("servers drop a worker (as crashed) that sent nothing for this many seconds; workers send heartbeats meanwhile", default=10.0)
     chunk_mb: float = _doc("parameters travel in chunks of this many MB so the server computes while the rest arrives", default=1.0)
+    shared_memory: bool = _doc("a worker on a server's node keeps its parameters in shared memory and that server updates them in place (no copies); false: always messages. LSGD and joined workers use messages", default=True)
 
     def __post_init__(self):
         if not self.timeout > 0:

@@ -151,6 +151,11 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         bounds = shard_bounds(n_params, max(S, 1))
     except ValueError as e:
         raise UsageError(str(e)) from None
+    from hpcopt.comm.shared import NodeShare, share_node
+
+    # workers on a server's node keep their parameters in shared memory (collective; not LSGD)
+    share = NodeShare() if cfg.synchronous else share_node(
+        world, S, n_params, enabled=cfg.comm.shared_memory and cfg.run.method != "lsgd")
     worker_ranks = list(range(S, world.size))
     ids = _worker_ids(ckpt, len(worker_ranks))
     workers = dict(zip(worker_ranks, ids))  # world rank -> worker id
@@ -203,7 +208,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         return summary
     if is_server:
         return _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evaluator, path, start,
-                      log, run, ckpt, pids)
+                      log, run, ckpt, pids, share)
     from hpcopt.async_worker import load_worker_state, run_worker
     from hpcopt.comm.client import CenterClient
 
@@ -211,10 +216,10 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
 
     install_abort_on_error(world, whole_job=False)  # from now on a failing worker is a crash, not the end
     wid = workers[world.rank]
-    flat, host = _on_device(flat, log_all)
+    flat, host = _on_device(flat, log_all, share.params)
     client = CenterClient([(world, s) for s in range(S)], bounds, host,
                           chunk=_chunk(cfg), timeout=cfg.comm.timeout, layer_norms=_layer_norms(cfg, flat),
-                          leaders=cfg.run.method == "lsgd")
+                          leaders=cfg.run.method == "lsgd", shared=share.servers, sync=share.sync)
     state, first = None, 0
     if resume:
         state = load_worker_state(run.worker_state(wid), flat)
@@ -226,19 +231,22 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
                       log=log_all)
 
 
-def _on_device(flat: FlatModel, log) -> tuple[FlatModel, torch.Tensor]:
+def _on_device(flat: FlatModel, log, shared: torch.Tensor | None = None) -> tuple[FlatModel, torch.Tensor]:
     """A worker moves to the GPU of its node-local rank, if it has one (hpcopt.launch.device).
     Returns the model there and the CPU buffer exchanges use: the parameters themselves on the
-    CPU, else a pinned host copy (MPI never sees a GPU pointer; CUDA-aware MPI is detected and
-    reported, but exchanges are staged through the host either way)."""
+    CPU, else a host copy (MPI never sees a GPU pointer; CUDA-aware MPI is detected and reported,
+    but exchanges are staged through the host either way). `shared`, when given, is the worker's
+    shared-memory window (hpcopt.comm.shared): the CPU parameters, or the host copy, live there."""
     from hpcopt.launch.device import select_device
 
     choice = select_device("worker", log=log if torch.cuda.is_available() else None)
     if choice.device == "cpu":
+        if shared is not None:
+            flat.place(shared)
         return flat, flat.params
     moved = FlatModel(flat.module, device=choice.device)
     torch.cuda.set_device(torch.device(choice.device))
-    host = torch.empty(moved.numel, dtype=torch.float32, pin_memory=True)
+    host = shared if shared is not None else torch.empty(moved.numel, dtype=torch.float32, pin_memory=True)
     host.copy_(moved.params)
     return moved, host
 
@@ -291,7 +299,7 @@ def _attrs(cfg, flat, hosts, bounds, n_servers, n_workers, alpha, tau) -> dict:
 
 
 def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evaluator, path, start, log,
-           run, ckpt, pids):
+           run, ckpt, pids, share):
     from hpcopt.async_worker import SignalFlag, ignore_leave_signals
     from hpcopt.comm.server import CenterServer
     from hpcopt.elastic import Membership
@@ -315,7 +323,7 @@ def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evalua
         rule=rule, loss_decay=cfg.lsgd.loss_decay, membership=membership, exchanges=resumed,
         next_worker_id=max(int(ckpt["attrs"]["next_worker_id"]), max(workers.values()) + 1) if ckpt else None,
         layers=layer_bounds(flat.layout()), lam_g=cfg.lsgd.lam_g, group_size=cfg.lsgd.group_size,
-        global_every=cfg.lsgd.tau_g // cfg.easgd.tau)
+        global_every=cfg.lsgd.tau_g // cfg.easgd.tau, shared=share.workers, sync=share.sync)
     if ckpt is not None:
         _restore(server, ckpt, lo, hi)
         server.event("resume", detail=f"from the checkpoint at exchange {resumed}, {len(workers)} workers")
@@ -324,6 +332,10 @@ def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evalua
     for rank, wid in sorted(workers.items()):
         server.event("join", wid, 0, "resumed worker" if ckpt is not None else "initial worker")
     if role.rank == 0:
+        local, n = len(share.workers), len(workers)
+        log(("exchanges: " + (f"all {n} worker(s)" if local == n else f"{local} of {n} worker(s)")
+             + " in place through shared memory" + ("" if local == n else ", the others over messages"))
+            if local else "exchanges: over messages" + ("" if cfg.comm.shared_memory else " (comm.shared_memory = false)"))
         log(f"joins: {'open: hpcopt join ' + str(run.path) if membership.enabled else 'disabled (no ompi-server; start with hpcopt train -n N to allow them)'}")
     server.stop_flag = SignalFlag()
     try:

@@ -38,11 +38,14 @@ class CenterClient:
     back, straight into the same buffer (the servers compute the move). `links[s]` is
     (communicator, rank) of the server owning shard s: a worker started with the training reaches
     them on MPI.COMM_WORLD, a joined worker on the intercommunicators of its join. Every wait has
-    `timeout`."""
+    `timeout`. A server in `shared` (indices) is on this worker's node and updates `params`, which
+    then live in a shared-memory window, in place (hpcopt.comm.shared): the exchange with it is
+    the header and a DONE_SHARED answer; `sync` is the window's memory barrier."""
 
     def __init__(self, links: list[tuple[MPI.Comm, int]], bounds: list[tuple[int, int]],
                  params: torch.Tensor, *, chunk: int, timeout: float,
-                 layer_norms: np.ndarray | None = None, leaders: bool = False):
+                 layer_norms: np.ndarray | None = None, leaders: bool = False,
+                 shared: set[int] = frozenset(), sync=lambda: None):
         if params.device.type != "cpu" or not params.is_contiguous():
             raise ValueError("exchanges need a contiguous CPU parameter buffer")
         self.links, self.bounds, self.timeout = links, bounds, timeout
@@ -62,6 +65,10 @@ class CenterClient:
         self.leaders = leaders
         self.target: np.ndarray | None = None  # LSGD: the pull target as it arrives
         self.verdicts = np.zeros((len(links), P.VERDICT_SIZE))
+        if shared and leaders:
+            raise ValueError("LSGD exchanges go over messages only")
+        self.shared, self.sync = set(shared), sync
+        self._done = np.zeros(len(links))
 
     # ------------------------------------------------------------------ notices
     def poll_notices(self) -> bool:
@@ -103,6 +110,12 @@ class CenterClient:
         self._transfer(header, send=False)
 
     def _transfer(self, header: np.ndarray, *, send: bool) -> None:
+        in_place = self.shared if send else set()
+        recvs: list = []
+        if in_place:
+            self.sync()  # the servers read what the last local steps wrote
+            recvs = [self.links[s][0].Irecv(self._done[s:s + 1], source=self.links[s][1], tag=P.TAG_DONE_SHARED)
+                     for s in sorted(in_place)]
         headers = [comm.Isend(header, dest=rank, tag=P.TAG_HEADER) for comm, rank in self.links]
         if send and self.layer_norms is not None:
             headers += [comm.Isend(self.layer_norms, dest=rank, tag=P.TAG_LAYER_NORMS) for comm, rank in self.links]
@@ -112,10 +125,9 @@ class CenterClient:
         # and the chunks whose reply receive is posted. A reply lands in x[a:b] itself, so its
         # receive is posted only once that chunk's send is complete (MPI forbids a receive into
         # a buffer a pending send reads), and in chunk order (replies match receives in order).
-        to_send = {s: list(self.chunks[s]) if send else [] for s in servers}
+        to_send = {s: list(self.chunks[s]) if send and s not in in_place else [] for s in servers}
         flying: dict[int, list] = {s: [] for s in servers}  # [(request, (a, b))] in chunk order
-        to_recv = {s: list(self.chunks[s]) for s in servers}  # chunks whose reply is not posted
-        recvs: list = []
+        to_recv = {s: list(self.chunks[s]) if s not in in_place else [] for s in servers}
 
         def post(s):
             comm, rank = self.links[s]
@@ -130,7 +142,7 @@ class CenterClient:
 
         deadline = time.monotonic() + self.timeout
         backoff = Backoff(cap=BUSY_CAP)
-        total = sum(len(c) for c in self.chunks)
+        total = len(recvs) + sum(len(c) for c in to_recv.values())
         done = 0
         while done < total:
             before = (done, len(recvs), sum(len(f) for f in flying.values()))
@@ -150,6 +162,8 @@ class CenterClient:
                     self.poll_notices()
                 backoff.idle()
         self._wait(headers, "the servers to take the exchange header")
+        if in_place:
+            self.sync()  # see what the servers wrote
         self.last_sent = time.monotonic()
 
     def _lead_exchange(self, header: np.ndarray) -> None:

@@ -19,6 +19,10 @@ verdict (VERDICT_SIZE float64, tag TAG_VERDICT): [send, rate, leader, global lea
 with rate > 0 the server sends a pull target m (the held leader's parameters, or with two levels
 hpcopt.optim.lsgd.pull_target of both) in the same chunks, tag TAG_REPLY, and the worker moves
 x <- x + rate (m - x) itself, each chunk once its own send (if any) is complete.
+In place (hpcopt.comm.shared; not LSGD): a worker and a server on the same node, started in the
+same job, share the worker's parameters through a shared-memory window. Steps 3 and the replies
+are then replaced by the server updating that server's shard of the worker's parameters where
+they are, then sending one float64 (tag TAG_DONE_SHARED); the worker waits for it and goes on.
 Headers without parameters:
   DONE       the worker has stopped (REASON: finished its epochs, got a signal, diverged too often);
   FETCH      a new worker (a join) asks for the center; the server sends it in the same chunks
@@ -44,6 +48,7 @@ TAG_CONTROL = 14
 TAG_NOTICE = 15
 TAG_LAYER_NORMS = 16
 TAG_VERDICT = 17
+TAG_DONE_SHARED = 18
 
 # header kinds
 EXCHANGE = 1.0

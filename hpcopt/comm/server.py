@@ -12,6 +12,10 @@ from that same buffer. So the center is never locked by a reply in flight: a wor
 to take its reply (descheduled, or dead: a dead receiver never takes a rendezvous message) holds
 only its own receive buffer, never the other workers.
 
+A worker started with the training on this server's node exchanges in place (hpcopt.comm.shared):
+its `recv` buffer is its own parameter vector in a shared-memory window, nothing is received,
+the same per-chunk update runs on it where it is, and a one-number answer replaces the replies.
+
 Within one server, exchanges are applied atomically per chunk; across servers the shards of a
 snapshot may have absorbed the same exchanges in a slightly different order — that is the
 asynchrony of Algorithm 1, not an error. With `deterministic=True` every server serves the
@@ -53,6 +57,11 @@ def _cancel(requests) -> bool:
 # chunk by chunk.
 RECV_WINDOW = 2
 
+# In-place exchanges (a worker on this node, hpcopt.comm.shared): chunks updated per pass of the
+# serve loop, so one large exchange does not keep the others' messages waiting
+SHARED_CHUNKS_PER_POLL = 4
+_DONE = np.ones(1)
+
 
 @dataclass
 class Peer:
@@ -70,6 +79,7 @@ class Peer:
     joined: float = 0.0  # run time it joined at
     world_rank: int = -1  # for the records: its rank in the job it was started in
     pid: int = -1
+    shared: bool = False  # `recv` is the worker's own parameters (shared memory): exchanges in place
 
 
 @dataclass
@@ -110,14 +120,16 @@ class CenterServer:
                  worker_timeout: float | None = None, membership=None, checkpoint_seconds: float = 0.0,
                  exchanges: int = 0, next_worker_id: int | None = None,
                  layers: list[tuple[int, int]] | None = None, lam_g: float = 0.0, global_every: int = 0,
-                 group_size: int = 0):
+                 group_size: int = 0, shared: dict[int, np.ndarray] | None = None, sync=lambda: None):
         """`workers` maps worker id -> (its rank in `world`, host[, pid]) for the workers started with
         the run; `center` is this server's shard (owned). `membership` (optional) handles joins,
         the status file and checkpoints (see hpcopt.elastic). `layers` (LGRAWA) are the flat
         slices [lo, hi) of the model's layers (hpcopt.optim.grawa.layer_bounds). Two-level LSGD
         (`global_every` > 0): the leader is the local one (workers grouped by host, or by
         worker id // `group_size`), and every `global_every`-th exchange of a worker adds a pull
-        of strength `lam_g` toward the global leader."""
+        of strength `lam_g` toward the global leader. `shared` maps the world rank of a worker on
+        this node to its parameters in a shared-memory window (hpcopt.comm.shared; `sync` is the
+        window's memory barrier): exchanges with it happen in place (not LSGD)."""
         self.world, self.servers = world, servers
         self.leader = servers.rank == 0
         self.bounds = bounds
@@ -148,6 +160,8 @@ class CenterServer:
         self.deterministic = deterministic
         self.start, self.log = start, log
         self.membership = membership
+        self.shared = shared if rule != "lsgd" else None
+        self.sync = sync
         self.chunks = P.chunk_bounds(0, self.hi - self.lo, chunk)
         self.bytes_per_exchange = 2 * 4 * (bounds[-1][1]) + len(bounds) * P.HEADER_SIZE * 8 \
             + (len(bounds) * 8 * self.n_layers if rule == "lgrawa" else 0)
@@ -207,9 +221,10 @@ class CenterServer:
     def add_worker(self, wid: int, link: _Link, rank: int, host: str, world_rank: int = -1, pid: int = -1) -> Peer:
         """A new member (at start, on a join, on a resume): buffers, receives, bookkeeping."""
         shard = self.hi - self.lo
-        recv = np.empty(shard, dtype=np.float32)
+        in_place = bool(self.shared) and link.comm is self.world and rank in self.shared
+        recv = self.shared[rank][self.lo:self.hi] if in_place else np.empty(shard, dtype=np.float32)
         peer = Peer(wid, link.comm, rank, host, recv, torch.from_numpy(recv), time.monotonic(),
-                    joined=self.now(), world_rank=world_rank, pid=pid)
+                    joined=self.now(), world_rank=world_rank, pid=pid, shared=in_place)
         self.peers[wid] = peer
         link.members[rank] = wid
         if link.req is None:
@@ -281,7 +296,7 @@ class CenterServer:
     def _post(self, wid: int) -> None:
         """Post the first receives of the worker's next exchange (its buffer is free). LSGD posts
         them only once it has told the worker to send its parameters."""
-        if self.rule == "lsgd":
+        if self.rule == "lsgd" or self.peers[wid].shared:
             self.peers[wid].posted = []
             return
         self.peers[wid].posted = [self._irecv(wid, c) for c in range(min(RECV_WINDOW, len(self.chunks)))]
@@ -511,21 +526,30 @@ class CenterServer:
         progress = False
         n = len(self.chunks)
         peer = self.peers[ex.wid]
-        # serve each chunk as it arrives: update, reply, and receive one more (RECV_WINDOW ahead)
-        while ex.next_chunk < n and self._norms_in(ex) and ex.requests[ex.next_chunk].Test():
+        # serve each chunk as it arrives: update, reply, and receive one more (RECV_WINDOW ahead);
+        # in place, the chunks are there: update a few per call
+        budget = SHARED_CHUNKS_PER_POLL if peer.shared else n
+        while budget and ex.next_chunk < n and self._norms_in(ex) and (peer.shared or ex.requests[ex.next_chunk].Test()):
             i = ex.next_chunk
             a, b = self.chunks[i]
+            if i == 0 and peer.shared:
+                self.sync()  # see what the worker's last local steps wrote
             if ex.snapshot is not None:  # the parameters the worker had at this exchange
                 ex.snapshot[a:b] = peer.recv[a:b]
-            if i + RECV_WINDOW < n:
+            if i + RECV_WINDOW < n and not peer.shared:
                 ex.requests.append(self._irecv(ex.wid, i + RECV_WINDOW))
             if i == 0 and self.rule != "easgd":
                 self._report_in(ex)
             self._serve_chunk(ex, a, b)
-            ex.replies.append(peer.comm.Isend(peer.recv[a:b], dest=peer.rank, tag=P.TAG_REPLY))
+            if not peer.shared:
+                ex.replies.append(peer.comm.Isend(peer.recv[a:b], dest=peer.rank, tag=P.TAG_REPLY))
             ex.next_chunk += 1
+            budget -= 1
             progress = True
         if ex.next_chunk == n:
+            if peer.shared:
+                self.sync()  # the worker sees the update once it has the answer
+                ex.replies = [peer.comm.Isend(_DONE, dest=peer.rank, tag=P.TAG_DONE_SHARED)]
             self.pending.remove(ex)
             self.replies[ex.wid] = (ex.replies, time.monotonic())
             self._finish_exchange(ex)

@@ -34,6 +34,21 @@ class FlatModel:
             p.grad = self.grads[offset:offset + n].view_as(p)
             offset += n
 
+    def place(self, storage: torch.Tensor) -> None:
+        """Move the flat parameters into `storage` (a contiguous float32 CPU tensor of numel
+        elements, e.g. a shared-memory window): the values are copied, every parameter becomes
+        a view into it."""
+        if storage.numel() != self.numel or storage.dtype != torch.float32 or not storage.is_contiguous():
+            raise ValueError(f"storage for {self.numel} float32 parameters expected, got {storage.numel()} "
+                             f"{storage.dtype}")
+        storage.copy_(self.params)
+        self.params = storage
+        offset = 0
+        for p, shape in zip((p for p in self.module.parameters() if p.requires_grad), self.shapes):
+            n = p.numel()
+            p.data = storage[offset:offset + n].view(shape)
+            offset += n
+
     def zero_grad(self) -> None:
         self.grads.zero_()
 

@@ -136,8 +136,10 @@ def test_deterministic_mode_records_exactly_what_workers_had(tmp_path, n, server
             "--train.schedule", "constant", "--train.lr", "0.1", "--easgd.tau", "4",
             "--record.center_every", "1", "--record.worker_every", "1", "--comm.chunk_mb", str(chunk_mb),
             "--run.method", "easgd"]
-    mpirun(n, "train", *args)
+    p = mpirun(n, "train", *args)
     workers = n - servers
+    # one node: every worker exchanges in place, through shared memory (hpcopt.comm.shared)
+    assert f"exchanges: all {workers} worker(s) in place through shared memory\n" in p.stdout
     with read(out / "trajectory.h5") as f:
         ex = f["exchanges"][()]
         alpha = float(f.attrs["alpha"])
@@ -158,8 +160,10 @@ def test_deterministic_mode_records_exactly_what_workers_had(tmp_path, n, server
     assert cmeta["exchanges"].tolist() == list(range(len(ex) + 1))
     np.testing.assert_allclose(centers[1:], np.array(want_centers), rtol=1e-5, atol=1e-5)
 
-    # bit-reproducible: a second run writes the same numbers
-    mpirun(n, "train", *args, "--force")
+    # bit-reproducible: a second run writes the same numbers, also when every exchange goes over
+    # messages instead (the same arithmetic on the same values, only where the bytes are differs)
+    p = mpirun(n, "train", *args, "--force", "--comm.shared_memory", "false")
+    assert "exchanges: over messages (comm.shared_memory = false)" in p.stdout
     with read(out / "trajectory.h5") as f:
         np.testing.assert_array_equal(f["center/params"][()], centers)
         np.testing.assert_array_equal(f["workers/params"][()], wparams)

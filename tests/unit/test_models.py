@@ -30,6 +30,26 @@ def test_flat_model_views_share_memory_and_grads_accumulate_in_place():
     assert layout["offsets"][1] == 25 * 5 and layout["names"][0] == "conv1.weight"
 
 
+def test_flat_model_moves_into_given_storage():
+    torch.manual_seed(0)
+    flat = FlatModel(CNN1D())
+    before = flat.params.clone()
+    x, y = torch.randn(8, 40), torch.randint(0, 10, (8,))
+    out = flat.module(x)
+    storage = torch.zeros(flat.numel)  # e.g. a shared-memory window
+    flat.place(storage)
+    assert flat.params.data_ptr() == storage.data_ptr()
+    torch.testing.assert_close(storage, before)
+    torch.testing.assert_close(flat.module(x), out)
+    storage.mul_(0.5)  # the module reads the storage, and gradients still land in flat.grads
+    assert flat.module.conv1.weight.data_ptr() == storage.data_ptr()
+    flat.zero_grad()
+    F.cross_entropy(flat.module(x), y).backward()
+    assert flat.grads.abs().sum() > 0
+    with pytest.raises(ValueError, match="storage for 5210 float32"):
+        flat.place(torch.zeros(10))
+
+
 def test_model_loader_errors():
     with pytest.raises(ValueError, match="not a built-in"):
         build_model("resnet9000")
