@@ -335,7 +335,8 @@ def _serve(cfg, world, role, flat, bounds, workers, alpha, hosts, writer, evalua
         local, n = len(share.workers), len(workers)
         log(("exchanges: " + (f"all {n} worker(s)" if local == n else f"{local} of {n} worker(s)")
              + " in place through shared memory" + ("" if local == n else ", the others over messages"))
-            if local else "exchanges: over messages" + ("" if cfg.comm.shared_memory else " (comm.shared_memory = false)"))
+            if local else "exchanges: over messages" + ("" if cfg.comm.shared_memory else " (comm.shared_memory = false)")
+            + (f" (no shared memory: {share.why_not})" if share.why_not else ""))
         log(f"joins: {'open: hpcopt join ' + str(run.path) if membership.enabled else 'disabled (no ompi-server; start with hpcopt train -n N to allow them)'}")
     server.stop_flag = SignalFlag()
     try:

@@ -17,6 +17,7 @@ the processes.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,7 @@ class NodeShare:
     servers: set[int] = field(default_factory=set)
     # server: world rank -> that worker's whole flat parameter vector (a view into its window)
     workers: dict[int, np.ndarray] = field(default_factory=dict)
+    why_not: str = ""  # why this node does not share, when that is worth saying
 
     def sync(self) -> None:
         """A memory barrier for the window (MPI_Win_sync): around the messages that hand the
@@ -60,6 +62,13 @@ def share_node(world: MPI.Comm, n_servers: int, n_params: int, enabled: bool = T
     if not enabled or not any(r < n_servers for r in members) or all(r < n_servers for r in members):
         node.Free()
         return NodeShare()
+    # The window is a file in Open MPI's backing directory (/dev/shm); where that is too small
+    # (a container's 64 MB /dev/shm) its pages would fault when touched: use messages instead.
+    need = 4 * n_params * sum(r >= n_servers for r in members)
+    why_not = node.bcast(_no_room(need) if node.rank == 0 else None, root=0)
+    if why_not:
+        node.Free()
+        return NodeShare(why_not=why_not)
     info = MPI.Info.Create()
     info.Set("alloc_shared_noncontig", "true")  # each worker's vector page-aligned, in its own pages
     size = 0 if is_server else 4 * n_params
@@ -78,3 +87,17 @@ def share_node(world: MPI.Comm, n_servers: int, n_params: int, enabled: bool = T
         share.servers = {r for r in members if r < n_servers}
     node.Free()
     return share
+
+
+def _no_room(need: int) -> str:
+    """Why the window would not fit where Open MPI puts it ("" if it fits)."""
+    where = os.environ.get("OMPI_MCA_osc_sm_backing_directory", "/dev/shm")
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return ""  # another MPI, or another place: let it try
+    free = st.f_bavail * st.f_frsize
+    if free < need + (64 << 20):
+        return (f"{where} has {free / 1e6:.0f} MB free, the workers' parameters need {need / 1e6:.0f} MB "
+                f"(enlarge it, e.g. docker --shm-size)")
+    return ""
