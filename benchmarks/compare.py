@@ -7,7 +7,8 @@ PyTorch DDP (gloo).
 Setting 1 ("cnn"): the MNIST-1D CNN (5,210 parameters), each method's config from configs/, over
 shared memory. Setting 2 ("wide"): a ~9.2M-parameter MLP (40 -> 3000 -> 3000 -> 10) with every
 rank's traffic over an emulated 1 Gb/s link: a network namespace whose loopback has a `tbf` rate
-limit (DESIGN.md), MPI and gloo over TCP on it. It needs root (ip netns, tc).
+limit (DESIGN.md), MPI and gloo over TCP on it, and no exchange in place through shared memory
+(`--comm.shared_memory false`), as if every rank were on its own node. It needs root (ip netns, tc).
 
 Every run (one after the other on this machine) trains for at most --budget seconds on its own
 training clock: evaluations and traffic after that are not counted, and the run is asked to stop
@@ -105,7 +106,8 @@ def run_hpcopt(method, workers, epochs, budget, out, wide):
     if wide:  # plain EASGD has no momentum: 10x the lr, as for the CNN (0.2 with momentum 0.9, 1.0 without)
         lr = 10 * WIDE_LR if method == "easgd" else WIDE_LR
         extra = [*extra, "--model.name", "mlp", "--model.kwargs", json.dumps(WIDE), "--train.lr", str(lr),
-                 "--record.worker_every", "0", "--record.center_every", "1000000", "--comm.worker_timeout", "120"]
+                 "--record.worker_every", "0", "--record.center_every", "1000000", "--comm.worker_timeout", "120",
+                 "--comm.shared_memory", "false"]  # as between nodes: every exchange crosses the link
     cmd = ["mpirun", "-n", str(ranks), sys.executable, "-m", "hpcopt", "train", "--config",
            str(ROOT / "configs" / config), "--out", str(out), "--train.epochs", str(epochs),
            "--record.eval_seconds", "1", "--record.flush_seconds", "1", *extra]
