@@ -374,16 +374,22 @@ class CenterServer:
         """The worker sent again (or said DONE), so it has every reply of its last exchange:
         complete their sends (only the Test is missing) and free its receive buffer. LSGD: an
         upload the worker has finished sending may still be untaken here; take it first."""
-        for ex in [e for e in self.pending if e.wid == wid and e.started]:
-            while ex in self.pending:
-                if not self._lsgd_advance(ex):
-                    wait_all([ex.requests[ex.next_chunk]], self.timeout, f"worker {wid}'s parameters")
+        self._take_uploads(wid)
         if wid in self.replies:
             wait_all(self.replies.pop(wid)[0], self.timeout, f"worker {wid} to take its reply")
         elif post and self.peers[wid].posted is None:
             raise RuntimeError(f"worker {wid} started an exchange before its last one was answered")
         if post and self.peers[wid].posted is None:
             self._post(wid)
+
+    def _take_uploads(self, wid: int | None = None) -> None:
+        """LSGD: finish the started exchanges (of worker `wid`, or all), taking their uploads. A
+        worker's upload sends may complete (buffered) before this server has received them, so
+        the worker can go on, or say DONE, with its upload still in flight to this server."""
+        for ex in [e for e in self.pending if e.started and wid in (None, e.wid)]:
+            while ex in self.pending:
+                if not self._lsgd_advance(ex):
+                    wait_all([ex.requests[ex.next_chunk]], self.timeout, f"worker {ex.wid}'s parameters")
 
     def _poll_fetches(self) -> bool:
         before = len(self.fetches)
@@ -722,8 +728,11 @@ class CenterServer:
         then (when due) the checkpoint, which matches the file as flushed."""
         comm = self.servers
         if final:
-            # every worker got its last reply before it said DONE, so all servers are complete;
-            # the last center is always recorded
+            # every worker got its last reply before it said DONE, so all servers are complete,
+            # except LSGD uploads still in flight to this server (server 0 saw every DONE; this
+            # server may not have taken the last uploads yet): take them. The last center is
+            # always recorded.
+            self._take_uploads()
             if self.last_snap != self.exchanges:
                 self.center_snaps.append((self.exchanges, self.now(), self.center.copy()))
                 self.last_snap = self.exchanges
