@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from hpcopt.data import load_data
-from hpcopt.evaluate import evaluate
+from hpcopt.models.evaluate import evaluate
 from hpcopt.models import CNN1D, build_model
 from hpcopt.optim.schedule import learning_rate
 

@@ -49,7 +49,7 @@ def wait(what, pred, timeout=180):
 def startup_seconds() -> float:
     t = time.time()
     subprocess.run(["mpirun", "--oversubscribe", "-n", "1", sys.executable, "-c",
-                    "import torch, h5py; from mpi4py import MPI; import hpcopt.train, hpcopt.async_worker"],
+                    "import torch, h5py; from mpi4py import MPI; import hpcopt.roles.train, hpcopt.roles.worker"],
                    env=ENV, check=True)
     return time.time() - t
 

@@ -32,10 +32,13 @@ import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from hpcopt.comm.client import CenterClient  # noqa: E402
+from hpcopt.config import CommConfig, RecordConfig  # noqa: E402
+from hpcopt.io.recorder import Recorder  # noqa: E402
 from hpcopt.comm.protocol import EXCHANGE, make_header  # noqa: E402
 from hpcopt.comm.server import CenterServer  # noqa: E402
 from hpcopt.comm.shared import share_node  # noqa: E402
 from hpcopt.io.trajectory import TrajectoryWriter  # noqa: E402
+from hpcopt.optim.center import ElasticRule  # noqa: E402
 from hpcopt.optim.easgd import elastic_exchange_  # noqa: E402
 
 
@@ -59,10 +62,12 @@ def exchange_round_trips(comm, n, reps, chunk, tmp, share=None):
     if comm.rank == 0:
         writer = TrajectoryWriter(f"{tmp}/bench.h5", servers, n_params=n, lo=0, hi=n, shard_width=n,
                                   attrs={}, model_attrs={})
+        start = time.monotonic()
+        recorder = Recorder(servers, writer, RecordConfig(center_every=10**9, worker_every=0, flush_seconds=3600,
+                                                          eval_seconds=3600), bounds=[(0, n)], start=start)
         server = CenterServer(world=comm, servers=servers, workers={0: (1, "")}, bounds=[(0, n)],
-                              center=np.zeros(n, np.float32), alpha=0.5, chunk=chunk, timeout=60,
-                              center_every=10**9, worker_every=0, flush_seconds=3600, eval_seconds=3600,
-                              writer=writer, start=time.monotonic(),
+                              rule=ElasticRule(torch.zeros(n), 0.5), recorder=recorder,
+                              comm=CommConfig(timeout=60, chunk_mb=chunk * 4 / 1e6), start=start,
                               shared=share.workers if share else None, sync=share.sync if share else lambda: None)
         server.serve()
         result = None

@@ -24,8 +24,8 @@ from hpcopt import config as C  # noqa: E402
 from hpcopt.comm.wait import wait_all  # noqa: E402
 from hpcopt.data import load_data  # noqa: E402
 from hpcopt.models import FlatModel, build_model  # noqa: E402
-from hpcopt.async_worker import run_worker  # noqa: E402
-from hpcopt.train import train  # noqa: E402
+from hpcopt.roles.worker import run_worker  # noqa: E402
+from hpcopt.roles.train import train  # noqa: E402
 
 
 class NoCommunication:
@@ -77,10 +77,10 @@ def main():
     rates = {"alone": [], "easgd": []}
     for r in range(args.rounds):
         res = alone(cfg, comm, data)
-        rates["alone"].append(res["samples"] / res["seconds"])
-        res = train(cfg, force=True, log=lambda *a: None)
+        rates["alone"].append(res.samples / res.seconds)
+        res = train(cfg, force=True, log=lambda *a: None).worker
         res = comm.bcast(res if comm.rank == 1 else None, root=1)
-        rates["easgd"].append(res["samples"] / res["seconds"])
+        rates["easgd"].append(res.samples / res.seconds)
     if comm.rank == 0:
         a, e = statistics.median(rates["alone"]), statistics.median(rates["easgd"])
         print(f"worker samples/s, median of {args.rounds} alternating rounds of {args.epochs:g} epochs:")

@@ -51,7 +51,7 @@ def _cmd_train(args) -> int:
         return _launch_train(args, launch, under_mpi_launcher)
     import mpi4py
 
-    from hpcopt.elastic import joins_possible
+    from hpcopt.comm.joins import joins_possible
 
     # Only the main thread calls MPI, except the threads that accept joins (they need an
     # ompi-server, so the stricter level is asked for only then).
@@ -60,7 +60,7 @@ def _cmd_train(args) -> int:
 
     from hpcopt import config as C
     from hpcopt.launch.env import install_abort_on_error
-    from hpcopt.train import UsageError, train
+    from hpcopt.roles.train import UsageError, train
 
     rank = MPI.COMM_WORLD.rank
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:")}
@@ -86,28 +86,24 @@ def _cmd_train(args) -> int:
     install_abort_on_error(MPI.COMM_WORLD)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     try:
-        summary = train(cfg, force=args.force, resume=bool(args.resume), log=log)
+        result = train(cfg, force=args.force, resume=bool(args.resume), log=log)
     except UsageError as e:
         if rank == 0:
             print(f"hpcopt train: error: {e}", file=sys.stderr)
         return 2
-    if summary is not None and summary.get("all_diverged"):
+    run = result.run
+    if run is not None and run.all_diverged:
         print(f"hpcopt train: error: every worker diverged (NaN/Inf or exploding loss, reset "
               f"train.max_resets={cfg.train.max_resets} times each); lower train.lr (now {cfg.train.lr})",
               file=sys.stderr)
         return 1
-    if summary is not None and "path" in summary:
-        acc = summary["final_center_test_accuracy"]
-        if "rounds" in summary:
-            what = f"{summary['rounds']} synchronous rounds"
-            who = "average"
-        else:
-            what = f"{summary['exchanges']} exchanges"
-            who = "center"
-        log(f"done: {what} in {summary['wall_seconds']:.1f} s; final {who} test accuracy {100 * acc:.2f}%")
-        if "cpu_seconds" in summary:
-            log(f"server 0 used {summary['cpu_seconds']:.1f} s of CPU ({summary['polls']} polls)")
-        log(f"trajectory: {summary['path']}   (see it with: hpcopt inspect {summary['path']})")
+    if run is not None:
+        what, who = (f"{run.exchanges} synchronous rounds", "average") if run.synchronous \
+            else (f"{run.exchanges} exchanges", "center")
+        log(f"done: {what} in {run.wall_seconds:.1f} s; final {who} test accuracy {100 * run.final_accuracy:.2f}%")
+        if run.cpu_seconds is not None:
+            log(f"server 0 used {run.cpu_seconds:.1f} s of CPU ({run.polls} polls)")
+        log(f"trajectory: {run.path}   (see it with: hpcopt inspect {run.path})")
     return 0
 
 
@@ -163,7 +159,8 @@ def _cmd_join(args) -> int:
     from mpi4py import MPI
 
     from hpcopt.launch.env import install_abort_on_error
-    from hpcopt.train import UsageError, join
+    from hpcopt.roles.join import join
+    from hpcopt.roles.train import UsageError
 
     rank = MPI.COMM_WORLD.rank
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
@@ -174,13 +171,13 @@ def _cmd_join(args) -> int:
         if rank == 0:
             print(f"hpcopt join: error: {e}", file=sys.stderr)
         return 2
-    print(f"worker {summary['worker_id']}: {summary['reason']} after {summary['steps']} steps, "
-          f"{summary['exchanges']} exchanges", flush=True)
+    print(f"worker {summary.worker_id}: {summary.reason} after {summary.steps} steps, "
+          f"{summary.exchanges} exchanges", flush=True)
     return 0
 
 
 def _cmd_status(args) -> int:
-    from hpcopt.status import format_status, read_status
+    from hpcopt.io.status import format_status, read_status
 
     try:
         status = read_status(args.run)

@@ -19,38 +19,24 @@ from collections.abc import Callable
 
 import numpy as np
 
+from hpcopt.comm.wait import Backoff, PeerTimeout, wait_all, wait_for  # noqa: F401 (PeerTimeout: callers catch it)
+
 TAG_REQUEST, TAG_WORK, TAG_BCAST = 7101, 7102, 7103
-
-
-class PeerTimeout(RuntimeError):
-    """Another rank did not answer within the deadline."""
-
-
-def _sleep(delay: float) -> float:
-    time.sleep(delay)
-    return min(delay * 2, 2e-3)
+CAP = 2e-3  # a rank waiting here has nothing else to do: sleep up to 2 ms between tests
 
 
 def recv_obj(comm, source: int, tag: int, timeout: float, what: str):
     """Receive one pickled object, or raise PeerTimeout after `timeout` seconds."""
     from mpi4py import MPI
 
-    deadline, delay, status = time.monotonic() + timeout, 1e-5, MPI.Status()
-    while not comm.iprobe(source=source, tag=tag, status=status):
-        if time.monotonic() > deadline:
-            raise PeerTimeout(f"rank {comm.rank}: no message within {timeout:g} s while waiting for {what}")
-        delay = _sleep(delay)
+    status = MPI.Status()
+    wait_for(lambda: comm.iprobe(source=source, tag=tag, status=status), timeout,
+             f"{what} (rank {comm.rank})", cap=CAP)
     return comm.recv(source=status.Get_source(), tag=tag)
 
 
 def wait_requests(requests: list, timeout: float, what: str) -> None:
-    from mpi4py import MPI
-
-    deadline, delay = time.monotonic() + timeout, 1e-5
-    while not MPI.Request.Testall(requests):
-        if time.monotonic() > deadline:
-            raise PeerTimeout(f"no answer within {timeout:g} s while waiting for {what}")
-        delay = _sleep(delay)
+    wait_all(requests, timeout, what, cap=CAP)
 
 
 def bcast(comm, obj, timeout: float, what: str, root: int = 0):
@@ -111,7 +97,7 @@ def _lead(comm, pending: deque, compute, timeout, on_results, stop, max_chunk) -
     status = MPI.Status()
     computed = 0
     heard = time.monotonic()
-    delay = 1e-5
+    backoff = Backoff(cap=CAP)
     stopped = False
 
     def take() -> list[int]:
@@ -127,7 +113,8 @@ def _lead(comm, pending: deque, compute, timeout, on_results, stop, max_chunk) -
         while comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_REQUEST, status=status):
             src = status.Get_source()
             results, want_more = comm.recv(source=src, tag=TAG_REQUEST)
-            heard, delay = time.monotonic(), 1e-5
+            heard = time.monotonic()
+            backoff.reset()
             if results and on_results:
                 on_results(results)
             if want_more:
@@ -150,7 +137,7 @@ def _lead(comm, pending: deque, compute, timeout, on_results, stop, max_chunk) -
         if time.monotonic() - heard > timeout:
             raise PeerTimeout(f"rank 0: no message within {timeout:g} s from rank(s) "
                               f"{sorted(others - finished)} while they held grid points")
-        delay = _sleep(delay)
+        backoff.idle()
     wait_requests(sends, timeout, "the last work replies to be received")
     return computed
 

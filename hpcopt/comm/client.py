@@ -12,16 +12,9 @@ from . import protocol as P
 from hpcopt.launch.env import JobFatal
 from hpcopt.optim.lsgd import pull_
 
-from .wait import BUSY_CAP, Backoff, PeerTimeout, wait_all
-
+from .wait import BUSY_CAP, Backoff, PeerTimeout, cancel, wait_all
 
 SEND_WINDOW = 2
-
-
-def _cancel_all(requests) -> None:
-    for r in requests:
-        if r is not None and r != MPI.REQUEST_NULL:
-            r.Cancel()
 
 
 class Dropped(RuntimeError):
@@ -153,7 +146,7 @@ class CenterClient:
             if (done, len(recvs), sum(len(f) for f in flying.values())) != before:
                 backoff.reset()
             elif time.monotonic() > deadline:
-                _cancel_all(recvs[done:] + [r for f in flying.values() for r, _ in f])
+                cancel(recvs[done:] + [r for f in flying.values() for r, _ in f])
                 self.poll_notices()  # a server that dropped us says so: a clearer error
                 raise CenterLost(f"no reply from the center (servers {list(servers)}) "
                                  f"within {self.timeout:g} s (comm.timeout)")
@@ -211,7 +204,7 @@ class CenterClient:
             if progress:
                 backoff.reset()
             elif time.monotonic() > deadline:
-                _cancel_all([w["send"] for w in flying] + [w["recv"] for w in work])
+                cancel([w["send"] for w in flying] + [w["recv"] for w in work])
                 self.poll_notices()
                 raise CenterLost(f"no reply from the center within {self.timeout:g} s (comm.timeout)")
             else:

@@ -1,4 +1,5 @@
-"""Waiting on other ranks: politely (no spinning core) and never without a deadline.
+"""Waiting on other ranks: politely (no spinning core) and never without a deadline. Training and
+analysis alike wait here.
 
 Open MPI 4.1's blocking calls spin a whole core; with more ranks than cores that steals compute
 from the workers. And a blocking receive from a dead peer hangs forever. So every wait here
@@ -13,8 +14,6 @@ import ctypes
 import ctypes.util
 import os
 import time
-
-from mpi4py import MPI
 
 BUSY_CAP = 2e-4
 IDLE_CAP = 1e-3
@@ -59,20 +58,41 @@ class Backoff:
         self.delay, self.spin_until = self.low, None
 
 
-def wait_all(requests: list, timeout: float, what: str) -> None:
+def cancel(requests) -> bool:
+    """Cancel requests that will never complete (a peer is gone); never waits or raises.
+    Returns False (so it can sit in a filter)."""
+    from mpi4py import MPI
+
+    for req in requests:
+        try:
+            if req is not None and req != MPI.REQUEST_NULL:
+                req.Cancel()
+        except MPI.Exception:
+            pass
+    return False
+
+
+def wait_all(requests: list, timeout: float, what: str, cap: float = BUSY_CAP) -> None:
     """Wait until all requests complete, or raise PeerTimeout after `timeout` seconds
     (cancelling what is still pending, so the buffers may be reused or dropped)."""
+    from mpi4py import MPI
+
     if MPI.Request.Testall(requests):
         return
     deadline = time.monotonic() + timeout
-    backoff = Backoff(cap=BUSY_CAP)
+    backoff = Backoff(cap=cap)
     while not MPI.Request.Testall(requests):
         if time.monotonic() > deadline:
-            for r in requests:
-                if r != MPI.REQUEST_NULL:
-                    try:
-                        r.Cancel()
-                    except MPI.Exception:
-                        pass
+            cancel(requests)
+            raise PeerTimeout(f"no answer within {timeout:g} s while waiting for {what}")
+        backoff.idle()
+
+
+def wait_for(test, timeout: float, what: str, cap: float = BUSY_CAP) -> None:
+    """Wait until test() is true (e.g. a message can be probed), or raise PeerTimeout."""
+    deadline = time.monotonic() + timeout
+    backoff = Backoff(cap=cap)
+    while not test():
+        if time.monotonic() > deadline:
             raise PeerTimeout(f"no answer within {timeout:g} s while waiting for {what}")
         backoff.idle()

@@ -1,4 +1,5 @@
-"""The servers' checkpoint, OUT/checkpoint.h5: what `hpcopt train --resume` needs to go on.
+"""Checkpoints: what `hpcopt train --resume` needs to go on. The servers' OUT/checkpoint.h5
+(below), and each worker's own state in OUT/workers/ (save_worker_state / load_worker_state).
 
 Written by server 0 right after a collective flush of the trajectory file, into a temporary file
 that is renamed over the old one (a crash leaves the old or the new checkpoint, never half of
@@ -86,3 +87,35 @@ def read(path, *, n_parameters: int, layout: dict, method: str) -> dict:
     attrs["trajectory_sizes"] = json.loads(attrs["trajectory_sizes"])
     out["attrs"] = attrs
     return out
+
+
+def save_worker_state(path, *, step: int, exchange: int, params, trainer_state: dict) -> None:
+    """A worker's own state (parameters, step, local optimizer and data order), atomically."""
+    import io
+
+    import torch
+
+    from .rundir import write_atomic
+
+    buf = io.BytesIO()
+    torch.save({"step": step, "exchange": exchange, "params": params.clone(), "trainer": trainer_state,
+                "n_parameters": params.numel()}, buf)
+    write_atomic(path, buf.getvalue())
+
+
+def load_worker_state(path, n_parameters: int, log=print) -> dict | None:
+    """A worker's saved state, or None when there is none (or it does not fit this model)."""
+    import torch
+
+    try:
+        state = torch.load(path, weights_only=False)
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # a corrupt state is not fatal: the worker starts from the center
+        log(f"hpcopt: ignoring unreadable worker state {path}: {e}")
+        return None
+    if state.get("n_parameters") != n_parameters:
+        log(f"hpcopt: ignoring worker state {path}: it has {state.get('n_parameters')} parameters, "
+            f"the model {n_parameters}")
+        return None
+    return state

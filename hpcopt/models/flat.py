@@ -23,7 +23,7 @@ class FlatModel:
         self.params = torch.empty(self.numel, dtype=torch.float32, device=device)
         self.grads = torch.zeros(self.numel, dtype=torch.float32, device=device)
         # LGRAWA: the norm of each parameter tensor's slice of the gradient a worker last reported
-        # (hpcopt.worker.LocalTrainer fills it; the exchange client ships it)
+        # (hpcopt.roles.local.LocalTrainer fills it; the exchange client ships it)
         self.layer_grad_norms = np.full(len(params), np.nan)
         offset = 0
         for p in params:

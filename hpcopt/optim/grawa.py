@@ -33,31 +33,35 @@ def inverse_norm_weights(grad_norms: torch.Tensor, eps: float = 1e-12) -> torch.
     return (inv / inv.sum(dim=0, keepdim=True)).to(grad_norms.dtype)
 
 
-def weighted_center(xs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """MGRAWA center: sum_i w_i x_i for stacked worker parameters xs [p, P] and weights [p]."""
-    if xs.shape[0] != weights.shape[0]:
-        raise ValueError(f"{xs.shape[0]} workers but {weights.shape[0]} weights")
-    return weights.to(xs.dtype) @ xs
+def weighted_center_(out: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """MGRAWA center, in place: out <- sum_i w_i xs[i] (one chunk of the shard; weights from
+    inverse_norm_weights). Accumulated worker by worker, so no [p, P] stack is built."""
+    if len(xs) != len(weights):
+        raise ValueError(f"{len(xs)} workers but {len(weights)} weights")
+    out.zero_()
+    for x, w in zip(xs, weights):
+        out.add_(x, alpha=w)
+    return out
 
 
-def layerwise_center(xs: torch.Tensor, weights: torch.Tensor, layers: list[tuple[int, int]]) -> torch.Tensor:
-    """LGRAWA center: layer l (flat slice layers[l]) is sum_i weights[i, l] x_i[slice]."""
-    if weights.shape != (xs.shape[0], len(layers)):
-        raise ValueError(f"weights must have shape [{xs.shape[0]}, {len(layers)}], got {list(weights.shape)}")
-    center = torch.empty(xs.shape[1], dtype=xs.dtype, device=xs.device)
-    for l, (lo, hi) in enumerate(layers):
-        center[lo:hi] = weights[:, l].to(xs.dtype) @ xs[:, lo:hi]
+def layerwise_center_(center: torch.Tensor, xs: list[torch.Tensor], weights: torch.Tensor,
+                      segments: list[tuple[int, int, int]], a: int = 0, b: int | None = None) -> torch.Tensor:
+    """LGRAWA center, in place, on the chunk [a, b) of a shard: each part of a layer in it becomes
+    sum_i weights[i, l] xs[i][part]. `segments` are (layer l, lo, hi) in shard coordinates
+    (shard_segments), `weights` [p, L] from inverse_norm_weights."""
+    b = len(center) if b is None else b
+    if weights.shape[0] != len(xs):
+        raise ValueError(f"{len(xs)} workers but weights of shape {list(weights.shape)}")
+    for layer, s_lo, s_hi in segments:
+        lo, hi = max(a, s_lo), min(b, s_hi)
+        if lo < hi:
+            weighted_center_(center[lo:hi], [x[lo:hi] for x in xs], weights[:, layer].tolist())
     return center
 
 
 def layer_norms(grad: torch.Tensor, layers: list[tuple[int, int]]) -> torch.Tensor:
     """||g||_2 of each layer's slice of a flat gradient."""
     return torch.stack([grad[lo:hi].norm() for lo, hi in layers])
-
-
-def pull_toward_(x: torch.Tensor, center: torch.Tensor, alpha: float) -> torch.Tensor:
-    """x <- (1 - alpha) x + alpha center, in place."""
-    return x.lerp_(center, alpha)
 
 
 def layer_bounds(layout: dict) -> list[tuple[int, int]]:

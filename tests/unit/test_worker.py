@@ -9,7 +9,7 @@ import torch
 
 from hpcopt import config as C
 from hpcopt.models import FlatModel
-from hpcopt.worker import LocalTrainer
+from hpcopt.roles.local import LocalTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
 import quadratic  # noqa: E402

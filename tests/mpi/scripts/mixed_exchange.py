@@ -15,7 +15,10 @@ from hpcopt.comm.client import CenterClient
 from hpcopt.comm.protocol import EXCHANGE, make_header, shard_bounds
 from hpcopt.comm.server import CenterServer
 from hpcopt.comm.shared import share_node
+from hpcopt.config import CommConfig, RecordConfig
+from hpcopt.io.recorder import Recorder
 from hpcopt.io.trajectory import TrajectoryWriter
+from hpcopt.optim.center import ElasticRule
 
 N, ALPHA, CHUNK, EXCHANGES = 1003, 0.3, 50, 5  # 501-float shards: 11 chunks, more than one pass in place
 
@@ -32,11 +35,14 @@ def main():
         writer = TrajectoryWriter(f"{sys.argv[1]}/mixed.h5", servers, n_params=N, lo=lo, hi=hi,
                                   shard_width=bounds[0][1] - bounds[0][0], attrs={}, model_attrs={})
         in_place = world.rank == 0  # server 1 pretends the worker is on another node
-        server = CenterServer(world=world, servers=servers, workers={0: (2, "")}, bounds=bounds,
-                              center=center0[lo:hi].copy(), alpha=ALPHA, chunk=CHUNK, timeout=60,
-                              center_every=1, worker_every=1, flush_seconds=3600, eval_seconds=3600,
-                              writer=writer, start=time.monotonic(),
-                              shared=share.workers if in_place else None, sync=share.sync)
+        start = time.monotonic()
+        rule = ElasticRule(torch.from_numpy(center0[lo:hi].copy()), ALPHA)
+        recorder = Recorder(servers, writer, RecordConfig(center_every=1, worker_every=1, flush_seconds=3600,
+                                                          eval_seconds=3600), bounds=bounds, start=start,
+                            center=rule.center.numpy())
+        server = CenterServer(world=world, servers=servers, workers={0: (2, "")}, bounds=bounds, rule=rule,
+                              recorder=recorder, comm=CommConfig(timeout=60, chunk_mb=CHUNK * 4 / 1e6),
+                              start=start, shared=share.workers if in_place else None, sync=share.sync)
         assert server.peers[0].shared == in_place
         server.serve()
         return

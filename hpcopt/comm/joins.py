@@ -1,5 +1,5 @@
-"""Membership of a running training: joins, the status file, checkpoints (server side), and the
-joining side (`hpcopt join`).
+"""Joins: workers that come into a running training, both sides (the servers' `Joins`, and
+`request_join` / `connect` for `hpcopt join`).
 
 Joins go through MPI's dynamic process calls. On Open MPI 4.1 two separately started jobs can
 connect only through an `ompi-server` that both mpiruns know (the environment variable
@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
-import statistics
 import threading
 import time
 import uuid
 
-import numpy as np
-
-from hpcopt.rundir import RunDir, read_json, write_json
+from hpcopt.io.rundir import RunDir, read_json, write_json
 
 SCAN_SECONDS = 0.25  # how often servers look for join requests
 
@@ -38,17 +34,17 @@ def joins_possible() -> bool:
     return bool(os.environ.get("OMPI_MCA_pmix_server_uri") or os.environ.get("PMIX_SERVER_URI_JOIN"))
 
 
-class Membership:
-    """Server side: joins, status file, checkpoints. Collective construction over the servers."""
+class Joins:
+    """Server side: takes join requests from the run directory and admits the joiners through the
+    server's narrow interface (refuses_joins, reserve_ids, median_step, admit, event, now).
+    Collective construction over the servers."""
 
-    def __init__(self, run: RunDir, servers, *, method: str, model: str, layout: dict, n_params: int,
-                 server_hosts: list[str], timeout: float, log=print, resumed_from: int = 0):
+    def __init__(self, run: RunDir, servers, *, n_params: int, timeout: float, log=print):
         from mpi4py import MPI
 
         self.run, self.servers, self.log, self.timeout = run, servers, log, timeout
         self.leader = servers.rank == 0
-        self.method, self.model, self.layout, self.n_params = method, model, layout, n_params
-        self.server_hosts = server_hosts
+        self.n_params = n_params
         self.enabled = joins_possible()
         self.port = MPI.Open_port() if self.enabled else None
         ports = servers.allgather(self.port)
@@ -59,7 +55,6 @@ class Membership:
         self.abandoned = 0  # accept threads still blocked on a joiner that never came
         self.seen: set[str] = set()
         self.last_scan = 0.0
-        self.resumed_from = resumed_from
         if self.leader:
             run.joins.mkdir(exist_ok=True)
             if self.enabled:
@@ -121,8 +116,8 @@ class Membership:
             why = "joins are disabled: the training was started without an ompi-server"
         elif request.get("token") != self.token:
             why = "wrong token"
-        elif server.stopping or not server.active:
-            why = "the run is ending"
+        elif server.refuses_joins():
+            why = server.refuses_joins()
         elif request.get("n_parameters") != self.n_params:
             why = f"the joiner's model has {request.get('n_parameters')} parameters, the run's {self.n_params}"
         n = int(request.get("n", 0))
@@ -136,12 +131,7 @@ class Membership:
             return
         answer = None
         if self.leader:
-            base = server.next_worker_id
-            server.next_worker_id += n
-            steps = [server.peers[w].step for w in server.active]
-            # the servers' alpha: elastic forces stay equal and opposite for the newcomers too
-            answer = {"first_worker_id": base, "start_step": int(statistics.median(steps)) if steps else 0,
-                      "alpha": server.alpha}
+            answer = {"first_worker_id": server.reserve_ids(n), "start_step": server.median_step()}
         self.accepting[rid] = time.monotonic()
         port = self.port
 
@@ -156,49 +146,17 @@ class Membership:
             write_json(self.run.joins / f"{rid}.ok", answer)
 
     def _admit(self, server, rid: str, inter, request: dict, answer: dict | None) -> None:
+        n = int(request["n"])
         if answer is None:  # not the leader: server 0's answer is in the run directory by now
             answer = read_json(self.run.joins / f"{rid}.ok")
-            server.next_worker_id = max(server.next_worker_id, answer["first_worker_id"] + int(request["n"]))
+            server.next_worker_id = max(server.next_worker_id, answer["first_worker_id"] + n)
         base, hosts, pids = answer["first_worker_id"], request.get("hosts", []), request.get("pids", [])
-        link = server.add_link(inter)
-        for i in range(int(request["n"])):
-            host = hosts[i] if i < len(hosts) else "?"
-            server.add_worker(base + i, link, i, host, world_rank=i, pid=int(pids[i]) if i < len(pids) else -1)
-            server.event("join", base + i, answer["start_step"],
-                         f"joined from {host} (pid {pids[i] if i < len(pids) else '?'}, join {rid})")
+        hosts = [hosts[i] if i < len(hosts) else "?" for i in range(n)]
+        pids = [int(pids[i]) if i < len(pids) else -1 for i in range(n)]
+        server.admit(inter, base, hosts, pids, answer["start_step"], f"join {rid}")
         if self.leader:
-            self.log(f"[{server.now():7.1f}s] {request['n']} worker(s) joined from {sorted(set(hosts))}: "
-                     f"ids {base}..{base + int(request['n']) - 1}; {len(server.active)} workers now")
-
-    # ------------------------------------------------------------------ status and checkpoints
-    def write_status(self, server, state: str) -> None:
-        """Server 0: OUT/status.json, rewritten atomically (read by `hpcopt status`)."""
-        now = time.monotonic()
-        last = server.evaluator.last if server.evaluator is not None else None
-        write_json(self.run.status, {
-            "state": state, "method": self.method, "pid": os.getpid(), "host": socket.gethostname(),
-            "updated": time.time(), "elapsed_seconds": round(server.now(), 3),
-            "exchanges": server.exchanges, "exchanges_per_second": round(server.rate, 2),
-            "center_test_accuracy": None if last is None else float(last[3]),
-            "center_test_loss": None if last is None else float(last[2]),
-            "evaluated_at_exchange": None if last is None else int(last[0]),
-            "servers": self.server_hosts, "joins_enabled": self.enabled,
-            "workers": [{"id": w, "host": p.host, "rank": p.world_rank, "pid": p.pid, "step": p.step,
-                         "exchanges": p.exchanges, "joined_at": round(p.joined, 3),
-                         "silent_seconds": round(now - p.last_seen, 3)}
-                        for w, p in sorted(server.peers.items()) if w in server.active],
-            "resumed_from_exchange": self.resumed_from,
-        })
-
-    def checkpoint(self, server, center: np.ndarray, latest: dict, sizes: dict) -> None:
-        from hpcopt.io import checkpoint
-
-        workers = [(w, server.peers[w].step, server.peers[w].exchanges, server.loss_avg.get(w, np.nan),
-                    server.grad_norms.get(w, np.nan)) for w in sorted(server.active)]
-        checkpoint.write(self.run.checkpoint, center=center, workers=workers, latest=latest, attrs={
-            "method": self.method, "model": self.model, "n_parameters": self.n_params,
-            "layout": self.layout, "exchanges": server.exchanges, "next_worker_id": server.next_worker_id,
-            "time": server.now(), "trajectory_sizes": sizes})
+            self.log(f"[{server.now():7.1f}s] {n} worker(s) joined from {sorted(set(hosts))}: "
+                     f"ids {base}..{base + n - 1}; {len(server.active)} workers now")
 
     def close(self) -> None:
         if self.port is not None and not self.accepting and not self.abandoned:

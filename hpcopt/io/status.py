@@ -7,7 +7,7 @@ import datetime
 import time
 from pathlib import Path
 
-from hpcopt.rundir import RunDir, read_json
+from hpcopt.io.rundir import RunDir, read_json
 
 STALE_SECONDS = 30.0
 

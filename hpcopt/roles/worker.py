@@ -1,5 +1,5 @@
-"""A worker of the asynchronous methods: local steps, an exchange with the center every tau
-steps, and the elastic part of membership:
+"""The asynchronous worker: local steps, an exchange with the center every tau steps, and the
+elastic part of membership:
 
 - a signal (SIGTERM, SIGINT, SIGUSR1, SIGUSR2: `kill`, Slurm preemption, `--signal`) makes it
   finish its step, make a last exchange and deregister; the others go on;
@@ -14,74 +14,55 @@ steps, and the elastic part of membership:
 
 from __future__ import annotations
 
-import io
 import math
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 
 from hpcopt.comm import protocol as P
 from hpcopt.config import Config
+from hpcopt.io.checkpoint import save_worker_state
+from hpcopt.io.rundir import RunDir
+from hpcopt.launch.signals import SignalFlag, ignore_leave_signals
 from hpcopt.models import FlatModel
-from hpcopt.rundir import RunDir, write_atomic
-from hpcopt.worker import LocalTrainer
-
-LEAVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+from hpcopt.roles.local import LocalTrainer
 
 
-class SignalFlag:
-    """Remembers the first leave signal; the training loop checks it between steps."""
-
-    def __init__(self, signals=LEAVE_SIGNALS):
-        self.received: int | None = None
-        for s in signals:
-            signal.signal(s, self._handler)
-
-    def _handler(self, signum, frame):
-        if self.received is None:
-            self.received = signum
-
-    def __bool__(self) -> bool:
-        return self.received is not None
+@dataclass
+class WorkerSummary:
+    worker_id: int
+    steps: int  # local steps this run (from its first step)
+    samples: int
+    exchanges: int  # the worker's exchange counter at the end
+    seconds: float
+    reason: str  # why it stopped (protocol.REASONS)
 
 
-def ignore_leave_signals() -> None:
-    """Once a rank's work is done it waits in MPI_Finalize for every other rank of its job (a
-    PMIx fence). Python resets its own handlers to the default action when it finalizes, and the
-    default for SIGUSR1/2, SIGINT and SIGTERM is to die: a graceful stop forwarded to the whole job
-    would then kill the ranks that left early in the middle of the fence, and the others would
-    wait for them forever. Ignored signals stay ignored through finalization."""
-    for s in LEAVE_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+def on_device(flat: FlatModel, log, shared: torch.Tensor | None = None) -> tuple[FlatModel, torch.Tensor]:
+    """A worker moves to the GPU of its node-local rank, if it has one (hpcopt.launch.device).
+    Returns the model there and the CPU buffer exchanges use: the parameters themselves on the
+    CPU, else a host copy (MPI never sees a GPU pointer; CUDA-aware MPI is detected and reported,
+    but exchanges are staged through the host either way). `shared`, when given, is the worker's
+    shared-memory window (hpcopt.comm.shared): the CPU parameters, or the host copy, live there."""
+    from hpcopt.launch.device import select_device
 
-
-def save_worker_state(path, trainer: LocalTrainer, flat: FlatModel, step: int, k: int) -> None:
-    buf = io.BytesIO()
-    torch.save({"step": step, "exchange": k, "params": flat.params.clone(),
-                "trainer": trainer.state_dict(), "n_parameters": flat.numel}, buf)
-    write_atomic(path, buf.getvalue())
-
-
-def load_worker_state(path, flat: FlatModel) -> dict | None:
-    """A worker's saved state, or None when there is none (or it does not fit this model)."""
-    try:
-        state = torch.load(path, weights_only=False)
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # a corrupt state is not fatal: the worker starts from the center
-        print(f"hpcopt: ignoring unreadable worker state {path}: {e}", flush=True)
-        return None
-    if state.get("n_parameters") != flat.numel:
-        print(f"hpcopt: ignoring worker state {path}: it has {state.get('n_parameters')} parameters, "
-              f"the model {flat.numel}", flush=True)
-        return None
-    return state
+    choice = select_device("worker", log=log if torch.cuda.is_available() else None)
+    if choice.device == "cpu":
+        if shared is not None:
+            flat.place(shared)
+        return flat, flat.params
+    moved = FlatModel(flat.module, device=choice.device)
+    torch.cuda.set_device(torch.device(choice.device))
+    host = shared if shared is not None else torch.empty(moved.numel, dtype=torch.float32, pin_memory=True)
+    host.copy_(moved.params)
+    return moved, host
 
 
 def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client, start: float, *,
                run: RunDir | None = None, first_step: int = 0, state: dict | None = None,
-               log=print) -> dict:
+               log=print) -> WorkerSummary:
     """Local training with an exchange every tau steps (and one at the end). Starts at
     `first_step` (a join or a resume), from `state` if given. Returns the worker's counts."""
     trainer = LocalTrainer(cfg, worker_id, flat, data)
@@ -120,7 +101,8 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
         through_host(client.exchange, header(P.EXCHANGE, step))
         loss_sum, loss_n = 0.0, 0
         if run is not None and time.monotonic() - last_save >= cfg.record.checkpoint_seconds:
-            save_worker_state(run.worker_state(worker_id), trainer, flat, step, k)
+            save_worker_state(run.worker_state(worker_id), step=step, exchange=k, params=flat.params,
+                              trainer_state=trainer.state_dict())
             last_save = time.monotonic()
 
     step = first_step
@@ -162,10 +144,11 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
     if reason != P.GAVE_UP:
         exchange(step)  # the last exchange: what the worker learnt since the previous one counts
     if run is not None and reason in (P.SIGNALLED, P.STOPPED):
-        save_worker_state(run.worker_state(worker_id), trainer, flat, step, k)
+        save_worker_state(run.worker_state(worker_id), step=step, exchange=k, params=flat.params,
+                          trainer_state=trainer.state_dict())
     client.done(worker_id, step, reason)
     ignore_leave_signals()
     if flags:
         log(f"worker {worker_id}: left on signal {signal.Signals(flags.received).name} at step {step}")
-    return {"worker_id": worker_id, "steps": step - first_step, "samples": (step - first_step) * trainer.batch,
-            "exchanges": k, "seconds": time.perf_counter() - t0, "reason": P.REASONS[reason]}
+    return WorkerSummary(worker_id=worker_id, steps=step - first_step, samples=(step - first_step) * trainer.batch,
+                         exchanges=k, seconds=time.perf_counter() - t0, reason=P.REASONS[reason])

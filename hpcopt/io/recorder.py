@@ -1,0 +1,237 @@
+"""Recording a run: what the trajectory file gets, buffered between collective flushes, the
+center's evaluations, the servers' checkpoint and the live status file.
+
+One Recorder serves the asynchronous servers (collective over the server communicator: every
+server buffers snapshots of its own shard of the center and of the workers' parameters; server 0
+also the tables) and the synchronous baselines (rank 0 alone, on MPI.COMM_SELF). Between two
+flushes nothing touches the file, so records cost the training nothing but a copy; a flush
+agrees, over the ranks, on which snapshots every rank has whole, and writes them in one
+collective call (hpcopt.io.trajectory).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from hpcopt.config import RecordConfig
+from hpcopt.io.rundir import RunDir, write_json
+
+from . import checkpoint as ckpt
+from . import schema
+
+
+@dataclass(kw_only=True)
+class RunInfo:
+    """What the checkpoint and the status file say about the run besides its numbers."""
+    method: str
+    model: str
+    layout: dict
+    n_params: int
+    server_hosts: list[str]
+    joins_enabled: bool = False
+    resumed_from: int = 0
+
+
+class Recorder:
+    def __init__(self, comm: MPI.Comm, writer, record: RecordConfig, *, bounds: list[tuple[int, int]],
+                 start: float, evaluator=None, log=print, exchanges: int = 0, center: np.ndarray | None = None,
+                 unit: str = "exchanges", label: str = "center", run: RunDir | None = None,
+                 info: RunInfo | None = None):
+        """Collective construction is not needed; `flush` is collective over `comm`. `center`
+        (this rank's shard) is the first snapshot of a run that starts at `exchanges` = 0. `run`
+        and `info`: where checkpoints and the status file go (the asynchronous servers)."""
+        self.comm, self.writer, self.cfg, self.bounds = comm, writer, record, bounds
+        self.root = comm.rank == 0
+        self.start, self.evaluator, self.log = start, evaluator, log
+        self.unit, self.label = unit, label
+        self.run, self.info = run, info
+        self.center_snaps: list[tuple[int, float, np.ndarray]] = []
+        if exchanges == 0 and center is not None:
+            self.center_snaps.append((0, 0.0, center.copy()))
+        self.last_snap = exchanges
+        self.worker_snaps: dict[tuple[int, int], tuple[tuple, np.ndarray]] = {}
+        self.worker_order: list[tuple[int, int]] = []  # root: arrival order of worker snapshots
+        self.rows: list[tuple] = []  # root: one per exchange (or per worker and round)
+        self.layer_rows: list[np.ndarray] = []  # root, LGRAWA: one per row
+        self.events: list[np.ndarray] = []  # root
+        now = time.monotonic()
+        self.last_flush = self.last_checkpoint = now
+        self.last_eval, self.last_eval_exchanges = -np.inf, -1
+        self.rate_mark, self.rate = (now, exchanges), 0.0
+        self.closed = False
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    # ------------------------------------------------------------------ buffering
+    def event(self, kind: str, wid: int = -1, rank: int = -1, host: str = "", step: int = -1, detail: str = "") -> None:
+        """Root: an entry of /events."""
+        if self.root:
+            self.events.append(schema.event_row(self.now(), kind, wid, rank, host, step, detail))
+
+    def row(self, row: tuple, layer_norms: np.ndarray | None = None) -> None:
+        """Root: a row of /exchanges (schema.EXCHANGE order); LGRAWA adds its layer norms."""
+        self.rows.append(row)
+        if layer_norms is not None:
+            self.layer_rows.append(layer_norms)
+
+    def center(self, exchanges: int, shard: np.ndarray, t: float | None = None) -> None:
+        """A snapshot of this rank's shard of the center (copied)."""
+        self.center_snaps.append((exchanges, self.now() if t is None else t, shard.copy()))
+        self.last_snap = exchanges
+
+    def worker(self, key: tuple[int, int], meta: tuple, params: np.ndarray) -> None:
+        """A worker's parameters (this rank's shard; kept as given), keyed (worker id, exchange)."""
+        self.worker_snaps[key] = (meta, params)
+        if self.root:
+            self.worker_order.append(key)
+
+    def wants_worker(self, k: int) -> bool:
+        """Whether a worker's k-th exchange is sampled into /workers."""
+        return bool(self.cfg.worker_every and k % self.cfg.worker_every == 0)
+
+    def counted(self, exchanges: int, center: np.ndarray) -> None:
+        """After the center moved for the `exchanges`-th time: a snapshot every record.center_every."""
+        if exchanges % self.cfg.center_every == 0:
+            self.center(exchanges, center)
+
+    # ------------------------------------------------------------------ when
+    def flush_due(self) -> bool:
+        return time.monotonic() - self.last_flush >= self.cfg.flush_seconds
+
+    def eval_due(self, exchanges: int) -> bool:
+        return self.evaluator is not None and not self.evaluator.busy \
+            and time.monotonic() - self.last_eval >= self.cfg.eval_seconds and exchanges > self.last_eval_exchanges
+
+    def checkpoint_due(self) -> bool:
+        return self.run is not None and time.monotonic() - self.last_checkpoint >= self.cfg.checkpoint_seconds
+
+    # ------------------------------------------------------------------ collective
+    def gather(self, shard: np.ndarray) -> np.ndarray | None:
+        """Collective: the full vector on the root from every rank's shard."""
+        if self.comm.size == 1:
+            return shard
+        counts = [hi - lo for lo, hi in self.bounds]
+        full = np.empty(self.bounds[-1][1], dtype=np.float32) if self.root else None
+        self.comm.Gatherv(shard, [full, counts, [lo for lo, _ in self.bounds], MPI.FLOAT] if self.root else None,
+                          root=0)
+        return full
+
+    def evaluate(self, center: np.ndarray | None, exchanges: int, final: bool) -> None:
+        """Root: evaluate the (full) center in the background; `final` waits for it and reports."""
+        if not self.root or self.evaluator is None:
+            return
+        self.last_eval, self.last_eval_exchanges = time.monotonic(), exchanges
+        if final:
+            self.evaluator.wait()
+        self.evaluator.submit(center, exchanges, self.now())
+        if final:
+            self.evaluator.wait()
+            self.report()
+
+    def flush(self, *, final: bool, evaluate: bool, exchanges: int, exchanges_total: int, center: np.ndarray,
+              workers: int) -> None:
+        """Collective over `comm`: write what every rank has whole, evaluate `center` (this rank's
+        shard) when asked, flush the file. The final flush records the last center and closes it."""
+        comm = self.comm
+        if final and self.last_snap != exchanges:  # the last center is always recorded
+            self.center(exchanges, center)
+        m = comm.allreduce(len(self.center_snaps), op=MPI.MIN) if comm.size > 1 else len(self.center_snaps)
+        snaps, self.center_snaps = self.center_snaps[:m], self.center_snaps[m:]
+        center_meta = np.array([(n, t) for n, t, _ in snaps], dtype=schema.CENTER_META)
+
+        keys = comm.bcast(self.worker_order if self.root else None, root=0) if comm.size > 1 else self.worker_order
+        have = np.array([k in self.worker_snaps for k in keys], dtype=np.int8)
+        if keys and comm.size > 1:
+            comm.Allreduce(MPI.IN_PLACE, have, op=MPI.MIN)
+        complete = [k for k, h in zip(keys, have) if h]
+        taken = [self.worker_snaps.pop(k) for k in complete]
+        worker_meta = np.array([meta for meta, _ in taken], dtype=schema.WORKER_META)
+        if self.root:
+            done = set(complete)
+            self.worker_order = [k for k in self.worker_order if k not in done]
+
+        if evaluate:
+            full = self.gather(center)
+            self.evaluate(full.copy() if full is center else full, exchanges, final)
+        tables = None
+        if self.root:
+            if final:
+                self.event("end", detail=f"{exchanges} {self.unit}")
+            tables = {"exchanges": self.rows, "evals": self.evaluator.take() if self.evaluator else [],
+                      "events": self.events}
+            if self.layer_rows:
+                tables[schema.LAYER_NORMS] = self.layer_rows
+            self.rows, self.events, self.layer_rows = [], [], []
+        attrs = {"exchanges_total": exchanges_total, "wall_seconds": self.now(),
+                 "status": "complete" if final else "running"}
+        self.writer.flush(center_rows=[s for _, _, s in snaps], center_meta=center_meta,
+                          worker_rows=[s for _, s in taken], worker_meta=worker_meta,
+                          tables=tables, attrs=attrs)
+        self.last_flush = time.monotonic()
+
+    def checkpoint(self, *, center: np.ndarray, held: dict, workers: list[tuple], exchanges: int,
+                   next_worker_id: int) -> None:
+        """Collective over `comm`, right after a flush: OUT/checkpoint.h5 matches the file as
+        flushed. `held` maps worker id -> this rank's shard of what the center rule keeps of it
+        (the root's list of ids counts); `workers` (root): checkpoint.WORKER rows of the active."""
+        full = self.gather(center)
+        keys = self.comm.bcast(sorted(held) if self.root else None, root=0)
+        latest = {w: self.gather(held.get(w, center)) for w in keys}
+        if self.root:
+            info = self.info
+            ckpt.write(self.run.checkpoint, center=full, workers=workers, latest=latest, attrs={
+                "method": info.method, "model": info.model, "n_parameters": info.n_params,
+                "layout": info.layout, "exchanges": exchanges, "next_worker_id": next_worker_id,
+                "time": self.now(), "trajectory_sizes": self.writer.sizes()})
+        self.last_checkpoint = time.monotonic()
+
+    def close(self) -> None:
+        """Collective."""
+        self.writer.close()
+        self.closed = True
+
+    # ------------------------------------------------------------------ root: progress and status
+    def report(self, exchanges: int | None = None, workers: int | None = None) -> bool:
+        """Root: a progress line for each finished evaluation."""
+        if self.evaluator is None:
+            return False
+        lines = self.evaluator.new_results()
+        for n, t, loss, acc in lines:
+            if exchanges is not None:
+                mark_t, mark_n = self.rate_mark
+                now = time.monotonic()
+                self.rate = (exchanges - mark_n) / max(now - mark_t, 1e-9)
+                self.rate_mark = (now, exchanges)
+            rate = f" ({self.rate:6.1f}/s)" if exchanges is not None else ""
+            self.log(f"[{t:7.1f}s] {self.unit} {n:6d}{rate}  workers {workers}  "
+                     f"{self.label} test acc {100 * acc:5.2f}%  loss {loss:.4f}")
+        return bool(lines)
+
+    def write_status(self, state: str, *, exchanges: int, members: list[dict]) -> None:
+        """Root: OUT/status.json, rewritten atomically (read by `hpcopt status`)."""
+        if not self.root or self.run is None:
+            return
+        last = self.evaluator.last if self.evaluator is not None else None
+        info = self.info
+        write_json(self.run.status, {
+            "state": state, "method": info.method, "pid": os.getpid(), "host": socket.gethostname(),
+            "updated": time.time(), "elapsed_seconds": round(self.now(), 3),
+            "exchanges": exchanges, "exchanges_per_second": round(self.rate, 2),
+            "center_test_accuracy": None if last is None else float(last[3]),
+            "center_test_loss": None if last is None else float(last[2]),
+            "evaluated_at_exchange": None if last is None else int(last[0]),
+            "servers": info.server_hosts, "joins_enabled": info.joins_enabled,
+            "workers": members, "resumed_from_exchange": info.resumed_from,
+        })
+
+    @property
+    def last_accuracy(self) -> float:
+        last = self.evaluator.last if self.evaluator is not None else None
+        return float(last[3]) if last else float("nan")

@@ -1,0 +1,34 @@
+"""Leave signals: SIGTERM, SIGINT, SIGUSR1, SIGUSR2 (`kill`, Ctrl-C, Slurm preemption,
+`--signal`) end a rank's work gracefully instead of killing it."""
+
+from __future__ import annotations
+
+import signal
+
+LEAVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class SignalFlag:
+    """Remembers the first leave signal; the training loop checks it between steps."""
+
+    def __init__(self, signals=LEAVE_SIGNALS):
+        self.received: int | None = None
+        for s in signals:
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+
+    def __bool__(self) -> bool:
+        return self.received is not None
+
+
+def ignore_leave_signals() -> None:
+    """Once a rank's work is done it waits in MPI_Finalize for every other rank of its job (a
+    PMIx fence). Python resets its own handlers to the default action when it finalizes, and the
+    default for SIGUSR1/2, SIGINT and SIGTERM is to die: a graceful stop forwarded to the whole job
+    would then kill the ranks that left early in the middle of the fence, and the others would
+    wait for them forever. Ignored signals stay ignored through finalization."""
+    for s in LEAVE_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

@@ -1,0 +1,116 @@
+"""The synchronous ranks: DP-SGD, Local SGD and DiLoCo on a fixed worker communicator.
+
+    mpirun -n 4 hpcopt train --run.method local-sgd --sync.period 8
+
+Every rank is a worker; there are no servers. A *round* is one synchronization: every step for
+DP-SGD (gradient allreduce, what DDP/Horovod do), every H = sync.period steps for Local SGD
+and DiLoCo (parameter allreduce). World rank 0 also records the trajectory (the average is the
+"center") into the same file format as the asynchronous methods, and evaluates it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hpcopt.comm.wait import wait_all
+from hpcopt.config import Config
+from hpcopt.io.recorder import Recorder
+from hpcopt.models import FlatModel
+from hpcopt.optim.sync import DiLoCoOuter, local_sgd_should_average
+from hpcopt.roles.local import LocalTrainer
+from hpcopt.roles.worker import WorkerSummary
+
+
+def allreduce_mean_(comm: MPI.Comm, buf: torch.Tensor, timeout: float, what: str) -> None:
+    """In place: buf <- mean of buf over `comm`; collective, with a deadline and no spinning."""
+    a = buf.numpy()
+    req = comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+    wait_all([req], timeout, what)
+    a /= comm.size
+
+
+def train_sync(cfg: Config, world: MPI.Comm, flat: FlatModel, data: dict, *, recorder: Recorder | None,
+               log) -> tuple[WorkerSummary, int]:
+    """Collective over `world` (all ranks are workers); `recorder` on rank 0 only (a Recorder on
+    MPI.COMM_SELF). Returns this rank's summary and the number of rounds."""
+    method, p, rank = cfg.run.method, world.size, world.rank
+    trainer = LocalTrainer(cfg, rank, flat, data)
+    total, params = trainer.total, flat.params
+    H = 1 if method == "dp-sgd" else cfg.sync.period
+    switch = round(cfg.sync.switch_epochs * trainer.steps_per_epoch) if method == "local-sgd" else 0
+    outer = DiLoCoOuter(params, lr=cfg.sync.outer_lr, momentum=cfg.sync.outer_momentum) if method == "diloco" else None
+    theta = params.clone() if outer else None  # DiLoCo's global parameters
+    ring_bytes = int(2 * 2 * (p - 1) / p * params.numel() * 4)  # ring allreduce, sent + received
+    rec = recorder
+    if rec is not None:
+        rec.event("start", detail=f"{p} workers, synchronous {method}")
+        for w in range(p):
+            rec.event("join", w, w, "", 0, "initial worker")
+    losses = np.zeros(p, dtype=np.float64)
+    loss_sum, loss_n, rounds, t0 = 0.0, 0, 0, time.perf_counter()
+    timeout = cfg.comm.timeout
+
+    for step in range(total):
+        lr = trainer.lr(step)
+        loss_sum += trainer.gradient(step)
+        loss_n += 1
+        if method == "dp-sgd":
+            allreduce_mean_(world, flat.grads, timeout, "the gradient allreduce")
+        trainer.apply(lr)
+        done = step + 1
+        if method == "dp-sgd":
+            sync = True
+        elif method == "local-sgd":
+            sync = local_sgd_should_average(done, H, switch) or done == total
+        else:
+            sync = done % H == 0 or done == total
+        if not sync:
+            continue
+        rounds += 1
+        record_workers = method != "dp-sgd" and (rec.wants_worker(rounds) if rec else
+                                                 cfg.record.worker_every and rounds % cfg.record.worker_every == 0)
+        if record_workers:  # the workers' own parameters, before they are averaged
+            gathered = np.empty((p, params.numel()), np.float32) if rank == 0 else None
+            req = world.Igather(params.numpy(), gathered, root=0)
+            wait_all([req], timeout, "the workers' parameters for the trajectory")
+        if method != "dp-sgd":
+            allreduce_mean_(world, params, timeout, "the parameter allreduce")
+            if outer is not None:
+                outer.step(theta, params)  # outer Nesterov step on Delta = theta - mean(x_i)
+                params.copy_(theta)
+        losses[:] = 0
+        req = world.Igather(np.array([loss_sum / loss_n]), losses, root=0)
+        wait_all([req], timeout, "the workers' losses")
+        loss_sum, loss_n = 0.0, 0
+        if rec is not None:
+            _record_round(rec, rounds, done, trainer.batch, lr, losses, ring_bytes,
+                          gathered if record_workers else None, params.numpy(), final=done == total)
+    summary = WorkerSummary(worker_id=rank, steps=total, samples=total * trainer.batch, exchanges=rounds,
+                            seconds=time.perf_counter() - t0, reason="finished its epochs")
+    return summary, rounds
+
+
+def _record_round(rec: Recorder, rounds, step, batch, lr, losses, nbytes, gathered, center, final) -> None:
+    """Rank 0: a round's rows (one per worker), snapshots, evaluation and, when due, a flush."""
+    t, p = rec.now(), len(losses)
+    for w in range(p):
+        rec.row((w, step, rounds, t, losses[w], step * batch, lr, nbytes, float("nan"), -1, -1))
+    if gathered is not None:
+        for w in range(p):
+            rec.worker((w, rounds), (w, step, rounds, t), gathered[w])
+    rec.counted(rounds, center)
+    if final or rec.eval_due(rounds):
+        rec.evaluate(center.copy(), rounds, final)
+    rec.report(workers=p)
+    if final or rec.flush_due():
+        if final:
+            for w in range(p):
+                rec.event("leave", w, w, "", step, "finished its epochs")
+        rec.flush(final=final, evaluate=False, exchanges=rounds, exchanges_total=rounds * p, center=center,
+                  workers=p)
+        if final:
+            rec.close()

@@ -1,0 +1,341 @@
+"""`hpcopt train`: set a run up on every rank, then hand each rank to its role.
+
+    mpirun -n 5 hpcopt train --config configs/mnist1d_easgd.toml --out runs/mine
+
+Asynchronous methods: world ranks 0..S-1 are servers (each owns one contiguous shard of the
+center; hpcopt.roles.server), the rest are workers (hpcopt.roles.worker). Every worker trains on
+its own and, every tau local steps, exchanges with the center (Zhang et al. 2015, Algorithm 1;
+Nesterov local steps make it EAMSGD, Algorithm 2). Synchronous methods: every rank is a worker
+(hpcopt.roles.sync). The servers (or rank 0) record the trajectory to OUT/trajectory.h5.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpcopt import __version__
+from hpcopt.config import Config
+from hpcopt.data import load_data
+from hpcopt.io.trajectory import TrajectoryWriter
+from hpcopt.launch.env import Environment
+from hpcopt.models import FlatModel, build_model
+from hpcopt.io.rundir import RunDir, write_atomic
+from hpcopt.models.evaluate import Evaluator
+from hpcopt.optim.easgd import default_alpha
+from hpcopt.roles.worker import WorkerSummary
+
+
+class UsageError(RuntimeError):
+    """A problem with what the user asked for, found identically on every rank."""
+
+
+def _on_root(world, fn):
+    """Run fn on rank 0 only; every rank gets its result, or the same UsageError."""
+    result, error = None, None
+    if world.rank == 0:
+        try:
+            result = fn()
+        except (ValueError, OSError, UsageError) as e:
+            error = str(e)
+    result, error = world.bcast((result, error), root=0)
+    if error:
+        raise UsageError(error)
+    return result
+
+
+def _prepare_run_dir(cfg: Config, force: bool) -> str:
+    run = RunDir(cfg.run.out)
+    if run.trajectory.exists() and not force:
+        raise UsageError(f"{run.trajectory} already exists; choose another --out, pass --force to overwrite "
+                         f"it, or --resume {run.path} to continue it")
+    run.path.mkdir(parents=True, exist_ok=True)
+    for stale in (run.trajectory, run.checkpoint, run.status, run.join_info):
+        if stale.exists():
+            stale.unlink()
+    for d in (run.workers, run.joins):
+        if d.exists():
+            for f in d.iterdir():
+                f.unlink()
+    run.workers.mkdir(exist_ok=True)
+    run.joins.mkdir(exist_ok=True)
+    write_atomic(run.config, cfg.to_toml())
+    run.new_token()
+    return str(run.trajectory)
+
+
+def _load_data(cfg: Config, world) -> dict:
+    if cfg.data.name.endswith((".h5", ".hdf5", ".hdf")):
+        try:  # a user file: every rank reads it on its own
+            return load_data(cfg.data.name, cfg.data.seed)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return _on_root(world, lambda: load_data(cfg.data.name, cfg.data.seed))
+
+
+def _share_data(run: RunDir, cfg: Config, data: dict) -> None:
+    """Rank 0: keep the generated data set in the run directory (OUT/data.npz), so joining and
+    resumed workers read exactly the same data instead of generating it again. A user's HDF5
+    file is read from where it is."""
+    if cfg.data.name.endswith((".h5", ".hdf5", ".hdf")):
+        return
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")})
+    write_atomic(run.path / "data.npz", buf.getvalue())
+
+
+@dataclass
+class RunSummary:
+    """What the rank that records a run (server 0, or rank 0 of a synchronous run) reports."""
+    path: str
+    synchronous: bool
+    exchanges: int  # exchanges served, or synchronous rounds
+    wall_seconds: float
+    final_accuracy: float  # of the center (or the average), at the end
+    all_diverged: bool = False  # every worker left after diverging too often
+    cpu_seconds: float | None = None  # server 0's own CPU time
+    polls: int | None = None
+
+
+@dataclass
+class TrainResult:
+    """train()'s answer on every rank: `run` where the run is recorded, `worker` on a worker."""
+    run: RunSummary | None = None
+    worker: WorkerSummary | None = None
+
+
+@dataclass
+class Setup:
+    """Everything a role needs, the same on every rank (bar `role`, the rank's side of the split)."""
+    cfg: Config
+    world: object  # MPI.COMM_WORLD
+    role: object  # the servers' communicator on a server, the workers' on a worker
+    run: RunDir
+    path: str  # the trajectory file
+    data: dict
+    flat: FlatModel
+    bounds: list[tuple[int, int]]  # the servers' shards
+    workers: dict[int, int]  # world rank -> worker id
+    alpha: float
+    tau: int
+    hosts: dict[int, str]  # world rank -> host
+    pids: list[int]
+    ckpt: dict | None  # the checkpoint a resumed run continues from
+    share: object  # hpcopt.comm.shared.NodeShare
+    start: float = 0.0  # the run's clock: time.monotonic() at its second 0
+    log: object = print
+
+
+def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) -> TrainResult:
+    """Run a training; collective over MPI.COMM_WORLD. With `resume`, continue the run in
+    cfg.run.out from its checkpoint (any number of workers)."""
+    from mpi4py import MPI
+
+    from hpcopt.comm.protocol import shard_bounds
+    from hpcopt.comm.shared import NodeShare, share_node
+    from hpcopt.comm.wait import wait_all
+
+    world = MPI.COMM_WORLD
+    env = Environment.from_mpi(world)
+    S = 0 if cfg.synchronous else cfg.run.servers
+    if world.size < S + 1:
+        raise UsageError(f"{world.size} rank(s) cannot hold {S} server(s) and at least one worker; "
+                         f"run e.g. `mpirun -n {S + 4} hpcopt train ...` (S servers + 4 workers)")
+    if resume and cfg.synchronous:
+        raise UsageError(f"--resume works for the asynchronous methods; {cfg.run.method} is synchronous")
+    torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    is_server = world.rank < S
+    role = world.Split(0 if is_server else 1, world.rank)
+    run = RunDir(cfg.run.out)
+
+    if resume:
+        path = str(run.trajectory)
+        _on_root(world, lambda: _check_resumable(run))
+    else:
+        path = _on_root(world, lambda: _prepare_run_dir(cfg, force))
+    data = _load_data(cfg, world)
+    if world.rank == 0 and not resume:
+        _share_data(run, cfg, data)
+    try:
+        model = build_model(cfg.model.name, cfg.model.kwargs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    flat = FlatModel(model)
+    world.Bcast(flat.params.numpy(), root=0)  # one initial point for center and workers
+    n_params = flat.numel
+    ckpt = None
+    if resume:
+        from hpcopt.io import checkpoint
+
+        ckpt = _on_root(world, lambda: checkpoint.read(run.checkpoint, n_parameters=n_params,
+                                                       layout=flat.layout(), method=cfg.run.method))
+        flat.params.copy_(torch.from_numpy(ckpt["center"]))
+    try:
+        bounds = shard_bounds(n_params, max(S, 1))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    # workers on a server's node keep their parameters in shared memory (collective; not LSGD)
+    share = NodeShare() if cfg.synchronous else share_node(
+        world, S, n_params, enabled=cfg.comm.shared_memory and cfg.run.method != "lsgd")
+    worker_ranks = list(range(S, world.size))
+    workers = dict(zip(worker_ranks, _worker_ids(ckpt, len(worker_ranks))))  # world rank -> worker id
+    if cfg.synchronous:
+        alpha, tau = 1.0, 1 if cfg.run.method == "dp-sgd" else cfg.sync.period
+    elif cfg.run.method == "lsgd":
+        alpha, tau = cfg.lsgd.lam, cfg.easgd.tau
+        if cfg.lsgd.tau_g % tau:
+            raise UsageError(f"lsgd.tau_g = {cfg.lsgd.tau_g} must be a multiple of easgd.tau = {tau} "
+                             f"(the global pull happens at an exchange)")
+    else:
+        alpha, tau = cfg.easgd.alpha or default_alpha(cfg.easgd.beta, len(workers)), cfg.easgd.tau
+    hosts = dict(enumerate(world.allgather(env.host)))
+    pids = world.allgather(os.getpid())
+    if world.rank == 0:
+        what = f"resuming {path} at exchange {ckpt['attrs']['exchanges']}" if resume else f"out={path}"
+        log(f"hpcopt {__version__}: {cfg.run.method} with {S} server(s) + {len(workers)} worker(s), "
+            f"{n_params:,} parameters, tau={tau}, alpha={alpha:.4g}, {what}")
+    s = Setup(cfg=cfg, world=world, role=role, run=run, path=path, data=data, flat=flat, bounds=bounds,
+              workers=workers, alpha=alpha, tau=tau, hosts=hosts, pids=pids, ckpt=ckpt, share=share, log=log)
+    recording = world.rank == 0 if cfg.synchronous else is_server
+    writer = evaluator = None
+    if recording:
+        writer = _open_trajectory(s, MPI.COMM_SELF if cfg.synchronous else role)
+        if world.rank == 0:
+            evaluator = Evaluator(FlatModel(build_model(cfg.model.name, cfg.model.kwargs)),
+                                  data["x_test"], data["y_test"])
+
+    # everyone starts the clock together; a rank that never arrives is an error, not a hang
+    wait_all([world.Ibarrier()], cfg.comm.timeout, "every rank to finish setting up")
+    s.start = time.monotonic() - (float(ckpt["attrs"]["time"]) if resume else 0.0)
+    if cfg.synchronous:
+        return _train_sync(s, writer, evaluator)
+    if is_server:
+        from hpcopt.roles.server import serve
+
+        summary = serve(s, writer, evaluator)
+        if role.rank != 0:
+            return TrainResult()
+        return TrainResult(run=RunSummary(
+            path=path, synchronous=False, exchanges=summary.exchanges, wall_seconds=summary.wall_seconds,
+            final_accuracy=evaluator.last[3] if evaluator.last else float("nan"),
+            all_diverged=summary.all_diverged, cpu_seconds=summary.cpu_seconds, polls=summary.polls))
+    return TrainResult(worker=_work(s))
+
+
+def _open_trajectory(s: Setup, comm) -> TrajectoryWriter:
+    """Collective over the recording ranks: create the trajectory file, or reopen it on a resume."""
+    cfg, flat, bounds = s.cfg, s.flat, s.bounds
+    lo, hi = bounds[comm.rank]
+    S = 0 if cfg.synchronous else cfg.run.servers
+    attrs = _attrs(cfg, flat, s.hosts, bounds, S, len(s.workers), s.alpha, s.tau)
+    model_attrs = {"name": cfg.model.name, "kwargs": cfg.model.kwargs, **flat.layout()}
+    if s.ckpt is not None:  # the creation-time attributes stay; these describe the latest launch
+        attrs = {k: attrs[k] for k in ("hosts", "server_ranks", "n_servers", "n_workers", "alpha",
+                                       "shard_bounds", "hpcopt_version")}
+    try:
+        return TrajectoryWriter(s.path, comm, n_params=flat.numel, lo=lo, hi=hi,
+                                shard_width=bounds[0][1] - bounds[0][0], attrs=attrs, model_attrs=model_attrs,
+                                resume=s.ckpt["attrs"]["trajectory_sizes"] if s.ckpt is not None else None)
+    except (ValueError, OSError) as e:
+        raise RuntimeError(f"cannot {'reopen' if s.ckpt is not None else 'create'} {s.path}: {e}") from None
+
+
+def _train_sync(s: Setup, writer, evaluator) -> TrainResult:
+    from mpi4py import MPI
+
+    from hpcopt.io.recorder import Recorder
+    from hpcopt.roles.sync import train_sync
+
+    recorder = None
+    if writer is not None:
+        n = s.flat.numel
+        recorder = Recorder(MPI.COMM_SELF, writer, s.cfg.record, bounds=[(0, n)], start=s.start,
+                            evaluator=evaluator, log=s.log, center=s.flat.params.numpy(), unit="rounds",
+                            label="average")
+    worker, rounds = train_sync(s.cfg, s.world, s.flat, s.data, recorder=recorder, log=s.log)
+    run = None
+    if recorder is not None:
+        run = RunSummary(path=s.path, synchronous=True, exchanges=rounds, wall_seconds=recorder.now(),
+                         final_accuracy=recorder.last_accuracy)
+    return TrainResult(run=run, worker=worker)
+
+
+def _work(s: Setup) -> WorkerSummary:
+    """A worker of an asynchronous run: to its device, connected to the servers, then training."""
+    from hpcopt.comm.client import CenterClient
+    from hpcopt.io.checkpoint import load_worker_state
+    from hpcopt.launch.env import install_abort_on_error
+    from hpcopt.roles.worker import on_device, run_worker
+
+    cfg, world = s.cfg, s.world
+    install_abort_on_error(world, whole_job=False)  # from now on a failing worker is a crash, not the end
+    wid = s.workers[world.rank]
+    flat, host = on_device(s.flat, log_all, s.share.params)
+    client = CenterClient([(world, r) for r in range(cfg.run.servers)], s.bounds, host,
+                          chunk=_chunk(cfg), timeout=cfg.comm.timeout, layer_norms=_layer_norms(cfg, flat),
+                          leaders=cfg.run.method == "lsgd", shared=s.share.servers, sync=s.share.sync)
+    state, first = None, 0
+    if s.ckpt is not None:
+        state = load_worker_state(s.run.worker_state(wid), flat.numel, log=log_all)
+        saved = [int(r["step"]) for r in s.ckpt["workers"]]
+        first = int(sorted(saved)[len(saved) // 2]) if saved else 0
+        if state is None:
+            log_all(f"worker {wid}: no saved state; starting from the center at step {first}")
+    return run_worker(cfg, wid, flat, s.data, client, s.start, run=s.run, first_step=first, state=state,
+                      log=log_all)
+
+
+def log_all(*args) -> None:
+    print(*args, flush=True)
+
+
+def _check_resumable(run: RunDir) -> None:
+    if not run.path.is_dir():
+        raise UsageError(f"--resume {run.path}: no such run directory")
+    if not run.trajectory.exists():
+        raise UsageError(f"--resume {run.path}: it has no trajectory.h5")
+
+
+def _worker_ids(ckpt, n: int) -> list[int]:
+    """Worker ids for n workers: on a resume, the checkpoint's active workers first (they
+    continue from their saved state), then new ids."""
+    if ckpt is None:
+        return list(range(n))
+    old = sorted(int(w) for w in ckpt["workers"]["worker_id"])
+    fresh = int(ckpt["attrs"]["next_worker_id"])
+    return (old + list(range(fresh, fresh + n)))[:n]
+
+
+def _layer_norms(cfg: Config, flat: FlatModel):
+    """LGRAWA: the per-layer gradient norms every exchange ships (LocalTrainer fills them)."""
+    return flat.layer_grad_norms if cfg.run.method == "lgrawa" else None
+
+
+def _chunk(cfg: Config) -> int:
+    return max(1, int(cfg.comm.chunk_mb * 1e6 / 4))
+
+
+def _attrs(cfg, flat, hosts, bounds, n_servers, n_workers, alpha, tau) -> dict:
+    import h5py
+    from mpi4py import MPI
+
+    return {
+        "method": cfg.run.method, "config": cfg.to_toml(), "hpcopt_version": __version__,
+        "torch_version": str(torch.__version__), "h5py_version": h5py.version.version,
+        "hdf5_version": h5py.version.hdf5_version,
+        "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
+        "hosts": json.dumps(hosts), "server_ranks": json.dumps(list(range(n_servers))),
+        "n_servers": n_servers, "n_workers": n_workers, "n_parameters": flat.numel,
+        "alpha": alpha, "beta": cfg.easgd.beta, "tau": tau, "seed": cfg.run.seed,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shard_bounds": json.dumps(bounds),
+    }
