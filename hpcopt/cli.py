@@ -15,8 +15,6 @@ from hpcopt import __version__
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
-    from hpcopt.config import fields_for_cli
-
     p = sub.add_parser(
         "train", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train with asynchronous EASGD/EAMSGD (run under mpirun or srun)",
@@ -34,13 +32,12 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    "number of workers (its config.toml is used; flags still override)")
     p.add_argument("-n", "--np", type=int, metavar="N", help="launch it yourself: start an ompi-server (so "
                    "workers can join later) and `mpirun -n N` (only outside mpirun)")
-    groups = {}
-    for section, name, kind, default, doc in fields_for_cli():
-        if section not in groups:
-            groups[section] = p.add_argument_group(f"[{section}]")
-        metavar = {"int": "N", "float": "X", "bool": "BOOL", "dict": "JSON"}.get(kind, "STR")
-        groups[section].add_argument(f"--{section}.{name}", dest=f"set:{section}.{name}", metavar=metavar,
-                                     default=argparse.SUPPRESS, help=f"{doc} (default: {default!r})")
+    from hpcopt.config import SECTIONS
+    from hpcopt.flags import add_flags
+
+    for section, cls in SECTIONS.items():
+        add_flags(p.add_argument_group(f"[{section}]"), cls, flag=lambda n, s=section: f"--{s}.{n}",
+                  dest=lambda n, s=section: f"set:{s}.{n}", values=True)
     return p
 
 

@@ -25,10 +25,6 @@ class ConfigError(ValueError):
     """A config file or flag is wrong; the message says what and what is allowed."""
 
 
-def _doc(text: str, **kw) -> Any:
-    return field(metadata={"doc": text}, **kw)
-
-
 ASYNC_METHODS = ("easgd", "eamsgd", "grawa", "mgrawa", "lgrawa", "lsgd")
 SYNC_METHODS = ("dp-sgd", "local-sgd", "diloco")
 METHODS = ASYNC_METHODS + SYNC_METHODS
@@ -38,12 +34,18 @@ LOCAL_STEPS = ("sgd", "adamw", "sam", "entropy-sgd", "lars")
 
 @dataclass(kw_only=True)
 class RunConfig:
-    method: str = _doc("asynchronous: easgd (SGD local steps), eamsgd (Nesterov local steps), mgrawa (center weighted by 1/gradient norm; grawa is the same), lgrawa (each layer of the center weighted by 1/that layer's gradient norm), lsgd (pull toward the leader); synchronous baselines: dp-sgd, local-sgd, diloco", default="easgd")
-    servers: int = _doc("ranks that hold the center variable (each owns one contiguous shard); the other ranks are workers (asynchronous methods; synchronous ones have no servers)", default=1)
-    out: str = _doc("run directory; the trajectory goes to OUT/trajectory.h5", default="runs/demo")
-    seed: int = _doc("seed for model init, data order and everything random", default=0)
-    deterministic: bool = _doc("serve workers in a fixed round-robin order, so a run is bit-reproducible (slower: workers wait for their turn)", default=False)
-    threads: int = _doc("torch intra-op threads per rank (1 is right when ranks share the cores)", default=1)
+    method: str = "easgd"
+    """asynchronous: easgd (SGD local steps), eamsgd (Nesterov local steps), mgrawa (center weighted by 1/gradient norm; grawa is the same), lgrawa (each layer of the center weighted by 1/that layer's gradient norm), lsgd (pull toward the leader); synchronous baselines: dp-sgd, local-sgd, diloco"""
+    servers: int = 1
+    """ranks that hold the center variable (each owns one contiguous shard); the other ranks are workers (asynchronous methods; synchronous ones have no servers)"""
+    out: str = "runs/demo"
+    """run directory; the trajectory goes to OUT/trajectory.h5"""
+    seed: int = 0
+    """seed for model init, data order and everything random"""
+    deterministic: bool = False
+    """serve workers in a fixed round-robin order, so a run is bit-reproducible (slower: workers wait for their turn)"""
+    threads: int = 1
+    """torch intra-op threads per rank (1 is right when ranks share the cores)"""
 
     def __post_init__(self):
         _choice("run.method", self.method, METHODS)
@@ -55,8 +57,10 @@ class RunConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    name: str = _doc("built-in model (cnn1d, mlp) or a user factory 'module:function' returning a torch.nn.Module", default="cnn1d")
-    kwargs: dict = _doc("keyword arguments passed to the model factory", default_factory=dict)
+    name: str = "cnn1d"
+    """built-in model (cnn1d, mlp) or a user factory 'module:function' returning a torch.nn.Module"""
+    kwargs: dict = field(default_factory=dict)
+    """keyword arguments passed to the model factory"""
 
     def __post_init__(self):
         if not isinstance(self.kwargs, dict):
@@ -65,9 +69,12 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    name: str = _doc("mnist1d (generated locally), a path to an HDF5 file with x_train/y_train/x_test/y_test, or 'module:function' returning that dict", default="mnist1d")
-    batch_size: int = _doc("minibatch size of each worker", default=100)
-    seed: int = _doc("seed of the MNIST-1D generator (42 gives the standard data set)", default=42)
+    name: str = "mnist1d"
+    """mnist1d (generated locally), a path to an HDF5 file with x_train/y_train/x_test/y_test, or 'module:function' returning that dict"""
+    batch_size: int = 100
+    """minibatch size of each worker"""
+    seed: int = 42
+    """seed of the MNIST-1D generator (42 gives the standard data set)"""
 
     def __post_init__(self):
         _at_least("data.batch_size", self.batch_size, 1)
@@ -75,22 +82,40 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    epochs: float = _doc("local passes over the training set, per worker", default=30.0)
-    lr: float = _doc("learning rate eta of the local step", default=0.05)
-    schedule: str = _doc("learning-rate schedule over each worker's local steps: cosine or constant", default="cosine")
-    warmup_epochs: float = _doc("linear learning-rate warm-up, in epochs", default=0.0)
-    local: str = _doc("the local step: sgd (with Nesterov momentum when momentum > 0), adamw, sam (SGD on the gradient at the SAM ascent point), entropy-sgd (SGD on the local-entropy gradient) or lars (SGD with per-layer trust ratios, momentum as for sgd)", default="sgd")
-    lars_eta: float = _doc("lars: trust coefficient eta; layer l's gradient is scaled by eta ||x_l|| / (||g_l|| + weight_decay ||x_l||)", default=1e-3)
-    sam_rho: float = _doc("sam: radius rho of the ascent step", default=0.05)
-    langevin_steps: int = _doc("entropy-sgd: Langevin steps L per local step", default=5)
-    langevin_lr: float = _doc("entropy-sgd: learning rate eta' of the Langevin steps", default=0.1)
-    gamma0: float = _doc("entropy-sgd: initial scope gamma; gamma_t = gamma0 (1 + gamma1)^t", default=0.03)
-    gamma1: float = _doc("entropy-sgd: scoping rate gamma1", default=1e-3)
-    langevin_noise: float = _doc("entropy-sgd: thermal noise epsilon of the Langevin steps", default=1e-4)
-    momentum: float = _doc("momentum delta of the local step (eamsgd: Nesterov; default 0.9 for eamsgd, 0 for easgd)", default=-1.0)
-    weight_decay: float = _doc("L2 weight decay of the local step", default=0.0)
-    diverge_factor: float = _doc("asynchronous methods: a worker whose training loss is NaN/Inf or above this many times its first reported loss is reset to the center (its parameters are not mixed in)", default=10.0)
-    max_resets: int = _doc("a worker reset more often than this leaves the run", default=3)
+    """the local step of each worker"""
+
+    epochs: float = 30.0
+    """local passes over the training set, per worker"""
+    lr: float = 0.05
+    """learning rate eta of the local step"""
+    schedule: str = "cosine"
+    """learning-rate schedule over each worker's local steps: cosine or constant"""
+    warmup_epochs: float = 0.0
+    """linear learning-rate warm-up, in epochs"""
+    local: str = "sgd"
+    """the local step: sgd (with Nesterov momentum when momentum > 0), adamw, sam (SGD on the gradient at the SAM ascent point), entropy-sgd (SGD on the local-entropy gradient) or lars (SGD with per-layer trust ratios, momentum as for sgd)"""
+    lars_eta: float = 1e-3
+    """lars: trust coefficient eta; layer l's gradient is scaled by eta ||x_l|| / (||g_l|| + weight_decay ||x_l||)"""
+    sam_rho: float = 0.05
+    """sam: radius rho of the ascent step"""
+    langevin_steps: int = 5
+    """entropy-sgd: Langevin steps L per local step"""
+    langevin_lr: float = 0.1
+    """entropy-sgd: learning rate eta' of the Langevin steps"""
+    gamma0: float = 0.03
+    """entropy-sgd: initial scope gamma; gamma_t = gamma0 (1 + gamma1)^t"""
+    gamma1: float = 1e-3
+    """entropy-sgd: scoping rate gamma1"""
+    langevin_noise: float = 1e-4
+    """entropy-sgd: thermal noise epsilon of the Langevin steps"""
+    momentum: float | None = None
+    """momentum delta of the local step, Nesterov (unset: 0.9 for eamsgd, 0 for the other methods)"""
+    weight_decay: float = 0.0
+    """L2 weight decay of the local step"""
+    diverge_factor: float = 10.0
+    """asynchronous methods: a worker whose training loss is NaN/Inf, or above this many times its first loss for 3 steps in a row or on average since its last exchange, or whose parameters are not finite, is reset to the center (nothing of it is mixed in); the first loss survives a resume"""
+    max_resets: int = 3
+    """a worker reset more often than this leaves the run"""
 
     def __post_init__(self):
         if not self.epochs > 0:
@@ -112,7 +137,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if self.momentum != -1.0 and not 0 <= self.momentum < 1:
+        if self.momentum == -1.0:  # how configs written before hpcopt 0.2 said "unset"
+            self.momentum = None
+        if self.momentum is not None and not 0 <= self.momentum < 1:
             raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
@@ -123,9 +150,14 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class EASGDConfig:
-    tau: int = _doc("communication period: local steps between two exchanges with the center", default=8)
-    beta: float = _doc("elastic strength summed over workers; alpha = beta / p", default=0.9)
-    alpha: float = _doc("moving rate alpha of each exchange; 0 means beta / p with p the number of workers", default=0.0)
+    """asynchronous methods (tau and alpha also serve mgrawa; tau serves lsgd)"""
+
+    tau: int = 8
+    """communication period: local steps between two exchanges with the center"""
+    beta: float = 0.9
+    """elastic strength summed over workers; alpha = beta / p"""
+    alpha: float = 0.0
+    """moving rate alpha of each exchange; 0 means beta / p with p the number of workers"""
 
     def __post_init__(self):
         _at_least("easgd.tau", self.tau, 1)
@@ -137,11 +169,18 @@ class EASGDConfig:
 
 @dataclass(kw_only=True)
 class LSGDConfig:
-    lam: float = _doc("lambda: strength of each worker's pull toward the leader every tau steps", default=0.1)
-    loss_decay: float = _doc("the leader is the worker with the lowest moving average of its reported training losses, with this decay (0: the latest report alone)", default=0.0)
-    tau_g: int = _doc("two-level LSGD: local steps between two pulls toward the global leader (a multiple of easgd.tau); lam then pulls toward the leader of the worker's node. 0: one level (lam toward the global leader every tau)", default=0)
-    lam_g: float = _doc("two-level LSGD: lambda_G, strength of the pull toward the global leader every tau_g steps", default=0.1)
-    group_size: int = _doc("two-level LSGD: nodes are the workers' hosts (0), or groups of this many consecutive worker ids (to emulate nodes on one machine)", default=0)
+    """leader SGD"""
+
+    lam: float = 0.1
+    """lambda: strength of each worker's pull toward the leader every tau steps"""
+    loss_decay: float = 0.0
+    """the leader is the worker with the lowest moving average of its reported training losses, with this decay (0: the latest report alone)"""
+    tau_g: int = 0
+    """two-level LSGD: local steps between two pulls toward the global leader (a multiple of easgd.tau); lam then pulls toward the leader of the worker's node. 0: one level (lam toward the global leader every tau)"""
+    lam_g: float = 0.1
+    """two-level LSGD: lambda_G, strength of the pull toward the global leader every tau_g steps"""
+    group_size: int = 0
+    """two-level LSGD: nodes are the workers' hosts (0), or groups of this many consecutive worker ids (to emulate nodes on one machine)"""
 
     def __post_init__(self):
         if not 0 < self.lam <= 1:
@@ -156,10 +195,16 @@ class LSGDConfig:
 
 @dataclass(kw_only=True)
 class SyncConfig:
-    period: int = _doc("local-sgd and diloco: local steps H between two parameter averages", default=8)
-    switch_epochs: float = _doc("local-sgd: run plain DP-SGD for this many epochs first (post-local SGD)", default=0.0)
-    outer_lr: float = _doc("diloco: learning rate of the outer Nesterov step", default=0.7)
-    outer_momentum: float = _doc("diloco: momentum of the outer Nesterov step", default=0.9)
+    """synchronous baselines"""
+
+    period: int = 8
+    """local-sgd and diloco: local steps H between two parameter averages"""
+    switch_epochs: float = 0.0
+    """local-sgd: run plain DP-SGD for this many epochs first (post-local SGD)"""
+    outer_lr: float = 0.7
+    """diloco: learning rate of the outer Nesterov step"""
+    outer_momentum: float = 0.9
+    """diloco: momentum of the outer Nesterov step"""
 
     def __post_init__(self):
         _at_least("sync.period", self.period, 1)
@@ -173,11 +218,18 @@ class SyncConfig:
 
 @dataclass(kw_only=True)
 class RecordConfig:
-    center_every: int = _doc("exchanges between two center snapshots in the trajectory file", default=10)
-    worker_every: int = _doc("a worker's parameters are recorded at every worker_every-th of its exchanges (0: never)", default=20)
-    flush_seconds: float = _doc("servers write buffered records and flush the file this often; a killed job loses at most this interval", default=2.0)
-    eval_seconds: float = _doc("the center is evaluated on the test set at most this often (at a flush)", default=2.0)
-    checkpoint_seconds: float = _doc("servers write OUT/checkpoint.h5 (at a flush) and workers their own state this often; a resume loses at most this interval", default=10.0)
+    """what goes into the trajectory file"""
+
+    center_every: int = 10
+    """exchanges between two center snapshots in the trajectory file"""
+    worker_every: int = 20
+    """a worker's parameters are recorded at every worker_every-th of its exchanges (0: never)"""
+    flush_seconds: float = 2.0
+    """servers write buffered records and flush the file this often; a killed job loses at most this interval"""
+    eval_seconds: float = 2.0
+    """the center is evaluated on the test set at most this often (at a flush)"""
+    checkpoint_seconds: float = 10.0
+    """servers write OUT/checkpoint.h5 (at a flush) and workers their own state this often; a resume loses at most this interval"""
 
     def __post_init__(self):
         _at_least("record.center_every", self.center_every, 1)
@@ -192,10 +244,14 @@ class RecordConfig:
 
 @dataclass(kw_only=True)
 class CommConfig:
-    timeout: float = _doc("seconds any wait on another rank may last before the run fails with a clear error", default=120.0)
-    worker_timeout: float = _doc("servers drop a worker (as crashed) that sent nothing for this many seconds; workers send heartbeats meanwhile", default=10.0)
-    chunk_mb: float = _doc("parameters travel in chunks of this many MB so the server computes while the rest arrives", default=1.0)
-    shared_memory: bool = _doc("a worker on a server's node keeps its parameters in shared memory and that server updates them in place (no copies); false: always messages. LSGD and joined workers use messages", default=True)
+    timeout: float = 120.0
+    """seconds any wait on another rank may last before the run fails with a clear error"""
+    worker_timeout: float = 10.0
+    """servers drop a worker (as crashed) that sent nothing for this many seconds; workers send heartbeats meanwhile"""
+    chunk_mb: float = 1.0
+    """parameters travel in chunks of this many MB so the server computes while the rest arrives"""
+    shared_memory: bool = True
+    """a worker on a server's node keeps its parameters in shared memory and that server updates them in place (no copies); false: always messages. LSGD and joined workers use messages"""
 
     def __post_init__(self):
         if not self.timeout > 0:
@@ -225,7 +281,7 @@ class Config:
     @property
     def momentum(self) -> float:
         """The local step's momentum delta, with the method's default resolved."""
-        if self.train.momentum >= 0:
+        if self.train.momentum is not None:
             return self.train.momentum
         return 0.9 if self.run.method == "eamsgd" else 0.0
 
@@ -256,6 +312,10 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     """Check a TOML/CLI value against the field's type; ints are accepted for floats."""
     name = f"{section}.{f.name}"
     kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind.endswith(" | None"):  # unset: a missing key (TOML has no null), or "none" on the command line
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+            return None
+        kind = kind[:-len(" | None")]
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -344,11 +404,13 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Co
 
 
 def fields_for_cli():
-    """(section, field, type name, default, doc) for every config field: the CLI's flags."""
+    """(section, field, type name, default, doc) for every config field: the CLI's flags and the
+    README's reference (hpcopt.flags), from the one-line docstrings under the fields."""
+    from hpcopt.flags import described
+
     for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            yield section, f.name, (f.type if isinstance(f.type, str) else f.type.__name__), default, f.metadata.get("doc", "")
+        for name, kind, default, doc in described(cls):
+            yield section, name, kind, default, doc
 
 
 def dump_toml(data: dict) -> str:
@@ -369,6 +431,6 @@ def dump_toml(data: dict) -> str:
     lines = []
     for section, values in data.items():
         lines.append(f"[{section}]")
-        lines.extend(f"{k} = {value(v)}" for k, v in values.items())
+        lines.extend(f"{k} = {value(v)}" for k, v in values.items() if v is not None)  # None: unset
         lines.append("")
     return "\n".join(lines)

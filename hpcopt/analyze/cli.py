@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import sys
 
 from .options import PARTS, AnalyzeOptions
@@ -33,64 +32,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE", help="trajectory file(s) or run directories")
     p.add_argument("--compare", nargs="+", metavar="FILE", default=[],
                    help="more runs to put side by side with FILE (each is analysed into its own RUN_DIR/analysis)")
-    doc = {f.name: f for f in dataclasses.fields(AnalyzeOptions)}
-    helps = _field_docs()
+    from hpcopt.flags import add_flags, field_docs
 
-    def opt(name, **kw):
-        f = doc[name]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        shown = "" if default is None else f" (default: {default!r})"
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=default,
-                       help=helps.get(name, "") + shown, **kw)
-
-    opt("out", metavar="DIR")
-    p.add_argument("--skip", default="", metavar="PARTS",
-                   help=f"comma-separated parts to leave out: {', '.join(PARTS)}")
-    p.add_argument("--density", action="store_true", help=helps["density"])
-    opt("at", metavar="MODEL")
-    opt("split", choices=["train", "test"])
-    opt("samples", type=int, metavar="N")
-    opt("seed", type=int, metavar="N")
-    p.add_argument("--grid", default="21x21", metavar="NXxNY", help="points of a 2-D slice (default: 21x21)")
-    opt("span", type=float, metavar="X")
-    opt("line_points", type=int, metavar="N")
-    p.add_argument("--plane", nargs="+", default=[], metavar="MODEL", help=helps["plane"])
-    p.add_argument("--interpolate", nargs="+", default=[], metavar="A,B", help=helps["interpolate"])
-    opt("interp_points", type=int, metavar="N")
-    opt("curvature_samples", type=int, metavar="N")
-    opt("top_k", type=int, metavar="K")
-    opt("lanczos_steps", type=int, metavar="N")
-    opt("trace_rtol", type=float, metavar="X")
-    opt("trace_max_probes", type=int, metavar="N")
-    opt("density_runs", type=int, metavar="N")
-    opt("density_steps", type=int, metavar="N")
-    opt("sharpness_eps", type=float, metavar="X")
-    opt("sharpness_steps", type=int, metavar="N")
-    opt("batch", type=int, metavar="N")
-    opt("timeout", type=float, metavar="SECONDS")
-    opt("max_points", type=int, metavar="N")
-    opt("time_limit", type=float, metavar="SECONDS")
-    opt("threads", type=int, metavar="N")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help=helps["progress"])
-    p.add_argument("--no-report", dest="report", action="store_false", help="write analysis.h5 only, no figures")
+    helps = field_docs(AnalyzeOptions)
+    add_flags(p, AnalyzeOptions, flag=lambda n: "--" + n.replace("_", "-"), dest=lambda n: n, values=False, special={
+        "skip": dict(default="", metavar="PARTS", help=f"comma-separated parts to leave out: {', '.join(PARTS)}"),
+        "at": dict(metavar="MODEL"), "split": dict(choices=["train", "test"]),
+        "grid": dict(default="21x21", metavar="NXxNY", help="points of a 2-D slice (default: 21x21)"),
+        "plane": dict(nargs="+", default=[], metavar="MODEL", help=helps["plane"]),
+        "interpolate": dict(nargs="+", default=[], metavar="A,B", help=helps["interpolate"]),
+        "timeout": dict(metavar="SECONDS"), "time_limit": dict(metavar="SECONDS"), "out": dict(metavar="DIR"),
+        "report": dict(help="write the PNG figures and report.html (--no-report: analysis.h5 only)"),
+    })
     p.epilog += "\nMODEL: center, center:I, init, worker:ID, worker:ID:K, or OTHER.h5#MODEL for another run."
     return p
-
-
-def _field_docs() -> dict:
-    """The one-line docstrings under AnalyzeOptions' fields (the single source of the help)."""
-    import ast
-    import inspect
-
-    from . import options
-
-    tree = ast.parse(inspect.getsource(options.AnalyzeOptions))
-    body = tree.body[0].body
-    out = {}
-    for a, b in itertools.pairwise(body):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            out[a.target.id] = b.value.value
-    return out
 
 
 def options_from(args) -> AnalyzeOptions:

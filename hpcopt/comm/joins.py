@@ -101,14 +101,27 @@ class Joins:
             self.seen.add(rid)
             try:
                 request = read_json(self.run.joins / name)
-            except (OSError, ValueError):
-                self.seen.discard(rid)  # half-written (should not happen: written atomically); retry
+            except OSError:
+                self.seen.discard(rid)  # vanished or unreadable for now: look again next scan
                 continue
-            if request.get("time", 0) < self.started - 1:
-                continue  # left over from before this server started
+            except ValueError as e:
+                request, problem = None, f"not JSON ({e})"
+            else:
+                problem = request_problem(request)
             progress = True
+            if problem is not None:  # hand-made or hostile: refused, never trusted
+                self._refuse(server, rid, "?", f"malformed join request: {problem}")
+                continue
+            if request["time"] < self.started - 1:
+                continue  # left over from before this server started
             self._consider(server, rid, request)
         return progress
+
+    def _refuse(self, server, rid: str, host: str, why: str) -> None:
+        if self.leader:
+            self.log(f"[{server.now():7.1f}s] refused a join from {host}: {why}")
+            server.event("refused", detail=f"join from {host}: {why}"[:250])
+            write_json(self.run.joins / f"{rid}.refused", {"reason": why})
 
     def _consider(self, server, rid: str, request: dict) -> None:
         why = None
@@ -120,14 +133,9 @@ class Joins:
             why = server.refuses_joins()
         elif request.get("n_parameters") != self.n_params:
             why = f"the joiner's model has {request.get('n_parameters')} parameters, the run's {self.n_params}"
-        n = int(request.get("n", 0))
-        if why is None and n < 1:
-            why = "no ranks"
+        n = request["n"]
         if why is not None:
-            if self.leader:
-                self.log(f"[{server.now():7.1f}s] refused a join from {request.get('hosts', ['?'])[0]}: {why}")
-                server.event("refused", detail=f"join from {request.get('hosts', ['?'])[0]}: {why}")
-                write_json(self.run.joins / f"{rid}.refused", {"reason": why})
+            self._refuse(server, rid, request["hosts"][0], why)
             return
         answer = None
         if self.leader:
@@ -146,7 +154,12 @@ class Joins:
             write_json(self.run.joins / f"{rid}.ok", answer)
 
     def _admit(self, server, rid: str, inter, request: dict, answer: dict | None) -> None:
-        n = int(request["n"])
+        n = request["n"]
+        if inter.Get_remote_size() != n:  # its ids were reserved for n ranks: refuse, never guess
+            self.log(f"[{server.now():7.1f}s] join {rid}: the joining job has {inter.Get_remote_size()} "
+                     f"rank(s), its request said {n}; not admitted")
+            server.event("refused", detail=f"join {rid}: {inter.Get_remote_size()} ranks, the request said {n}")
+            return
         if answer is None:  # not the leader: server 0's answer is in the run directory by now
             answer = read_json(self.run.joins / f"{rid}.ok")
             server.next_worker_id = max(server.next_worker_id, answer["first_worker_id"] + n)
@@ -166,6 +179,31 @@ class Joins:
 
 
 # ---------------------------------------------------------------------- the joining side
+MAX_JOIN_RANKS = 1 << 16
+
+
+def request_problem(request) -> str | None:
+    """What is wrong with a join request read from the run directory, or None. Every server
+    checks it the same way before it believes a word of it."""
+    if not isinstance(request, dict):
+        return f"a JSON object was expected, got {type(request).__name__}"
+    types = {"token": str, "n": int, "hosts": list, "pids": list, "n_parameters": int, "time": (int, float)}
+    for key, kind in types.items():
+        value = request.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key!r} must be {getattr(kind, '__name__', 'a number')}, got {value!r}"[:200]
+    n = request["n"]
+    if not 1 <= n <= MAX_JOIN_RANKS:
+        return f"'n' = {n} ranks is out of range (1..{MAX_JOIN_RANKS})"
+    if len(request["hosts"]) != n or not all(isinstance(h, str) and 0 < len(h) <= 255 for h in request["hosts"]):
+        return f"'hosts' must be {n} host names"
+    if len(request["pids"]) != n or not all(isinstance(p, int) and not isinstance(p, bool) for p in request["pids"]):
+        return f"'pids' must be {n} integers"
+    if request["time"] != request["time"] or abs(request["time"]) == float("inf"):
+        return "'time' is not finite"
+    return None
+
+
 class JoinRefused(RuntimeError):
     pass
 
@@ -178,7 +216,7 @@ def request_join(run: RunDir, *, token: str, hosts: list[str], pids: list[int], 
         raise JoinRefused(f"{run.path} accepts no joins: the training was started without an "
                           f"ompi-server (start it with `hpcopt train -n N ...`, which sets one up)")
     status = read_json(run.status) if run.status.exists() else {}
-    if status.get("state") in ("complete", "stopping"):
+    if status.get("state") in ("complete", "stopped", "stopping"):
         raise JoinRefused(f"the run in {run.path} is {status['state']}")
     info = read_json(run.join_info)
     rid = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"

@@ -86,6 +86,22 @@ def make_header(kind: float, worker_id: int, step: int = 0, exchange_index: int 
     return h
 
 
+KINDS = (EXCHANGE, DONE, FETCH, RESET, HEARTBEAT)
+
+
+def header_problem(h: np.ndarray) -> str | None:
+    """What is wrong with a header that arrived, or None: a server checks every one before it
+    trusts it (a bad one costs its sender, never the run)."""
+    if h[KIND] not in KINDS:
+        return f"unknown message kind {float(h[KIND])!r}"
+    for name, i in (("step", STEP), ("exchange index", EXCHANGE_INDEX), ("samples", SAMPLES)):
+        if not (np.isfinite(h[i]) and h[i] >= 0 and h[i] == int(h[i]) and h[i] < 2 ** 53):
+            return f"{name} {float(h[i])!r} is not a count"
+    if h[KIND] == DONE and h[REASON] not in REASONS:
+        return f"unknown reason {float(h[REASON])!r}"
+    return None
+
+
 def shard_bounds(n_params: int, n_servers: int) -> list[tuple[int, int]]:
     """Contiguous slices [lo, hi) of the flat parameter vector, one per server.
 

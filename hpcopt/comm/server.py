@@ -37,7 +37,8 @@ from hpcopt.config import CommConfig
 from hpcopt.optim.center import CenterRule, Verdict
 
 from . import protocol as P
-from .wait import BUSY_CAP, IDLE_CAP, Backoff, PeerTimeout, cancel, wait_all
+from .flushes import Flushes
+from .wait import BUSY_CAP, IDLE_CAP, Backoff, cancel, wait_all
 
 # Receives posted ahead per exchange. Open MPI copies every matched large message during one
 # progress call, so posting all chunks at once copies the whole vector first (evicting it from
@@ -92,6 +93,7 @@ class _Exchange:
     layer_norms: np.ndarray | None = None  # LGRAWA: the worker's per-layer gradient norms
     norms_req: object = None  # LGRAWA: their receive, until it completes
     verdict: Verdict | None = None  # LSGD: what the exchange does, once decided
+    rejected: bool = False  # it carried non-finite parameters: none of them reached the center
     upload: np.ndarray | None = None  # LSGD: where the worker's parameters go, when it sends them
 
     @property
@@ -160,11 +162,12 @@ class CenterServer:
             self.add_worker(wid, world_link, rank, host, world_rank=rank, pid=pid[0] if pid else -1)
         self.stopping = False  # the run is ending: workers were told to leave
         self.left: dict[int, int] = {}  # how many workers left for each reason
+        # workers that left on a signal or a stop, having saved their state: a resume continues
+        # them (their checkpoint rows, kept from when they left)
+        self.departed: dict[int, tuple] = {}
         self.stop_flag = None  # set (e.g. by a signal handler) to end the run gracefully
-        self.flush_seq = 0
+        self.flushes = Flushes(self)
         self.finished = False
-        self._control = np.empty(P.CONTROL_SIZE, dtype=np.float64)
-        self._control_req = None
 
     # ------------------------------------------------------------------ membership
     def now(self) -> float:
@@ -218,6 +221,12 @@ class CenterServer:
         for i, host in enumerate(hosts):
             self.add_worker(first_id + i, link, i, host, world_rank=i, pid=pids[i])
             self.event("join", first_id + i, start_step, f"joined from {host} (pid {pids[i]}, {what})")
+
+    def resumable(self) -> list[tuple]:
+        """The checkpoint's rows (io.checkpoint.WORKER): every worker a resume continues."""
+        rows = {w: (w, self.peers[w].step, self.peers[w].exchanges, *self.rule.worker_scalars(w)) for w in self.active}
+        rows.update(self.departed)
+        return [rows[w] for w in sorted(rows)]
 
     def members(self) -> list[dict]:
         """The active workers, for the status file."""
@@ -277,9 +286,7 @@ class CenterServer:
     # ------------------------------------------------------------------ the serve loop
     def serve(self) -> ServeSummary:
         """Serve until every worker has left. Collective over the server communicator (flushes)."""
-        if not self.coordinator:
-            self._control_req = self.servers.Irecv(self._control, source=0, tag=P.TAG_CONTROL)
-            self._control_deadline = time.monotonic() + self.recorder.cfg.flush_seconds + self.timeout
+        self.flushes.begin()
         backoff = Backoff()
         cpu0, loops = time.process_time(), 0
         while not self.finished:
@@ -292,11 +299,9 @@ class CenterServer:
                 progress |= self._poll_fetches()
             if self.joins is not None:
                 progress |= self.joins.poll(self)
+            progress |= self.flushes.poll()
             if self.coordinator:
-                progress |= self._maybe_flush()
                 progress |= self.recorder.report(self.exchanges, len(self.active))
-            else:
-                progress |= self._poll_control()
             self._check_deadlines()
             if self.stop_flag and not self.stopping:
                 self.request_stop(f"signal {getattr(self.stop_flag, 'received', '')}")
@@ -345,6 +350,10 @@ class CenterServer:
             if wid is None:
                 self.log(f"ignoring a message from unknown rank {rank}")
             return
+        problem = P.header_problem(header)
+        if problem is not None:
+            self.drop(wid, f"sent a malformed header ({problem})")
+            return
         peer = self.peers[wid]
         peer.last_seen = time.monotonic()
         peer.step = int(header[P.STEP])
@@ -368,8 +377,6 @@ class CenterServer:
             if self.deterministic:  # a fetch is not a turn
                 self._fetch(ex)
                 return
-        elif ex.kind != P.DONE:
-            raise RuntimeError(f"unknown message kind {ex.kind} from worker {wid}")
         self.pending.append(ex)
 
     def _fetch(self, ex: _Exchange) -> None:
@@ -411,6 +418,9 @@ class CenterServer:
         self._settle(ex.wid, post=False)
         reason = int(ex.header[P.REASON])
         self.left[reason] = self.left.get(reason, 0) + 1
+        if reason in (P.SIGNALLED, P.STOPPED):  # it saved its state first
+            peer = self.peers[ex.wid]
+            self.departed[ex.wid] = (ex.wid, int(ex.header[P.STEP]), peer.exchanges, *self.rule.worker_scalars(ex.wid))
         cancel(self.peers[ex.wid].posted or [])
         self.peers[ex.wid].posted = None
         self._remove(ex.wid, forget=reason != P.FINISHED)
@@ -442,7 +452,12 @@ class CenterServer:
                 ex.requests.append(self._irecv(ex.wid, i + RECV_WINDOW))
             if i == 0:
                 self._report(ex)
-            self.rule.exchange_(ex.wid, peer.recv_t[a:b], a, b)
+            x = peer.recv_t[a:b]
+            if bool(torch.isfinite(x).all()):
+                self.rule.exchange_(ex.wid, x, a, b)
+            else:  # never into the center: the worker gets the center's chunk instead (a reset)
+                x.copy_(self.rule.center[a:b])
+                ex.rejected = True
             if not peer.shared:
                 ex.replies.append(peer.comm.Isend(peer.recv[a:b], dest=peer.rank, tag=P.TAG_REPLY))
             ex.next_chunk += 1
@@ -491,14 +506,17 @@ class CenterServer:
             ex.next_chunk += 1
             progress = True
         if ex.next_chunk == n:
-            if ex.verdict.leads:
+            if ex.upload is not None and not np.isfinite(ex.upload).all():
+                ex.rejected = True
+                self.rule.forget(ex.wid)  # its loss average no longer makes it a leader either
+            elif ex.verdict.leads:
                 self.rule.upload(ex.wid, torch.from_numpy(ex.upload))
             if ex.upload is not None and self.recorder.wants_worker(ex.k):
                 ex.snapshot = ex.upload if ex.verdict.leads else ex.upload.copy()
             self._served(ex)
         return progress
 
-    def _take_uploads(self, wid: int | None = None) -> None:
+    def take_uploads(self, wid: int | None = None) -> None:
         """LSGD: finish the started exchanges (of worker `wid`, or all), taking their uploads. A
         worker's upload sends may complete (buffered) before this server has received them, so
         the worker can go on, or say DONE, with its upload still in flight to this server."""
@@ -510,6 +528,10 @@ class CenterServer:
     # ------------------------------------------------------------------ after an exchange
     def _served(self, ex: _Exchange) -> None:
         """The exchange is complete here: its replies are in flight; count and record it."""
+        if ex.rejected:
+            ex.snapshot = None
+            self.event("rejected", ex.wid, int(ex.header[P.STEP]), "sent non-finite parameters: they were "
+                       "not mixed into the center" + (", the worker got the center's" if self.rule.carries_params else ""))
         self.pending.remove(ex)
         self.replies[ex.wid] = (ex.replies, time.monotonic())
         self.exchanges += 1
@@ -532,6 +554,11 @@ class CenterServer:
         if self.deterministic and self.order:  # the next exchange in that order may start
             self.turn = (self.turn + 1) % len(self.order)
 
+    def all_done(self) -> bool:
+        """Every worker has left and nothing is in flight: the final flush may begin."""
+        return not self.active and not self.pending and not self.replies and not self.fetches \
+            and not (self.joins is not None and self.joins.busy)
+
     def _poll_replies(self) -> bool:
         """Workers whose replies are all out get the receives of their next exchange posted."""
         done = [wid for wid, (reqs, _) in self.replies.items() if MPI.Request.Testall(reqs)]
@@ -545,7 +572,7 @@ class CenterServer:
         """The worker sent again (or said DONE), so it has every reply of its last exchange:
         complete their sends (only the Test is missing) and free its receive buffer. LSGD: an
         upload the worker has finished sending may still be untaken here; take it first."""
-        self._take_uploads(wid)
+        self.take_uploads(wid)
         if wid in self.replies:
             wait_all(self.replies.pop(wid)[0], self.timeout, f"worker {wid} to take its reply")
         elif post and self.peers[wid].posted is None:
@@ -575,54 +602,4 @@ class CenterServer:
         for wid in list(self.active):
             if now - self.peers[wid].last_seen > limit:
                 self.drop(wid, f"sent nothing for {limit:g} s (comm.worker_timeout)")
-        if not self.coordinator and now > self._control_deadline:
-            raise PeerTimeout(f"server 0 started no flush for {self.recorder.cfg.flush_seconds + self.timeout:g} s")
-
-    # ------------------------------------------------------------------ flushes
-    def _maybe_flush(self) -> bool:
-        """Server 0: start a collective flush when it is due, or the final one when all are done."""
-        rec = self.recorder
-        final = not self.active and not self.pending and not self.replies and not self.fetches \
-            and not (self.joins is not None and self.joins.busy)
-        if not final and not rec.flush_due():
-            return False
-        evaluate = rec.evaluator is not None and (final or rec.eval_due(self.exchanges))
-        checkpoint = rec.run is not None and (final or rec.checkpoint_due())
-        self.flush_seq += 1
-        control = np.array([self.flush_seq, final, evaluate, checkpoint], dtype=np.float64)
-        reqs = [self.servers.Isend(control, dest=s, tag=P.TAG_CONTROL) for s in range(1, self.servers.size)]
-        wait_all(reqs, self.timeout, "the other server ranks to take a flush message")
-        self._flush(final, evaluate, checkpoint)
-        return True
-
-    def _poll_control(self) -> bool:
-        if not self._control_req.Test():
-            return False
-        _, final, evaluate, checkpoint = (float(v) for v in self._control)
-        self._flush(bool(final), bool(evaluate), bool(checkpoint))
-        if not self.finished:
-            self._control_req = self.servers.Irecv(self._control, source=0, tag=P.TAG_CONTROL)
-            self._control_deadline = time.monotonic() + self.recorder.cfg.flush_seconds + self.timeout
-        return True
-
-    def _flush(self, final: bool, evaluate: bool, checkpoint: bool) -> None:
-        """Collective over the servers: the recorder writes what every server has; then (when
-        due) the checkpoint, which matches the file as flushed."""
-        if final:
-            # every worker got its last reply before it said DONE, so all servers are complete,
-            # except LSGD uploads still in flight to this server (server 0 saw every DONE; this
-            # server may not have taken the last uploads yet): take them
-            self._take_uploads()
-        rec = self.recorder
-        rec.flush(final=final, evaluate=evaluate, exchanges=self.exchanges, exchanges_total=self.exchanges,
-                  center=self.center, workers=len(self.active))
-        if checkpoint:
-            workers = [(w, self.peers[w].step, self.peers[w].exchanges, *self.rule.worker_scalars(w))
-                       for w in sorted(self.active)]
-            rec.checkpoint(center=self.center, held={w: t.numpy() for w, t in self.rule.held().items()},
-                           workers=workers, exchanges=self.exchanges, next_worker_id=self.next_worker_id)
-        rec.write_status("complete" if final else "stopping" if self.stopping else "running",
-                         exchanges=self.exchanges, members=self.members())
-        if final:
-            rec.close()
-            self.finished = True
+        self.flushes.check_deadline(now)

@@ -89,8 +89,10 @@ def read(path, *, n_parameters: int, layout: dict, method: str) -> dict:
     return out
 
 
-def save_worker_state(path, *, step: int, exchange: int, params, trainer_state: dict) -> None:
-    """A worker's own state (parameters, step, local optimizer and data order), atomically."""
+def save_worker_state(path, *, step: int, exchange: int, params, trainer_state: dict,
+                      reference_loss: float | None = None) -> None:
+    """A worker's own state (parameters, step, local optimizer and data order, the divergence
+    guard's reference loss), atomically."""
     import io
 
     import torch
@@ -99,7 +101,7 @@ def save_worker_state(path, *, step: int, exchange: int, params, trainer_state: 
 
     buf = io.BytesIO()
     torch.save({"step": step, "exchange": exchange, "params": params.clone(), "trainer": trainer_state,
-                "n_parameters": params.numel()}, buf)
+                "n_parameters": params.numel(), "reference_loss": reference_loss}, buf)
     write_atomic(path, buf.getvalue())
 
 

@@ -136,9 +136,10 @@ class Recorder:
             self.report()
 
     def flush(self, *, final: bool, evaluate: bool, exchanges: int, exchanges_total: int, center: np.ndarray,
-              workers: int) -> None:
+              status: str | None = None) -> None:
         """Collective over `comm`: write what every rank has whole, evaluate `center` (this rank's
-        shard) when asked, flush the file. The final flush records the last center and closes it."""
+        shard) when asked, flush the file. The final flush records the last center. `status`: the
+        file's status attribute (default: running, or complete at the final flush)."""
         comm = self.comm
         if final and self.last_snap != exchanges:  # the last center is always recorded
             self.center(exchanges, center)
@@ -170,7 +171,7 @@ class Recorder:
                 tables[schema.LAYER_NORMS] = self.layer_rows
             self.rows, self.events, self.layer_rows = [], [], []
         attrs = {"exchanges_total": exchanges_total, "wall_seconds": self.now(),
-                 "status": "complete" if final else "running"}
+                 "status": status or ("complete" if final else "running")}
         self.writer.flush(center_rows=[s for _, _, s in snaps], center_meta=center_meta,
                           worker_rows=[s for _, s in taken], worker_meta=worker_meta,
                           tables=tables, attrs=attrs)
@@ -199,9 +200,13 @@ class Recorder:
 
     # ------------------------------------------------------------------ root: progress and status
     def report(self, exchanges: int | None = None, workers: int | None = None) -> bool:
-        """Root: a progress line for each finished evaluation."""
+        """Root: a progress line for each finished evaluation (rate: exchanges per second since
+        the last line, when `exchanges` is given). Remembers the counts for the final line."""
         if self.evaluator is None:
             return False
+        if workers is not None:
+            self._counts = (exchanges, workers)
+        exchanges, workers = getattr(self, "_counts", (exchanges, workers))
         lines = self.evaluator.new_results()
         for n, t, loss, acc in lines:
             if exchanges is not None:

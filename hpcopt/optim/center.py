@@ -170,14 +170,16 @@ class LeaderRule(CenterRule):
     def verdict(self, wid: int, *, loss: float, grad_norm: float, exchange: int, sample: bool) -> Verdict:
         """Take the worker's report and decide what its exchange does (see the class)."""
         self.grad_norms[wid] = grad_norm
-        self.loss_avg[wid] = loss_average(self.loss_avg.get(wid), loss, self.loss_decay)
-        glob = -1
+        if math.isfinite(loss):  # no loss to report (no batches), or a bad one: the average stays
+            self.loss_avg[wid] = loss_average(self.loss_avg.get(wid), loss, self.loss_decay)
+        glob, lead = -1, -1  # -1: nobody has a finite average yet
         if self.global_every:  # two-level: the local leader, and the global one when due
             groups = {w: self.groups[w] for w in self.loss_avg}
-            lead = group_leader(self.loss_avg, groups, wid)
-            if exchange % self.global_every == 0:
+            if wid in self.loss_avg:
+                lead = group_leader(self.loss_avg, groups, wid)
+            if exchange % self.global_every == 0 and self.loss_avg:
                 glob = leader(self.loss_avg)
-        else:
+        elif self.loss_avg:
             lead = leader(self.loss_avg)
         held = self.latest
         local = [w for w in held if not self.global_every or self.groups[w] == self.groups[wid]]

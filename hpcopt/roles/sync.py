@@ -110,7 +110,6 @@ def _record_round(rec: Recorder, rounds, step, batch, lr, losses, nbytes, gather
         if final:
             for w in range(p):
                 rec.event("leave", w, w, "", step, "finished its epochs")
-        rec.flush(final=final, evaluate=False, exchanges=rounds, exchanges_total=rounds * p, center=center,
-                  workers=p)
+        rec.flush(final=final, evaluate=False, exchanges=rounds, exchanges_total=rounds * p, center=center)
         if final:
             rec.close()

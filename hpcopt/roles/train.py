@@ -299,10 +299,20 @@ def log_all(*args) -> None:
 
 
 def _check_resumable(run: RunDir) -> None:
+    import h5py
+
     if not run.path.is_dir():
         raise UsageError(f"--resume {run.path}: no such run directory")
     if not run.trajectory.exists():
         raise UsageError(f"--resume {run.path}: it has no trajectory.h5")
+    try:
+        with h5py.File(run.trajectory, "r", locking=False) as f:
+            status = f.attrs.get("status")
+    except OSError:
+        return  # damaged: the checkpoint decides
+    if status == "complete":
+        raise UsageError(f"--resume {run.path}: the run is complete (every worker finished its epochs), "
+                         f"there is nothing to continue; start a new run to train further")
 
 
 def _worker_ids(ckpt, n: int) -> list[int]:

@@ -40,6 +40,45 @@ class WorkerSummary:
     reason: str  # why it stopped (protocol.REASONS)
 
 
+class DivergenceGuard:
+    """Whether a worker is diverging, in a way ordinary noise does not meet.
+
+    The reference is the first loss the worker ever computed (before any local step of its own;
+    a resumed worker keeps its own from its saved state). A loss counts as exploding above
+    `factor` x reference. NaN/Inf diverges at once; a finite excess only when it lasts `patience`
+    steps in a row (single spikes of a run at a constant learning rate do not), or when the mean
+    loss since the last exchange exceeds the limit at an exchange (so huge but finite parameters
+    are never sent to the center in the meantime)."""
+
+    def __init__(self, factor: float, patience: int = 3, reference: float | None = None):
+        self.factor, self.patience, self.reference = factor, patience, reference
+        self.streak = 0
+
+    @property
+    def limit(self) -> float:
+        return self.factor * self.reference if self.reference else math.inf
+
+    def step(self, loss: float) -> str | None:
+        """A local step's loss: why the worker diverged, or None."""
+        if not math.isfinite(loss):
+            return f"training loss {loss:.4g}"
+        if self.reference is None:
+            self.reference = loss
+        self.streak = self.streak + 1 if loss > self.limit else 0
+        if self.streak >= self.patience:
+            return f"training loss {loss:.4g} > {self.limit:.4g} for {self.streak} steps"
+        return None
+
+    def exchange(self, mean_loss: float) -> str | None:
+        """Before an exchange, with the mean loss since the last one: why not to send, or None."""
+        if math.isfinite(mean_loss) and mean_loss > self.limit:
+            return f"mean training loss {mean_loss:.4g} > {self.limit:.4g} since the last exchange"
+        return None
+
+    def reset(self) -> None:
+        self.streak = 0
+
+
 def on_device(flat: FlatModel, log, shared: torch.Tensor | None = None) -> tuple[FlatModel, torch.Tensor]:
     """A worker moves to the GPU of its node-local rank, if it has one (hpcopt.launch.device).
     Returns the model there and the CPU buffer exchanges use: the parameters themselves on the
@@ -85,30 +124,60 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
     flags = SignalFlag()
     heartbeat_every = cfg.comm.worker_timeout / 4
     loss_sum, loss_n, lr, grad_norm = 0.0, 0, cfg.train.lr, float("nan")
-    reference_loss, resets, reason = None, 0, P.FINISHED
+    guard = DivergenceGuard(cfg.train.diverge_factor, reference=state.get("reference_loss") if state else None)
+    resets, reason = 0, P.FINISHED
     last_save = time.monotonic()
     t0 = time.perf_counter()
 
     def header(kind, step, **kw):
-        return P.make_header(kind, worker_id, step, k, loss_sum / max(loss_n, 1), step * trainer.batch, lr,
+        # no batches since the last message: no loss to report (NaN), never a perfect 0.0
+        return P.make_header(kind, worker_id, step, k, loss_sum / loss_n if loss_n else math.nan, step * trainer.batch, lr,
                              time.monotonic() - start, grad_norm, **kw)
 
     def exchange(step):
-        nonlocal loss_sum, loss_n, k, last_save, reference_loss
+        nonlocal loss_sum, loss_n, k, last_save
         k += 1
-        if reference_loss is None and loss_n:
-            reference_loss = loss_sum / loss_n
         through_host(client.exchange, header(P.EXCHANGE, step))
         loss_sum, loss_n = 0.0, 0
         if run is not None and time.monotonic() - last_save >= cfg.record.checkpoint_seconds:
             save_worker_state(run.worker_state(worker_id), step=step, exchange=k, params=flat.params,
-                              trainer_state=trainer.state_dict())
+                              trainer_state=trainer.state_dict(), reference_loss=guard.reference)
             last_save = time.monotonic()
+
+    def finite() -> bool:
+        """The parameters the next exchange sends: a step with a finite loss can still produce
+        NaN/Inf parameters (a NaN gradient), and those must never reach the center."""
+        return bool(torch.isfinite(flat.params).all())
+
+    def reset(what: str, step: int, bad_loss: float) -> bool:
+        """Restart from the center (RESET) after a divergence; False once it happened too often."""
+        nonlocal resets, loss_sum, loss_n
+        resets += 1
+        if resets > cfg.train.max_resets:
+            log(f"worker {worker_id}: {what} at step {step}; diverged {resets} times "
+                f"(train.max_resets = {cfg.train.max_resets}), leaving")
+            return False
+        log(f"worker {worker_id}: {what} at step {step}: restarting from the center "
+            f"(reset {resets} of at most {cfg.train.max_resets})")
+        loss_sum, loss_n = bad_loss, 1  # the header carries the bad loss into the event
+        through_host(client.fetch, header(P.RESET, step))
+        loss_sum, loss_n = 0.0, 0
+        trainer.reset_local_state()
+        guard.reset()
+        return True
+
+    def why_not_exchange() -> str | None:
+        return "non-finite parameters" if not finite() else guard.exchange(loss_sum / loss_n if loss_n else math.nan)
 
     step = first_step
     while step < total:
         if step > first_step and (step - first_step) % tau == 0:
-            exchange(step)
+            why = why_not_exchange()
+            if why is None:
+                exchange(step)
+            elif not reset(why, step, loss_sum / loss_n if loss_n else math.nan):
+                reason = P.GAVE_UP
+                break
         if flags or client.poll_notices():
             reason = P.SIGNALLED if flags else P.STOPPED
             break
@@ -117,21 +186,11 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
             loss = trainer.gradient(step)
         except FloatingPointError:
             loss = math.nan
-        limit = cfg.train.diverge_factor * reference_loss if reference_loss else math.inf
-        if not math.isfinite(loss) or loss > limit:
-            resets += 1
-            what = f"training loss {loss:.4g}" + (f" > {limit:.4g}" if math.isfinite(loss) else "")
-            if resets > cfg.train.max_resets:
-                log(f"worker {worker_id}: {what} at step {step}; diverged {resets} times "
-                    f"(train.max_resets = {cfg.train.max_resets}), leaving")
+        why = guard.step(loss)
+        if why is not None:
+            if not reset(why, step, loss):
                 reason = P.GAVE_UP
                 break
-            log(f"worker {worker_id}: {what} at step {step}: restarting from the center "
-                f"(reset {resets} of at most {cfg.train.max_resets})")
-            loss_sum, loss_n = loss, 1  # the header carries the bad loss into the event
-            through_host(client.fetch, header(P.RESET, step))
-            loss_sum, loss_n = 0.0, 0
-            trainer.reset_local_state()
             step += 1
             continue
         loss_sum += loss
@@ -142,10 +201,14 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
         client.heartbeat(worker_id, step, heartbeat_every)
         step += 1
     if reason != P.GAVE_UP:
-        exchange(step)  # the last exchange: what the worker learnt since the previous one counts
+        why = why_not_exchange()
+        if why is None:
+            exchange(step)  # the last exchange: what the worker learnt since the previous one counts
+        elif not reset(why, step, loss_sum / loss_n if loss_n else math.nan):
+            reason = P.GAVE_UP
     if run is not None and reason in (P.SIGNALLED, P.STOPPED):
         save_worker_state(run.worker_state(worker_id), step=step, exchange=k, params=flat.params,
-                          trainer_state=trainer.state_dict())
+                          trainer_state=trainer.state_dict(), reference_loss=guard.reference)
     client.done(worker_id, step, reason)
     ignore_leave_signals()
     if flags:

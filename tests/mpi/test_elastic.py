@@ -115,14 +115,14 @@ def test_join_mid_run_then_graceful_stop(tmp_path):
     assert leaves[2] == leaves[3] == "stopped by the server"
     assert {leaves[0], leaves[1]} <= {"left on a signal", "stopped by the server"}
     with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
-        assert f.attrs["status"] == "complete"
+        assert f.attrs["status"] == "stopped"
         ids = set(f["exchanges"]["worker_id"].tolist())
         join_time = min(e[3] for e in joins)
         late = f["exchanges"][f["exchanges"]["time"] > join_time]
     assert ids == {0, 1, 2, 3}
     assert {0, 1} <= set(late["worker_id"].tolist())  # the first workers went on while the others joined
     s = json.loads(hpcopt("status", str(run), "--json").stdout)
-    assert s["state"] == "complete"
+    assert s["state"] == "stopped"
 
 
 def test_wrong_token_is_refused_and_changes_nothing(tmp_path):
@@ -136,6 +136,24 @@ def test_wrong_token_is_refused_and_changes_nothing(tmp_path):
     assert any(e[0] == "refused" and "wrong token" in e[2] for e in ev)
     assert not any(e[0] == "join" and "joined from" in e[2] for e in ev)
     assert oct((run / "token").stat().st_mode & 0o777) == "0o600"
+
+
+def test_malformed_join_requests_are_refused_and_the_run_goes_on(tmp_path):
+    good = {"token": "x", "n": 1, "hosts": ["h"], "pids": [1], "n_parameters": 20, "time": time.time()}
+    bad = {"array": "[1, 2]", "garbage": "{not json", "string-time": json.dumps({**good, "time": "now"}),
+           "no-hosts": json.dumps({**good, "hosts": []}), "string-n": json.dumps({**good, "n": "2"}),
+           "huge-n": json.dumps({**good, "n": 10 ** 9}), "bool-n": json.dumps({**good, "n": True})}
+    with running(tmp_path, 3, min_exchanges=10) as (run, proc, log):
+        for name, text in bad.items():
+            tmp = run / "joins" / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.rename(run / "joins" / f"{name}.req")  # as a joiner writes it: whole, at once
+        wait_for("the refusals", lambda: all((run / "joins" / f"{n}.refused").exists() for n in bad), proc, log=log)
+        n0 = status(run)["exchanges"]
+        wait_for("more exchanges", lambda: status(run).get("exchanges", 0) > n0 + 20, proc, log=log)
+        assert len(status(run)["workers"]) == 2
+    reasons = [json.loads((run / "joins" / f"{n}.refused").read_text())["reason"] for n in bad]
+    assert all(r.startswith("malformed join request") for r in reasons), reasons
 
 
 def _worker_pid(run, wid):
@@ -159,7 +177,7 @@ def test_a_worker_leaves_or_crashes_and_training_goes_on(tmp_path, sig):
         assert mine[0][0] == "crash" and "sent nothing for 4 s" in mine[0][2]  # comm.worker_timeout
     with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
         ex = f["exchanges"][...]
-        assert f.attrs["status"] == "complete"
+        assert f.attrs["status"] == "stopped"
     after = ex[ex["time"] > mine[0][3]]
     assert {0, 2} <= set(after["worker_id"].tolist()) and 1 not in set(after["worker_id"].tolist())
 
@@ -177,6 +195,36 @@ def test_nan_worker_is_reset_to_the_center_not_mixed_in(tmp_path):
         assert np.isfinite(f["center/params"][...]).all()
         assert f.attrs["status"] == "complete"
         assert set(f["exchanges"]["worker_id"].tolist()) == {0, 1, 2}  # it went on after the reset
+
+
+@pytest.mark.parametrize("method", ["easgd", "mgrawa", "lsgd"])
+def test_nan_gradient_with_a_finite_loss_never_reaches_the_center(tmp_path, method):
+    out = tmp_path / "g"
+    # rank 2 (worker 1): at its 32nd loss evaluation (the last step before its 8th exchange) the loss is finite but the gradient NaN, so
+    # its parameters go bad after that step without its loss saying so (issue 12, item 1)
+    p = mpirun(4, "train", "--out", str(out), *QUAD, "--train.epochs", "3", "--run.method", method,
+               "--model.kwargs", '{"poison_rank": 2, "poison_call": 32, "poison_grad": true}',
+               "--record.center_every", "1")
+    assert "non-finite parameters" in p.stdout and "restarting from the center" in p.stdout
+    diverged = [e for e in events(out / "trajectory.h5") if e[0] == "diverged"]
+    assert [e[1] for e in diverged] == [1]
+    with h5py.File(out / "trajectory.h5", "r", locking=False) as f:
+        assert np.isfinite(f["center/params"][...]).all() and np.isfinite(f["workers/params"][...]).all()
+        assert f.attrs["status"] == "complete"
+
+
+@pytest.mark.parametrize("path", ["messages", "shared"])
+def test_a_hostile_client_costs_only_itself(tmp_path, path):
+    """A client that bypasses the worker's guards: non-finite parameters are given the center
+    (nothing reaches it), a malformed header gets the sender dropped; the server never fails."""
+    script = Path(__file__).resolve().parent / "scripts" / "bad_values.py"
+    p = subprocess.run(["mpirun", "-n", "2", sys.executable, str(script), str(tmp_path), path],
+                       capture_output=True, text=True, timeout=120, env=mpi_env())
+    assert p.returncode == 0 and "OK" in p.stdout, p.stdout + p.stderr
+    with h5py.File(tmp_path / f"bad-{path}.h5", "r", locking=False) as f:
+        assert np.isfinite(f["center/params"][...]).all()
+        kinds = [k.decode() for k in f["events"]["kind"]]
+    assert kinds.count("rejected") == 2 and kinds.count("crash") == 1
 
 
 def test_sigkill_whole_job_then_resume_with_another_worker_count(tmp_path):
@@ -211,7 +259,7 @@ def test_sigkill_whole_job_then_resume_with_another_worker_count(tmp_path):
     assert resumed.returncode == 0, out
     assert f"resuming {run / 'trajectory.h5'} at exchange {ck_exchanges}" in out
     with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
-        assert f.attrs["status"] == "complete"
+        assert f.attrs["status"] == "stopped"
         meta = f["center/meta"][...]
         assert f["center/params"].shape[0] == len(meta)
         assert np.all(np.diff(meta["exchanges"]) > 0) and np.all(np.diff(meta["time"]) >= 0)
@@ -222,9 +270,56 @@ def test_sigkill_whole_job_then_resume_with_another_worker_count(tmp_path):
     assert hpcopt("inspect", str(run / "trajectory.h5")).returncode == 0
 
 
+def test_graceful_stop_then_resume_continues_every_worker_from_its_saved_state(tmp_path):
+    """Issue 12, item 12: after a Ctrl-C, --resume continues each worker (step, schedule, local
+    state); nothing starts over at step 0."""
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "3", "--out", str(run), "--train.epochs", "100000", *QUAD, log=log)
+    try:
+        wait_for("exchanges", lambda: status(run).get("exchanges", 0) > 60, proc, log=log)
+        stop(proc)
+        assert "stopping the run" in finish(proc, log)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        assert f.attrs["status"] == "stopped"
+        before = f["exchanges"][...]
+    with h5py.File(run / "checkpoint.h5", "r") as f:
+        saved = {int(r["worker_id"]): int(r["step"]) for r in f["workers"][...]}
+    assert sorted(saved) == [0, 1] and min(saved.values()) > 0
+    rlog = tmp_path / "resume.log"
+    resumed = launch("train", "-n", "3", "--resume", str(run), log=rlog)
+    try:
+        n0 = len(before)
+        wait_for("the resumed run", lambda: status(run).get("exchanges", 0) > n0 + 40, resumed, log=rlog)
+        stop(resumed)
+        out = finish(resumed, rlog)
+    finally:
+        if resumed.poll() is None:
+            os.killpg(resumed.pid, signal.SIGKILL)
+    assert resumed.returncode == 0, out
+    assert "no saved state" not in out, out
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        after = f["exchanges"][len(before):]
+    for w, step in saved.items():
+        mine = after[after["worker_id"] == w]
+        # its first exchange after the resume is tau = 4 steps after where it stopped
+        assert len(mine) and mine["step"][0] == step + 4, (w, step, mine["step"][:3])
+
+
+def test_resuming_a_complete_run_is_refused(tmp_path):
+    out = tmp_path / "done"
+    mpirun(3, "train", "--out", str(out), *QUAD, "--train.epochs", "1")
+    p = mpirun(3, "train", "--resume", str(out), check=False)
+    assert p.returncode == 2 and "the run is complete" in p.stderr, p.stderr
+
+
 def test_resume_with_another_model_or_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
     out = tmp_path / "m"
     mpirun(3, "train", "--out", str(out), *QUAD, "--train.epochs", "2")
+    with h5py.File(out / "trajectory.h5", "r+") as f:
+        f.attrs["status"] = "running"  # as a run killed mid-training leaves it (a complete one is not resumed)
     p = mpirun(3, "train", "--resume", str(out), "--model.kwargs", '{"dim": 7}', check=False)
     assert p.returncode == 2 and "does not match the model" in p.stderr, p.stderr
     (out / "checkpoint.h5").write_bytes(b"garbage" * 100)

@@ -25,13 +25,14 @@ def curvature(dim: int = DIM) -> np.ndarray:
 
 class Quadratic(nn.Module):
     def __init__(self, dim: int = DIM, init: float = 3.0, poison_rank: int = -1, poison_call: int = 0,
-                 layers: int = 1):
+                 layers: int = 1, poison_grad: bool = False):
         """poison_rank/poison_call: the loss is NaN at that call on that MPI rank (once), to test
-        the divergence guard. layers > 1 splits w into that many parameter tensors (np.array_split
+        the divergence guard; with poison_grad the loss stays finite and its gradient is NaN
+        instead (the parameters go bad without the loss saying so). layers > 1 splits w into that many parameter tensors (np.array_split
         sizes), for per-layer rules (LGRAWA, LARS)."""
         super().__init__()
         self.poison = poison_rank >= 0 and int(os.environ.get("OMPI_COMM_WORLD_RANK", -1)) == poison_rank
-        self.poison_call, self.calls = poison_call, 0
+        self.poison_call, self.calls, self.poison_grad = poison_call, 0, poison_grad
         if layers == 1:
             self.w = nn.Parameter(torch.full((dim,), float(init)))
         else:
@@ -50,8 +51,11 @@ class Quadratic(nn.Module):
     def loss(self, x, y):
         self.calls += 1
         r = self.weights - self.xstar - x.mean(0)
+        poisoned = self.poison and self.calls == self.poison_call
+        if poisoned and self.poison_grad:
+            r.register_hook(lambda g: torch.full_like(g, float("nan")))
         value = 0.5 * (self.h * r * r).sum()
-        return value * float("nan") if self.poison and self.calls == self.poison_call else value
+        return value * float("nan") if poisoned and not self.poison_grad else value
 
 
 def model(**kwargs):

@@ -108,3 +108,19 @@ def test_lars_trust_ratio_makes_the_step_scale_free():
         LARSStep(x, layers, eta=0.1).step(x, g * scale, 1.0)
         outs.append(x)
     torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_divergence_guard_ignores_spikes_and_catches_explosions():
+    """Issue 12, item 16: a resumed (low) reference plus the ordinary spikes of a constant-lr run
+    must not count as divergence; a sustained or mean excess, or NaN, must."""
+    from hpcopt.roles.worker import DivergenceGuard
+
+    guard = DivergenceGuard(10.0, reference=0.1)  # as restored from a trained worker's saved state
+    for loss in [0.03, 0.02, 4.7, 0.03, 2.7, 0.04, 0.03, 3.1, 0.02]:  # peaks as measured in a real run
+        assert guard.step(loss) is None
+    assert guard.exchange(sum([0.03, 4.7, 0.03, 0.02, 0.03, 0.04, 0.05, 0.03]) / 8) is None
+    assert guard.step(float("nan")) is not None
+    exploding = DivergenceGuard(10.0)
+    assert exploding.step(2.3) is None and exploding.reference == 2.3  # the very first loss
+    assert [exploding.step(x) is None for x in (50.0, 3e3, 4e16)] == [True, True, False]
+    assert DivergenceGuard(10.0, reference=2.3).exchange(1e6) is not None  # huge but finite: not sent

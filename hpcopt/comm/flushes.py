@@ -1,0 +1,87 @@
+"""When the servers flush, together: server 0 decides (every record.flush_seconds, and once at the
+end) and tells the other servers with a TAG_CONTROL message; then all of them enter the
+recorder's collective flush, and the checkpoint when one is due. A server that hears nothing
+from server 0 for flush_seconds + comm.timeout stops with an error instead of waiting forever."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import protocol as P
+from .wait import PeerTimeout, wait_all
+
+
+class Flushes:
+    def __init__(self, server):
+        self.server, self.servers = server, server.servers
+        self.seq = 0
+        self._control = np.empty(P.CONTROL_SIZE, dtype=np.float64)
+        self._req = None
+        self._deadline = float("inf")
+
+    def _window(self) -> float:
+        return self.server.recorder.cfg.flush_seconds + self.server.timeout
+
+    def begin(self) -> None:
+        if self.servers.rank != 0:
+            self._listen()
+
+    def _listen(self) -> None:
+        self._req = self.servers.Irecv(self._control, source=0, tag=P.TAG_CONTROL)
+        self._deadline = time.monotonic() + self._window()
+
+    def poll(self) -> bool:
+        """Server 0: start a flush when one is due; the others: enter one when told."""
+        return self._maybe_start() if self.servers.rank == 0 else self._poll_control()
+
+    def check_deadline(self, now: float) -> None:
+        if self.servers.rank != 0 and now > self._deadline:
+            raise PeerTimeout(f"server 0 started no flush for {self._window():g} s")
+
+    def _maybe_start(self) -> bool:
+        s, rec = self.server, self.server.recorder
+        final = s.all_done()
+        if not final and not rec.flush_due():
+            return False
+        evaluate = rec.evaluator is not None and (final or rec.eval_due(s.exchanges))
+        checkpoint = rec.run is not None and (final or rec.checkpoint_due())
+        self.seq += 1
+        control = np.array([self.seq, final, evaluate, checkpoint], dtype=np.float64)
+        reqs = [self.servers.Isend(control, dest=r, tag=P.TAG_CONTROL) for r in range(1, self.servers.size)]
+        wait_all(reqs, s.timeout, "the other server ranks to take a flush message")
+        self.flush(final, evaluate, checkpoint)
+        return True
+
+    def _poll_control(self) -> bool:
+        if not self._req.Test():
+            return False
+        _, final, evaluate, checkpoint = (float(v) for v in self._control)
+        self.flush(bool(final), bool(evaluate), bool(checkpoint))
+        if not self.server.finished:
+            self._listen()
+        return True
+
+    def flush(self, final: bool, evaluate: bool, checkpoint: bool) -> None:
+        """Collective over the servers: the recorder writes what every server has; then (when
+        due) the checkpoint, which matches the file as flushed."""
+        s, rec = self.server, self.server.recorder
+        rec.report(s.exchanges, len(s.active))  # progress lines so far, with today's counts
+        if final:
+            # every worker got its last reply before it said DONE, so all servers are complete,
+            # except LSGD uploads still in flight to this server (server 0 saw every DONE; this
+            # server may not have taken the last uploads yet): take them
+            s.take_uploads()
+        # a run whose workers all finished is complete; one that some left on a signal or a stop
+        # (they saved their state) is stopped, and --resume continues them
+        state = ("stopped" if s.departed else "complete") if final else "stopping" if s.stopping else "running"
+        rec.flush(final=final, evaluate=evaluate, exchanges=s.exchanges, exchanges_total=s.exchanges,
+                  center=s.center, status=state if final else "running")
+        if checkpoint:
+            rec.checkpoint(center=s.center, held={w: t.numpy() for w, t in s.rule.held().items()},
+                           workers=s.resumable(), exchanges=s.exchanges, next_worker_id=s.next_worker_id)
+        rec.write_status(state, exchanges=s.exchanges, members=s.members())
+        if final:
+            rec.close()
+            s.finished = True
