@@ -88,11 +88,20 @@ def _cmd_train(args) -> int:
         if rank == 0:
             print(f"hpcopt train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if rank == 0:
+            from hpcopt.io.rundir import RunDir
+
+            RunDir(cfg.run.out).unlock()  # (only if this process took it)
     run = result.run
     if run is not None and run.all_diverged:
         print(f"hpcopt train: error: every worker diverged (NaN/Inf or exploding loss, reset "
               f"train.max_resets={cfg.train.max_resets} times each); lower train.lr (now {cfg.train.lr})",
               file=sys.stderr)
+        return 1
+    if run is not None and run.all_crashed:
+        print("hpcopt train: error: every worker crashed (see their errors above, or OUT/logs/ under "
+              "`hpcopt train -n`); the servers recorded what was done", file=sys.stderr)
         return 1
     if run is not None:
         what, who = (f"{run.exchanges} synchronous rounds", "average") if run.synchronous \
@@ -202,6 +211,9 @@ def _exit_without_fence(code: int) -> int:
     instead of entering MPI_Finalize: its fence includes every rank the job ever had, and with a
     rank that was killed (a crashed worker) it can wait forever. Everything is written and closed
     by now; mpirun in recovery mode takes such an exit as a normal one (status 0)."""
+    from hpcopt.launch.env import record_outcome
+
+    record_outcome(code)
     if os.environ.get("OMPI_MCA_orte_enable_recovery", "0").lower() in ("1", "true", "yes") \
             and os.environ.get("OMPI_COMM_WORLD_SIZE"):
         sys.stdout.flush()

@@ -25,6 +25,7 @@ With `deterministic=True` every server serves the workers in the same fixed roun
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,13 @@ RECV_WINDOW = 2
 # serve loop, so one large exchange does not keep the others' messages waiting
 SHARED_CHUNKS_PER_POLL = 4
 _DONE = np.ones(1)
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """Whether the parameters may be mixed in: one vectorised pass (a sum), 4x cheaper than
+    torch.isfinite(x).all(). The sum is NaN/Inf when any element is, and also when the values
+    are so large (~1e33) that it overflows: parameters of that size are rejected too."""
+    return math.isfinite(float(x.sum()))
 
 
 @dataclass
@@ -112,6 +120,7 @@ class ServeSummary:
     polls: int
     cpu_seconds: float
     all_diverged: bool  # every worker that left gave up after diverging
+    all_crashed: bool  # no worker left by itself: every one crashed (was dropped)
 
 
 class CenterServer:
@@ -165,6 +174,7 @@ class CenterServer:
         # workers that left on a signal or a stop, having saved their state: a resume continues
         # them (their checkpoint rows, kept from when they left)
         self.departed: dict[int, tuple] = {}
+        self.crashed = 0  # workers dropped
         self.stop_flag = None  # set (e.g. by a signal handler) to end the run gracefully
         self.flushes = Flushes(self)
         self.finished = False
@@ -258,6 +268,7 @@ class CenterServer:
             return
         peer = self.peers[wid]
         self.log(f"[{self.now():7.1f}s] dropping worker {wid} ({peer.host}): {why}")
+        self.crashed += 1
         self.event("crash", wid, peer.step, why)
         cancel(peer.posted or [])
         peer.posted = None
@@ -317,7 +328,8 @@ class CenterServer:
             peer.posted = None
         return ServeSummary(exchanges=self.exchanges, wall_seconds=self.now(), polls=loops,
                             cpu_seconds=time.process_time() - cpu0,
-                            all_diverged=self.left.get(P.GAVE_UP, 0) > 0 and len(self.left) == 1)
+                            all_diverged=self.left.get(P.GAVE_UP, 0) > 0 and len(self.left) == 1,
+                            all_crashed=self.crashed > 0 and not self.left)
 
     def _post(self, wid: int) -> None:
         """Post the first receives of the worker's next exchange (its buffer is free). LSGD posts
@@ -453,7 +465,7 @@ class CenterServer:
             if i == 0:
                 self._report(ex)
             x = peer.recv_t[a:b]
-            if bool(torch.isfinite(x).all()):
+            if _finite(x):
                 self.rule.exchange_(ex.wid, x, a, b)
             else:  # never into the center: the worker gets the center's chunk instead (a reset)
                 x.copy_(self.rule.center[a:b])
@@ -506,7 +518,7 @@ class CenterServer:
             ex.next_chunk += 1
             progress = True
         if ex.next_chunk == n:
-            if ex.upload is not None and not np.isfinite(ex.upload).all():
+            if ex.upload is not None and not _finite(torch.from_numpy(ex.upload)):
                 ex.rejected = True
                 self.rule.forget(ex.wid)  # its loss average no longer makes it a leader either
             elif ex.verdict.leads:

@@ -42,7 +42,7 @@ class Recorder:
     def __init__(self, comm: MPI.Comm, writer, record: RecordConfig, *, bounds: list[tuple[int, int]],
                  start: float, evaluator=None, log=print, exchanges: int = 0, center: np.ndarray | None = None,
                  unit: str = "exchanges", label: str = "center", run: RunDir | None = None,
-                 info: RunInfo | None = None):
+                 info: RunInfo | None = None, lock: RunDir | None = None):
         """Collective construction is not needed; `flush` is collective over `comm`. `center`
         (this rank's shard) is the first snapshot of a run that starts at `exchanges` = 0. `run`
         and `info`: where checkpoints and the status file go (the asynchronous servers)."""
@@ -51,6 +51,7 @@ class Recorder:
         self.start, self.evaluator, self.log = start, evaluator, log
         self.unit, self.label = unit, label
         self.run, self.info = run, info
+        self.lock = lock if lock is not None else run  # whose lock each flush refreshes (root)
         self.center_snaps: list[tuple[int, float, np.ndarray]] = []
         if exchanges == 0 and center is not None:
             self.center_snaps.append((0, 0.0, center.copy()))
@@ -175,6 +176,8 @@ class Recorder:
         self.writer.flush(center_rows=[s for _, _, s in snaps], center_meta=center_meta,
                           worker_rows=[s for _, s in taken], worker_meta=worker_meta,
                           tables=tables, attrs=attrs)
+        if self.root and self.lock is not None:
+            self.lock.touch_lock()  # the training is alive (a second one on this run is refused)
         self.last_flush = time.monotonic()
 
     def checkpoint(self, *, center: np.ndarray, held: dict, workers: list[tuple], exchanges: int,

@@ -11,6 +11,7 @@
     OUT/checkpoint.h5     the servers' last checkpoint (atomic; `hpcopt train --resume`)
     OUT/workers/          each worker's own last state (local optimizer, data order), atomic
     OUT/logs/             one log per rank when launched by `hpcopt train -n` / `hpcopt join -n`
+    OUT/lock              who trains this run now (host, pid), refreshed at every flush
 
 Nothing is written outside it (no $HOME, no node-local /tmp), so it works on a shared file
 system across nodes.
@@ -21,7 +22,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
+import time
 from pathlib import Path
+
+
+class RunLocked(ValueError):
+    """Another training owns the run directory."""
 
 
 class RunDir:
@@ -37,6 +44,7 @@ class RunDir:
         self.checkpoint = self.path / "checkpoint.h5"
         self.workers = self.path / "workers"
         self.logs = self.path / "logs"
+        self.lock_file = self.path / "lock"
 
     def worker_state(self, worker_id: int) -> Path:
         return self.workers / f"worker-{worker_id:05d}.pt"
@@ -51,6 +59,78 @@ class RunDir:
             return self.token.read_text().strip()
         except OSError as e:
             raise ValueError(f"cannot read the join token {self.token}: {e.strerror}") from None
+
+
+    # ------------------------------------------------------------------ the lock
+    def lock(self, stale_seconds: float) -> str | None:
+        """Take the run for this process (one training at a time; a second `train` or `--resume`
+        on a live run would cut its file back under it). A lock whose process is gone (same
+        host), or that nobody refreshed for `stale_seconds` (another host), is stale and taken
+        over; returns a note saying so, else None. Raises RunLocked while the owner lives."""
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        note = None
+        for _ in range(3):
+            tmp = self.path / f".lock.{me['host']}.{me['pid']}"
+            write_atomic(tmp, json.dumps(me) + "\n")
+            try:
+                os.link(tmp, self.lock_file)  # atomic: fails if a lock is there
+                return note
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+            why = self._stale(stale_seconds)
+            if why is None:
+                owner = _read_lock(self.lock_file)
+                raise RunLocked(f"{self.path} is being trained by pid {owner.get('pid')} on {owner.get('host')} "
+                                f"(since {time.strftime('%H:%M:%S', time.localtime(owner.get('since', 0)))}); "
+                                f"stop it first, or wait for it to end")
+            note = f"took over a stale lock of {self.path}: {why}"
+            try:  # move it aside (atomic); whoever loses a race to do the same retries
+                os.replace(self.lock_file, self.path / f".lock.stale.{me['pid']}")
+                (self.path / f".lock.stale.{me['pid']}").unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+        raise RunLocked(f"could not take the lock of {self.path}")
+
+    def _stale(self, stale_seconds: float) -> str | None:
+        owner = _read_lock(self.lock_file)
+        if not owner:
+            return "it was unreadable"
+        if owner.get("host") == socket.gethostname():
+            try:
+                os.kill(int(owner["pid"]), 0)
+            except ProcessLookupError:
+                return f"its process {owner['pid']} is gone"
+            except (PermissionError, KeyError, ValueError, TypeError):
+                pass
+            else:
+                return None
+        try:
+            age = time.time() - self.lock_file.stat().st_mtime
+        except FileNotFoundError:
+            return "it vanished"
+        return f"nobody refreshed it for {age:.0f} s" if age > stale_seconds else None
+
+    def touch_lock(self) -> None:
+        try:
+            os.utime(self.lock_file)
+        except OSError:
+            pass
+
+    def unlock(self) -> None:
+        """Release the lock if this process holds it."""
+        if _read_lock(self.lock_file).get("pid") == os.getpid() \
+                and _read_lock(self.lock_file).get("host") == socket.gethostname():
+            self.lock_file.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> dict:
+    try:
+        out = json.loads(path.read_text())
+        return out if isinstance(out, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:

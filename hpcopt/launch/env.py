@@ -33,6 +33,20 @@ class JobFatal(RuntimeError):
     """An error that ends the whole job even when raised on a worker (e.g. its server is gone)."""
 
 
+def record_outcome(code: int) -> None:
+    """Under `hpcopt train -n` (HPCOPT_OUTCOME names a folder): leave this rank's exit status
+    there. Open MPI's recovery mode, which keeps a run alive when a worker dies, also makes
+    mpirun exit 0 whatever the ranks did; the launcher reads server 0's status from here."""
+    where = os.environ.get("HPCOPT_OUTCOME")
+    rank = os.environ.get("OMPI_COMM_WORLD_RANK")
+    if where and rank is not None:
+        try:
+            with open(os.path.join(where, rank), "w") as f:
+                f.write(f"{int(code)}\n")
+        except OSError:
+            pass
+
+
 def abort_job(comm) -> None:
     """End every rank of the job now. With Open MPI's recovery mode on (OMPI_MCA_orte_enable_recovery,
     set by `hpcopt train -n`), MPI_Abort no longer kills the other ranks, so first ask the launcher
@@ -68,6 +82,7 @@ def install_abort_on_error(comm, *, whole_job: bool = True) -> None:
         sys.stderr.write(f"[hpcopt rank {comm.rank}] fatal error, {what}:\n{text}")
         sys.stderr.flush()
         sys.stdout.flush()
+        record_outcome(1)
         if not fatal:
             os._exit(1)
         abort_job(comm)

@@ -69,9 +69,15 @@ def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
     env = dict(os.environ)
     if uri.exists():
         env["OMPI_MCA_pmix_server_uri"] = f"file:{uri.resolve()}"
+    outcome = None
     if own_server:  # the training: a crashed worker must not take the servers down. (Not for a
         # join: its exit status, which recovery mode hides, tells whether the join worked.)
         env.setdefault("OMPI_MCA_orte_enable_recovery", "1")
+        # recovery mode makes mpirun exit 0 whatever happened: rank 0 says how the run ended
+        outcome = run_dir / f".outcome-{os.getpid()}"
+        shutil.rmtree(outcome, ignore_errors=True)
+        outcome.mkdir()
+        env["HPCOPT_OUTCOME"] = str(outcome.resolve())
     if os.geteuid() == 0:  # root in a container or CI: Open MPI wants explicit consent
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -90,11 +96,26 @@ def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, forward)
     try:
-        return proc.wait()
+        code = proc.wait()
+        return code if outcome is None else _run_outcome(outcome, code)
     finally:
+        if outcome is not None:
+            shutil.rmtree(outcome, ignore_errors=True)
         if server is not None:
             server.terminate()
             try:
                 server.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def _run_outcome(folder: Path, mpirun_code: int) -> int:
+    """The training's exit status: rank 0's (server 0, or rank 0 of a synchronous run), which
+    holds the run; a worker that crashed is not a failed run. No status from rank 0 at all (it
+    was killed) is a failure."""
+    try:
+        code = int((folder / "0").read_text())
+    except (OSError, ValueError):
+        print("hpcopt: rank 0 ended without an exit status (killed?); the training failed", file=sys.stderr)
+        return mpirun_code or 1
+    return code or mpirun_code

@@ -55,7 +55,13 @@ def _prepare_run_dir(cfg: Config, force: bool) -> str:
     if run.trajectory.exists() and not force:
         raise UsageError(f"{run.trajectory} already exists; choose another --out, pass --force to overwrite "
                          f"it, or --resume {run.path} to continue it")
-    run.path.mkdir(parents=True, exist_ok=True)
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the run directory {run.path}: {e.strerror}") from None
+    note = run.lock(_stale_seconds(cfg))  # before anything is deleted: a live run is never overwritten
+    if note:
+        print(f"hpcopt: {note}", flush=True)
     for stale in (run.trajectory, run.checkpoint, run.status, run.join_info):
         if stale.exists():
             stale.unlink()
@@ -101,6 +107,7 @@ class RunSummary:
     wall_seconds: float
     final_accuracy: float  # of the center (or the average), at the end
     all_diverged: bool = False  # every worker left after diverging too often
+    all_crashed: bool = False  # every worker crashed
     cpu_seconds: float | None = None  # server 0's own CPU time
     polls: int | None = None
 
@@ -159,7 +166,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
 
     if resume:
         path = str(run.trajectory)
-        _on_root(world, lambda: _check_resumable(run))
+        _on_root(world, lambda: _check_resumable(run, cfg))
     else:
         path = _on_root(world, lambda: _prepare_run_dir(cfg, force))
     data = _load_data(cfg, world)
@@ -169,6 +176,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         model = build_model(cfg.model.name, cfg.model.kwargs)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    _on_root(world, lambda: _check_labels(cfg, model, data))
     flat = FlatModel(model)
     world.Bcast(flat.params.numpy(), root=0)  # one initial point for center and workers
     n_params = flat.numel
@@ -216,6 +224,15 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
     # everyone starts the clock together; a rank that never arrives is an error, not a hang
     wait_all([world.Ibarrier()], cfg.comm.timeout, "every rank to finish setting up")
     s.start = time.monotonic() - (float(ckpt["attrs"]["time"]) if resume else 0.0)
+    try:
+        return _run_role(s, is_server, writer, evaluator)
+    finally:
+        if world.rank == 0:
+            run.unlock()
+
+
+def _run_role(s: Setup, is_server: bool, writer, evaluator) -> TrainResult:
+    cfg, role, path = s.cfg, s.role, s.path
     if cfg.synchronous:
         return _train_sync(s, writer, evaluator)
     if is_server:
@@ -227,7 +244,8 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         return TrainResult(run=RunSummary(
             path=path, synchronous=False, exchanges=summary.exchanges, wall_seconds=summary.wall_seconds,
             final_accuracy=evaluator.last[3] if evaluator.last else float("nan"),
-            all_diverged=summary.all_diverged, cpu_seconds=summary.cpu_seconds, polls=summary.polls))
+            all_diverged=summary.all_diverged, all_crashed=summary.all_crashed, cpu_seconds=summary.cpu_seconds,
+            polls=summary.polls))
     return TrainResult(worker=_work(s))
 
 
@@ -260,7 +278,7 @@ def _train_sync(s: Setup, writer, evaluator) -> TrainResult:
         n = s.flat.numel
         recorder = Recorder(MPI.COMM_SELF, writer, s.cfg.record, bounds=[(0, n)], start=s.start,
                             evaluator=evaluator, log=s.log, center=s.flat.params.numpy(), unit="rounds",
-                            label="average")
+                            label="average", lock=s.run)
     worker, rounds = train_sync(s.cfg, s.world, s.flat, s.data, recorder=recorder, log=s.log)
     run = None
     if recorder is not None:
@@ -298,13 +316,36 @@ def log_all(*args) -> None:
     print(*args, flush=True)
 
 
-def _check_resumable(run: RunDir) -> None:
+def _check_labels(cfg: Config, model, data: dict) -> None:
+    """Labels the model cannot predict would crash every worker with a raw torch error: say so
+    before training (models with their own loss(x, y) define their targets themselves)."""
+    if hasattr(model, "loss"):
+        return
+    with torch.no_grad():
+        classes = model(torch.from_numpy(data["x_train"][:1])).shape[-1]
+    for split in ("train", "test"):
+        y = data[f"y_{split}"]
+        if len(y) and (y.min() < 0 or y.max() >= classes):
+            raise UsageError(f"data {cfg.data.name}: y_{split} has labels {int(y.min())}..{int(y.max())}, but "
+                             f"model {cfg.model.name} predicts {classes} classes (0..{classes - 1})")
+
+
+def _stale_seconds(cfg: Config) -> float:
+    """A run's lock nobody refreshed for this long belongs to a dead training (it is refreshed at
+    every flush)."""
+    return max(60.0, 5 * cfg.record.flush_seconds)
+
+
+def _check_resumable(run: RunDir, cfg: Config) -> None:
     import h5py
 
     if not run.path.is_dir():
         raise UsageError(f"--resume {run.path}: no such run directory")
     if not run.trajectory.exists():
         raise UsageError(f"--resume {run.path}: it has no trajectory.h5")
+    note = run.lock(_stale_seconds(cfg))
+    if note:
+        print(f"hpcopt: {note}", flush=True)
     try:
         with h5py.File(run.trajectory, "r", locking=False) as f:
             status = f.attrs.get("status")

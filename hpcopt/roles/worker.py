@@ -147,7 +147,7 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
     def finite() -> bool:
         """The parameters the next exchange sends: a step with a finite loss can still produce
         NaN/Inf parameters (a NaN gradient), and those must never reach the center."""
-        return bool(torch.isfinite(flat.params).all())
+        return math.isfinite(float(flat.params.sum()))  # NaN/Inf when an element is (or all are huge)
 
     def reset(what: str, step: int, bad_loss: float) -> bool:
         """Restart from the center (RESET) after a divergence; False once it happened too often."""

@@ -308,6 +308,43 @@ def test_graceful_stop_then_resume_continues_every_worker_from_its_saved_state(t
         assert len(mine) and mine["step"][0] == step + 4, (w, step, mine["step"][:3])
 
 
+def test_a_second_training_on_a_live_run_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    """Issue 12, item 13: --resume or --force onto a run that is still training must not touch it."""
+    with running(tmp_path, 3, min_exchanges=10) as (run, proc, log):
+        for args in (["--resume", str(run)], ["--out", str(run), "--force", *QUAD]):
+            p = mpirun(3, "train", *args, check=False)
+            assert p.returncode == 2 and "is being trained by pid" in p.stderr, p.stderr
+        n0 = status(run)["exchanges"]
+        wait_for("more exchanges", lambda: status(run).get("exchanges", 0) > n0 + 20, proc, log=log)
+    assert not (run / "lock").exists()  # released at the end
+    # a lock left by a training that was killed (its pid is gone) is stale: taken over, said so
+    (run / "lock").write_text(json.dumps({"host": os.uname().nodename, "pid": 2 ** 22 + 12345, "since": 0}))
+    p = mpirun(3, "train", "--resume", str(run), "--train.epochs", "1", check=False)
+    assert "took over a stale lock" in p.stdout and "is gone" in p.stdout, p.stdout + p.stderr
+
+
+def test_labels_the_model_cannot_predict_are_a_clear_error(tmp_path):
+    import h5py as h
+
+    data = tmp_path / "d.h5"
+    rng = np.random.default_rng(0)
+    with h.File(data, "w") as f:
+        f["x_train"], f["y_train"] = rng.standard_normal((200, 40)).astype(np.float32), np.full(200, 12)
+        f["x_test"], f["y_test"] = rng.standard_normal((50, 40)).astype(np.float32), np.zeros(50, np.int64)
+    p = mpirun(3, "train", "--out", str(tmp_path / "r"), "--data.name", str(data), check=False)
+    assert p.returncode == 2 and "y_train has labels 12..12" in p.stderr and "10 classes" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("args", [["--data.name", "/nope.h5"], ["--model.name", "no_such_module:f"]])
+def test_the_launcher_exits_non_zero_when_the_training_fails(tmp_path, args):
+    """Issue 12, item 14: recovery-mode mpirun exits 0 whatever the ranks did; `hpcopt train -n`
+    must not."""
+    log = tmp_path / "l.log"
+    proc = launch("train", "-n", "3", "--out", str(tmp_path / "r"), *QUAD, *args, log=log)
+    out = finish(proc, log)
+    assert proc.returncode == 2, out
+
+
 def test_resuming_a_complete_run_is_refused(tmp_path):
     out = tmp_path / "done"
     mpirun(3, "train", "--out", str(out), *QUAD, "--train.epochs", "1")
