@@ -157,8 +157,9 @@ def _cmd_join(args) -> int:
             return 2
         from pathlib import Path
 
-        rest = ["join", args.run] + (["--token", args.token] if args.token else [])
-        return launch(args.np, rest, Path(args.run), own_server=False)
+        if args.token:  # to the ranks through the environment: a command line is public (ps)
+            os.environ["HPCOPT_JOIN_TOKEN"] = args.token
+        return launch(args.np, ["join", args.run], Path(args.run), own_server=False)
     import mpi4py
 
     mpi4py.rc.thread_level = "multiple"  # the connect runs in a thread, so it can have a deadline
@@ -172,7 +173,7 @@ def _cmd_join(args) -> int:
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     install_abort_on_error(MPI.COMM_WORLD)
     try:
-        summary = join(args.run, token=args.token, log=log)
+        summary = join(args.run, token=args.token or os.environ.get("HPCOPT_JOIN_TOKEN"), log=log)
     except UsageError as e:
         if rank == 0:
             print(f"hpcopt join: error: {e}", file=sys.stderr)
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "ompi-server whose URI is in RUN/ompi-server.uri). New workers start from the\n"
                                    "current center. They leave on SIGTERM/SIGINT/SIGUSR1/SIGUSR2.")
     p.add_argument("run", metavar="RUN", help="the run directory of a running training")
-    p.add_argument("--token", help="the join token (default: read RUN/token)")
+    p.add_argument("--token", help="the join token (default: HPCOPT_JOIN_TOKEN, else read RUN/token, which "
+                   "only the run's owner can read); prefer those: a command line is visible to every user")
     p.add_argument("-n", "--np", type=int, metavar="N", help="launch `mpirun -n N` yourself (outside mpirun)")
     p = sub.add_parser("status", help="live status of a run: members, exchanges/s, center accuracy",
                        description="Print the live status of a run from RUN/status.json, which server 0 "

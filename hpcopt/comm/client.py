@@ -69,11 +69,13 @@ class CenterClient:
         if a server has given up on it."""
         for i, req in enumerate(self._notice_reqs):
             if req is not None and req.Test():
-                self._notice_reqs[i] = None
                 if self._notice[i][0] == P.DROPPED:
+                    self._notice_reqs[i] = None
                     raise Dropped(f"server {i} dropped this worker: it was silent for longer than "
                                   f"comm.worker_timeout (a step slower than that needs a larger value)")
-                self.stop_requested = True
+                self.stop_requested = True  # and keep listening: a DROPPED may still follow
+                comm, rank = self.links[i]
+                self._notice_reqs[i] = comm.Irecv(self._notice[i], source=rank, tag=P.TAG_NOTICE)
         return self.stop_requested
 
     def heartbeat(self, worker_id: int, step: int, every: float) -> None:
@@ -223,6 +225,4 @@ class CenterClient:
     def done(self, worker_id: int, step: int, reason: int = P.FINISHED) -> None:
         """Tell every server this worker has stopped, and why."""
         self._headers(P.make_header(P.DONE, worker_id, step, reason=reason))
-        for req in self._notice_reqs:
-            if req is not None:
-                req.Cancel()
+        cancel(self._notice_reqs)

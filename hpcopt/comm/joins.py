@@ -18,13 +18,18 @@ OMPI_MCA_pmix_server_uri=file:URI, or `mpirun --ompi-server file:URI`); `hpcopt 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import hmac
 import os
 import queue
 import threading
 import time
 import uuid
 
-from hpcopt.io.rundir import RunDir, read_json, write_json
+from hpcopt.io.rundir import RunDir, read_json, write_atomic, write_json
+
+from . import protocol as P
 
 SCAN_SECONDS = 0.25  # how often servers look for join requests
 
@@ -127,7 +132,7 @@ class Joins:
         why = None
         if not self.enabled:
             why = "joins are disabled: the training was started without an ompi-server"
-        elif request.get("token") != self.token:
+        elif not hmac.compare_digest(request["proof"].encode(), proof(self.token, rid, request).encode()):
             why = "wrong token"
         elif server.refuses_joins():
             why = server.refuses_joins()
@@ -187,11 +192,15 @@ def request_problem(request) -> str | None:
     checks it the same way before it believes a word of it."""
     if not isinstance(request, dict):
         return f"a JSON object was expected, got {type(request).__name__}"
-    types = {"token": str, "n": int, "hosts": list, "pids": list, "n_parameters": int, "time": (int, float)}
+    types = {"proof": str, "protocol": int, "n": int, "hosts": list, "pids": list, "n_parameters": int,
+             "time": (int, float)}
     for key, kind in types.items():
         value = request.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             return f"{key!r} must be {getattr(kind, '__name__', 'a number')}, got {value!r}"[:200]
+    if request["protocol"] != P.PROTOCOL_VERSION:
+        return (f"the joiner speaks protocol {request['protocol']} (hpcopt {request.get('hpcopt', '?')}), "
+                f"the run {P.PROTOCOL_VERSION}: join with the run's hpcopt version")
     n = request["n"]
     if not 1 <= n <= MAX_JOIN_RANKS:
         return f"'n' = {n} ranks is out of range (1..{MAX_JOIN_RANKS})"
@@ -202,6 +211,14 @@ def request_problem(request) -> str | None:
     if request["time"] != request["time"] or abs(request["time"]) == float("inf"):
         return "'time' is not finite"
     return None
+
+
+def proof(token: str, rid: str, request: dict) -> str:
+    """What a join request carries instead of the token: an HMAC of the request under it, bound
+    to the request's id and content, so a request file (readable or not) never reveals the token
+    and cannot be replayed under another id or with other hosts."""
+    body = f"{rid}|{request['n']}|{request['hosts']}|{request['pids']}|{request['n_parameters']}|{request['time']!r}"
+    return hmac.new(token.encode(), body.encode(), hashlib.sha256).hexdigest()
 
 
 class JoinRefused(RuntimeError):
@@ -219,9 +236,13 @@ def request_join(run: RunDir, *, token: str, hosts: list[str], pids: list[int], 
     if status.get("state") in ("complete", "stopped", "stopping"):
         raise JoinRefused(f"the run in {run.path} is {status['state']}")
     info = read_json(run.join_info)
+    from hpcopt import __version__
+
     rid = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    write_json(run.joins / f"{rid}.req", {"token": token, "n": len(hosts), "hosts": hosts, "pids": pids,
-                                          "n_parameters": n_params, "time": time.time()})
+    request = {"n": len(hosts), "hosts": hosts, "pids": pids, "n_parameters": n_params, "time": time.time(),
+               "protocol": P.PROTOCOL_VERSION, "hpcopt": __version__}
+    request["proof"] = proof(token, rid, request)
+    write_atomic(run.joins / f"{rid}.req", json.dumps(request) + "\n", mode=0o600)
     deadline = time.monotonic() + timeout
     ok, refused = run.joins / f"{rid}.ok", run.joins / f"{rid}.refused"
     while time.monotonic() < deadline:

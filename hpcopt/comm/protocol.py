@@ -41,6 +41,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# bumped on any change of the messages below; a joiner of another version is refused
+PROTOCOL_VERSION = 2
+
 TAG_HEADER = 11
 TAG_PARAMS = 12
 TAG_REPLY = 13

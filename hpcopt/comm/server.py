@@ -39,7 +39,7 @@ from hpcopt.optim.center import CenterRule, Verdict
 
 from . import protocol as P
 from .flushes import Flushes
-from .wait import BUSY_CAP, IDLE_CAP, Backoff, cancel, wait_all
+from .wait import BUSY_CAP, IDLE_CAP, Backoff, PeerTimeout, cancel, wait_all
 
 # Receives posted ahead per exchange. Open MPI copies every matched large message during one
 # progress call, so posting all chunks at once copies the whole vector first (evicting it from
@@ -58,6 +58,24 @@ def _finite(x: torch.Tensor) -> bool:
     torch.isfinite(x).all(). The sum is NaN/Inf when any element is, and also when the values
     are so large (~1e33) that it overflows: parameters of that size are rejected too."""
     return math.isfinite(float(x.sum()))
+
+
+class _Malformed(RuntimeError):
+    """A worker broke the protocol (a message of the wrong size): it is dropped."""
+
+
+def _arrived(req, count: int, dtype) -> bool:
+    """Whether a receive completed with exactly `count` elements; a short or long message
+    (MPI truncates a long one with an error) is _Malformed, never stale bytes."""
+    status = MPI.Status()
+    try:
+        if not req.Test(status):
+            return False
+    except MPI.Exception as e:
+        raise _Malformed(f"sent a message longer than {count} elements ({e.Get_error_string()})") from None
+    if status.Get_count(dtype) != count:
+        raise _Malformed(f"sent {status.Get_count(dtype)} elements where {count} were due")
+    return True
 
 
 @dataclass
@@ -165,11 +183,11 @@ class CenterServer:
         self.pending: list[_Exchange] = []
         self.exchanges = exchanges
         self.next_worker_id = max(workers, default=-1) + 1 if next_worker_id is None else next_worker_id
+        self.stopping = False  # the run is ending: workers were told to leave
         world_link = _Link(world, {})
         self.links.append(world_link)
         for wid, (rank, host, *pid) in sorted(workers.items()):
             self.add_worker(wid, world_link, rank, host, world_rank=rank, pid=pid[0] if pid else -1)
-        self.stopping = False  # the run is ending: workers were told to leave
         self.left: dict[int, int] = {}  # how many workers left for each reason
         # workers that left on a signal or a stop, having saved their state: a resume continues
         # them (their checkpoint rows, kept from when they left)
@@ -202,6 +220,8 @@ class CenterServer:
         self.order.append(wid)
         self.next_worker_id = max(self.next_worker_id, wid + 1)
         self._post(wid)
+        if self.stopping:  # admitted after the stop began (its join was under way): it leaves too
+            peer.comm.Isend(np.array([P.STOP]), dest=peer.rank, tag=P.TAG_NOTICE)
         return peer
 
     def add_link(self, comm: MPI.Comm) -> _Link:
@@ -348,11 +368,21 @@ class CenterServer:
         progress = False
         status = MPI.Status()
         for link in self.links:
-            while link.req is not None and link.req.Test(status):
+            while link.req is not None:
+                try:
+                    if not link.req.Test(status):
+                        break
+                    bad = None if status.Get_count(MPI.DOUBLE) == P.HEADER_SIZE else \
+                        f"a header of {status.Get_count(MPI.DOUBLE)} numbers, not {P.HEADER_SIZE}"
+                except MPI.Exception as e:
+                    bad = f"a header longer than {P.HEADER_SIZE} numbers ({e.Get_error_string()})"
                 progress = True
                 rank, header = status.Get_source(), link.buf.copy()
                 link.req = link.comm.Irecv(link.buf, source=MPI.ANY_SOURCE, tag=P.TAG_HEADER)
-                self._on_header(link, rank, header)
+                if bad is None:
+                    self._on_header(link, rank, header)
+                elif link.members.get(rank) in self.active:
+                    self.drop(link.members[rank], f"sent {bad}")
         return progress
 
     def _on_header(self, link: _Link, rank: int, header: np.ndarray) -> None:
@@ -409,7 +439,11 @@ class CenterServer:
             todo = list(self.pending)
         progress = False
         for ex in todo:
-            progress |= self._advance(ex)
+            try:
+                progress |= self._advance(ex)
+            except _Malformed as e:
+                self.drop(ex.wid, str(e))
+                progress = True
         return progress
 
     def _advance(self, ex: _Exchange) -> bool:
@@ -453,7 +487,7 @@ class CenterServer:
         n = len(self.chunks)
         peer = self.peers[ex.wid]
         budget = SHARED_CHUNKS_PER_POLL if peer.shared else n
-        while budget and ex.next_chunk < n and self._norms_in(ex) and (peer.shared or ex.requests[ex.next_chunk].Test()):
+        while budget and ex.next_chunk < n and self._norms_in(ex) and (peer.shared or self._chunk_in(ex)):
             i = ex.next_chunk
             a, b = self.chunks[i]
             if i == 0 and peer.shared:
@@ -482,9 +516,17 @@ class CenterServer:
             self._served(ex)
         return progress
 
+    def _chunk_in(self, ex: _Exchange) -> bool:
+        """Whether the exchange's next chunk has arrived (whole); progress restarts its deadline."""
+        a, b = self.chunks[ex.next_chunk]
+        if not _arrived(ex.requests[ex.next_chunk], b - a, MPI.FLOAT):
+            return False
+        ex.arrived = time.monotonic()  # a slow but healthy worker is not dropped as dead
+        return True
+
     def _norms_in(self, ex: _Exchange) -> bool:
         """LGRAWA: whether the exchange's per-layer norms have arrived (needed before its first reply)."""
-        if ex.norms_req is not None and ex.norms_req.Test():
+        if ex.norms_req is not None and _arrived(ex.norms_req, self.n_layers, MPI.DOUBLE):
             ex.norms_req = None
         return ex.norms_req is None
 
@@ -512,7 +554,7 @@ class CenterServer:
         n, progress = len(self.chunks), ex.verdict is None
         if ex.verdict is None:
             self._start_lead(ex)
-        while ex.next_chunk < n and ex.requests[ex.next_chunk].Test():
+        while ex.next_chunk < n and self._chunk_in(ex):
             if ex.next_chunk + RECV_WINDOW < n:
                 ex.requests.append(self._irecv(ex.wid, ex.next_chunk + RECV_WINDOW, ex.upload))
             ex.next_chunk += 1
@@ -534,8 +576,11 @@ class CenterServer:
         the worker can go on, or say DONE, with its upload still in flight to this server."""
         for ex in [e for e in self.pending if e.verdict is not None and wid in (None, e.wid)]:
             while ex in self.pending:
-                if not self._advance_lead(ex):
-                    wait_all([ex.requests[ex.next_chunk]], self.timeout, f"worker {ex.wid}'s parameters")
+                try:
+                    if not self._advance_lead(ex):
+                        wait_all([ex.requests[ex.next_chunk]], self.worker_timeout, f"worker {ex.wid}'s parameters")
+                except (_Malformed, PeerTimeout) as e:  # it died (or lied) mid-upload: it alone pays
+                    self.drop(ex.wid, f"did not complete its upload: {e}")
 
     # ------------------------------------------------------------------ after an exchange
     def _served(self, ex: _Exchange) -> None:

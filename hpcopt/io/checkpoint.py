@@ -110,7 +110,7 @@ def load_worker_state(path, n_parameters: int, log=print) -> dict | None:
     import torch
 
     try:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)  # tensors and plain values: never pickled code
     except FileNotFoundError:
         return None
     except Exception as e:  # a corrupt state is not fatal: the worker starts from the center

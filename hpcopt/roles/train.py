@@ -187,6 +187,9 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         ckpt = _on_root(world, lambda: checkpoint.read(run.checkpoint, n_parameters=n_params,
                                                        layout=flat.layout(), method=cfg.run.method))
         flat.params.copy_(torch.from_numpy(ckpt["center"]))
+        if world.rank == 0:  # the config as resumed (overrides included) is what joiners read; a new token
+            write_atomic(run.config, cfg.to_toml())
+            run.new_token()
     try:
         bounds = shard_bounds(n_params, max(S, 1))
     except ValueError as e:
@@ -337,8 +340,6 @@ def _stale_seconds(cfg: Config) -> float:
 
 
 def _check_resumable(run: RunDir, cfg: Config) -> None:
-    import h5py
-
     if not run.path.is_dir():
         raise UsageError(f"--resume {run.path}: no such run directory")
     if not run.trajectory.exists():
@@ -346,6 +347,12 @@ def _check_resumable(run: RunDir, cfg: Config) -> None:
     note = run.lock(_stale_seconds(cfg))
     if note:
         print(f"hpcopt: {note}", flush=True)
+    _check_complete(run)
+
+
+def _check_complete(run: RunDir) -> None:
+    import h5py
+
     try:
         with h5py.File(run.trajectory, "r", locking=False) as f:
             status = f.attrs.get("status")

@@ -105,6 +105,13 @@ def test_join_mid_run_then_graceful_stop(tmp_path):
     assert proc.returncode == 0, out
     assert joiner.returncode == 0, jout
     assert "joined" in jout and "stopped by the server" in jout
+    # the token never leaves the 0600 token file: not in the request, not on a command line
+    token = (run / "token").read_text().strip()
+    assert token not in jout and token not in out
+    for f in (run / "joins").iterdir():
+        assert token not in f.read_text()
+        if f.suffix == ".req":
+            assert oct(f.stat().st_mode & 0o777) == "0o600"
     ev = events(run / "trajectory.h5")
     joins = [e for e in ev if e[0] == "join" and "joined from" in e[2]]
     assert sorted(e[1] for e in joins) == [2, 3]
@@ -139,11 +146,13 @@ def test_wrong_token_is_refused_and_changes_nothing(tmp_path):
 
 
 def test_malformed_join_requests_are_refused_and_the_run_goes_on(tmp_path):
-    good = {"token": "x", "n": 1, "hosts": ["h"], "pids": [1], "n_parameters": 20, "time": time.time()}
-    bad = {"array": "[1, 2]", "garbage": "{not json", "string-time": json.dumps({**good, "time": "now"}),
-           "no-hosts": json.dumps({**good, "hosts": []}), "string-n": json.dumps({**good, "n": "2"}),
-           "huge-n": json.dumps({**good, "n": 10 ** 9}), "bool-n": json.dumps({**good, "n": True})}
     with running(tmp_path, 3, min_exchanges=10) as (run, proc, log):
+        good = {"proof": "0" * 64, "protocol": 2, "n": 1, "hosts": ["h"], "pids": [1], "n_parameters": 20,
+                "time": time.time()}  # now: older requests are left-overs of an earlier start
+        bad = {"old-protocol": json.dumps({**good, "protocol": 1}), "token-not-proof": json.dumps({"token": "x", **good}),
+               "array": "[1, 2]", "garbage": "{not json", "string-time": json.dumps({**good, "time": "now"}),
+               "no-hosts": json.dumps({**good, "hosts": []}), "string-n": json.dumps({**good, "n": "2"}),
+               "huge-n": json.dumps({**good, "n": 10 ** 9}), "bool-n": json.dumps({**good, "n": True})}
         for name, text in bad.items():
             tmp = run / "joins" / f".{name}.tmp"
             tmp.write_text(text)
@@ -152,8 +161,9 @@ def test_malformed_join_requests_are_refused_and_the_run_goes_on(tmp_path):
         n0 = status(run)["exchanges"]
         wait_for("more exchanges", lambda: status(run).get("exchanges", 0) > n0 + 20, proc, log=log)
         assert len(status(run)["workers"]) == 2
-    reasons = [json.loads((run / "joins" / f"{n}.refused").read_text())["reason"] for n in bad]
-    assert all(r.startswith("malformed join request") for r in reasons), reasons
+    reasons = {n: json.loads((run / "joins" / f"{n}.refused").read_text())["reason"] for n in bad}
+    assert all(r.startswith("malformed join request") for n, r in reasons.items() if n != "token-not-proof"), reasons
+    assert "speaks protocol 1" in reasons["old-protocol"] and reasons["token-not-proof"] == "wrong token"
 
 
 def _worker_pid(run, wid):
