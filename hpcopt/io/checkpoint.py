@@ -121,3 +121,56 @@ def load_worker_state(path, n_parameters: int, log=print) -> dict | None:
             f"the model {n_parameters}")
         return None
     return state
+
+
+def from_trajectory(path, *, n_parameters: int, layout: dict, method: str) -> dict:
+    """A run killed before its first checkpoint: the same dict as read() gives, from the last
+    center snapshot its trajectory file holds (what came after it is lost, and the result says
+    so in "note"). Each worker continues from its own saved state if it has one, else from that
+    center at its last recorded step."""
+    from . import schema
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            if f.attrs.get("format") != schema.FORMAT:
+                raise CheckpointError(f"{path} is not an hpcopt trajectory")
+            if f.attrs.get("method") != method or int(f.attrs.get("n_parameters", -1)) != n_parameters:
+                raise CheckpointError(f"{path} was written by method {f.attrs.get('method')!r} for "
+                                      f"{f.attrs.get('n_parameters')} parameters; the config says {method!r}, "
+                                      f"{n_parameters}: resume with the run's own config")
+            m = min(f["center/params"].shape[0], f["center/meta"].shape[0])
+            finite = [i for i in range(m - 1, -1, -1) if np.isfinite(f["center/params"][i]).all()][:1]
+            if not finite:
+                raise CheckpointError(f"no checkpoint beside {path}, and the trajectory holds no center snapshot "
+                                      f"to resume from: the run was killed before its first flush; start it again")
+            last = finite[0]
+            meta = f["center/meta"][last]
+            exchanges, t = int(meta["exchanges"]), float(meta["time"])
+            ex = f["exchanges"][...]
+            kept = int(np.searchsorted(ex["time"], t, side="right")) if len(ex) else 0
+            ex = ex[:kept]
+            rows = {}
+            for r in ex:  # each worker's last recorded exchange
+                rows[int(r["worker_id"])] = (int(r["worker_id"]), int(r["step"]), int(r["exchange"]), np.nan, np.nan)
+            wm = f["workers/meta"][...]
+            nw = min(len(wm), f["workers/params"].shape[0])
+            nw = int(np.searchsorted(wm["time"][:nw], t, side="right")) if nw else 0
+            ev = f["evals"][...]
+            sizes = {"center/params": last + 1, "center/meta": last + 1, "workers/params": nw, "workers/meta": nw,
+                     "exchanges": kept, "evals": int((ev["exchanges"] <= exchanges).sum()) if len(ev) else 0,
+                     "events": f["events"].shape[0]}
+            if schema.LAYER_NORMS in f:
+                sizes[schema.LAYER_NORMS] = min(kept, f[schema.LAYER_NORMS].shape[0])
+            center = f["center/params"][last]
+            next_id = max([int(w) for w in rows] + [int(f.attrs.get("n_workers", 0)) - 1]) + 1
+            wall = float(f.attrs.get("wall_seconds", t))
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"no checkpoint beside {path}, and the trajectory cannot be read ({e})") from None
+    return {"center": center, "latest": {},
+            "workers": np.array([rows[w] for w in sorted(rows)], dtype=WORKER),
+            "attrs": {"method": method, "n_parameters": n_parameters, "layout": json.dumps(layout),
+                      "exchanges": exchanges, "next_worker_id": next_id, "time": t, "trajectory_sizes": sizes},
+            "note": f"no checkpoint: resuming from the trajectory's last center snapshot (exchange {exchanges}, "
+                    f"{t:.1f} s); the {max(0.0, wall - t):.1f} s recorded after it are dropped"}

@@ -29,6 +29,8 @@ def serve(s, writer, evaluator) -> ServeSummary:
                    resumed_from=resumed)
     recorder = Recorder(role, writer, cfg.record, bounds=s.bounds, start=s.start, evaluator=evaluator, log=s.log,
                         exchanges=resumed, center=rule.center.numpy(), run=s.run, info=info)
+    if s.fresh_trajectory:  # a new file after a damaged one: it starts with the checkpoint's center
+        recorder.center(resumed, rule.center.numpy(), t=float(ckpt["attrs"]["time"]))
     server = CenterServer(
         world=s.world, servers=role, workers={w: (r, s.hosts[r], s.pids[r]) for r, w in s.workers.items()},
         bounds=s.bounds, rule=rule, recorder=recorder, comm=cfg.comm, start=s.start,

@@ -139,6 +139,7 @@ class Setup:
     share: object  # hpcopt.comm.shared.NodeShare
     start: float = 0.0  # the run's clock: time.monotonic() at its second 0
     log: object = print
+    fresh_trajectory: bool = False  # a resume whose damaged file was set aside: a new one began
 
 
 def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) -> TrainResult:
@@ -184,8 +185,16 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
     if resume:
         from hpcopt.io import checkpoint
 
-        ckpt = _on_root(world, lambda: checkpoint.read(run.checkpoint, n_parameters=n_params,
-                                                       layout=flat.layout(), method=cfg.run.method))
+        def read_checkpoint():
+            if not run.checkpoint.exists():  # killed before its first checkpoint
+                return checkpoint.from_trajectory(run.trajectory, n_parameters=n_params, layout=flat.layout(),
+                                                  method=cfg.run.method)
+            return checkpoint.read(run.checkpoint, n_parameters=n_params, layout=flat.layout(),
+                                   method=cfg.run.method)
+
+        ckpt = _on_root(world, read_checkpoint)
+        if world.rank == 0 and ckpt.get("note"):
+            log(f"hpcopt: {ckpt['note']}")
         flat.params.copy_(torch.from_numpy(ckpt["center"]))
         if world.rank == 0:  # the config as resumed (overrides included) is what joiners read; a new token
             write_atomic(run.config, cfg.to_toml())
@@ -259,15 +268,35 @@ def _open_trajectory(s: Setup, comm) -> TrajectoryWriter:
     S = 0 if cfg.synchronous else cfg.run.servers
     attrs = _attrs(cfg, flat, s.hosts, bounds, S, len(s.workers), s.alpha, s.tau)
     model_attrs = {"name": cfg.model.name, "kwargs": cfg.model.kwargs, **flat.layout()}
-    if s.ckpt is not None:  # the creation-time attributes stay; these describe the latest launch
-        attrs = {k: attrs[k] for k in ("hosts", "server_ranks", "n_servers", "n_workers", "alpha",
-                                       "shard_bounds", "hpcopt_version")}
+    kw = dict(n_params=flat.numel, lo=lo, hi=hi, shard_width=bounds[0][1] - bounds[0][0], model_attrs=model_attrs)
+    if s.ckpt is None:
+        try:
+            return TrajectoryWriter(s.path, comm, attrs=attrs, **kw)
+        except (ValueError, OSError) as e:
+            raise RuntimeError(f"cannot create {s.path}: {e}") from None
+    # a resume: the creation-time attributes stay; these describe the latest launch
+    launch = {k: attrs[k] for k in ("hosts", "server_ranks", "n_servers", "n_workers", "alpha",
+                                    "shard_bounds", "hpcopt_version")}
     try:
-        return TrajectoryWriter(s.path, comm, n_params=flat.numel, lo=lo, hi=hi,
-                                shard_width=bounds[0][1] - bounds[0][0], attrs=attrs, model_attrs=model_attrs,
-                                resume=s.ckpt["attrs"]["trajectory_sizes"] if s.ckpt is not None else None)
+        return TrajectoryWriter(s.path, comm, attrs=launch, resume=s.ckpt["attrs"]["trajectory_sizes"], **kw)
+    except (ValueError, OSError) as e:  # e.g. killed inside a flush: the file is damaged, the checkpoint is not
+        error = str(e)
+    # every recording rank failed the same way (one file): set it aside, start a new one from the checkpoint
+    aside = comm.bcast(_set_aside(s.path) if comm.rank == 0 else None, root=0)
+    if s.world.rank == 0:
+        s.log(f"hpcopt: {s.path} cannot be reopened ({error}); it is kept as {aside}, and a new trajectory "
+              f"file goes on from the checkpoint at exchange {s.ckpt['attrs']['exchanges']}")
+    s.fresh_trajectory = True
+    try:
+        return TrajectoryWriter(s.path, comm, attrs={**attrs, "continues": os.path.basename(aside)}, **kw)
     except (ValueError, OSError) as e:
-        raise RuntimeError(f"cannot {'reopen' if s.ckpt is not None else 'create'} {s.path}: {e}") from None
+        raise RuntimeError(f"cannot create {s.path}: {e}") from None
+
+
+def _set_aside(path: str) -> str:
+    aside = f"{path[:-3]}.damaged-{time.strftime('%Y%m%dT%H%M%S')}.h5"
+    os.replace(path, aside)
+    return aside
 
 
 def _train_sync(s: Setup, writer, evaluator) -> TrainResult:

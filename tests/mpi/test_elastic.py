@@ -280,35 +280,50 @@ def test_sigkill_whole_job_then_resume_with_another_worker_count(tmp_path):
     assert hpcopt("inspect", str(run / "trajectory.h5")).returncode == 0
 
 
-def test_graceful_stop_then_resume_continues_every_worker_from_its_saved_state(tmp_path):
-    """Issue 12, item 12: after a Ctrl-C, --resume continues each worker (step, schedule, local
-    state); nothing starts over at step 0."""
-    run, log = tmp_path / "r", tmp_path / "train.log"
-    proc = launch("train", "-n", "3", "--out", str(run), "--train.epochs", "100000", *QUAD, log=log)
+def _train_and(tmp_path, run, end, *extra, min_exchanges=60):
+    """`hpcopt train -n 3` a long run until it has made some exchanges, then end it: "stop"
+    (graceful) or "kill" (SIGKILL of every process at once)."""
+    log = tmp_path / f"{run.name}.log"
+    proc = launch("train", "-n", "3", "--out", str(run), "--train.epochs", "100000", *QUAD, *extra, log=log)
     try:
-        wait_for("exchanges", lambda: status(run).get("exchanges", 0) > 60, proc, log=log)
-        stop(proc)
-        assert "stopping the run" in finish(proc, log)
+        wait_for("exchanges", lambda: status(run).get("exchanges", 0) > min_exchanges, proc, log=log)
+        if end == "stop":
+            stop(proc)
+            finish(proc, log)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            subprocess.run(["pkill", "-9", "-f", str(run)], check=False)  # ranks are in their own sessions
+
+
+def _resume_a_while(tmp_path, run, more=40) -> str:
+    log = tmp_path / "resume.log"
+    proc = launch("train", "-n", "3", "--resume", str(run), log=log)
+    try:
+        n0 = status(run).get("exchanges", 0)
+        wait_for("the resumed run", lambda: status(run).get("exchanges", 0) > n0 + more, proc, log=log)
+        stop(proc)
+        out = finish(proc, log)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_graceful_stop_then_resume_continues_every_worker_from_its_saved_state(tmp_path):
+    """Issue 12, item 12: after a Ctrl-C, --resume continues each worker (step, schedule, local
+    state); nothing starts over at step 0."""
+    run = tmp_path / "r"
+    _train_and(tmp_path, run, "stop")
     with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
         assert f.attrs["status"] == "stopped"
         before = f["exchanges"][...]
     with h5py.File(run / "checkpoint.h5", "r") as f:
         saved = {int(r["worker_id"]): int(r["step"]) for r in f["workers"][...]}
     assert sorted(saved) == [0, 1] and min(saved.values()) > 0
-    rlog = tmp_path / "resume.log"
-    resumed = launch("train", "-n", "3", "--resume", str(run), log=rlog)
-    try:
-        n0 = len(before)
-        wait_for("the resumed run", lambda: status(run).get("exchanges", 0) > n0 + 40, resumed, log=rlog)
-        stop(resumed)
-        out = finish(resumed, rlog)
-    finally:
-        if resumed.poll() is None:
-            os.killpg(resumed.pid, signal.SIGKILL)
-    assert resumed.returncode == 0, out
+    out = _resume_a_while(tmp_path, run)
     assert "no saved state" not in out, out
     with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
         after = f["exchanges"][len(before):]
@@ -353,6 +368,42 @@ def test_the_launcher_exits_non_zero_when_the_training_fails(tmp_path, args):
     proc = launch("train", "-n", "3", "--out", str(tmp_path / "r"), *QUAD, *args, log=log)
     out = finish(proc, log)
     assert proc.returncode == 2, out
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_its_last_center_snapshot(tmp_path):
+    """Issue 12, item 7."""
+    run = tmp_path / "r"
+    _train_and(tmp_path, run, "kill", "--record.checkpoint_seconds", "1000")
+    assert not (run / "checkpoint.h5").exists()
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        last = int(f["center/meta"]["exchanges"][-1])
+        steps = {w: int(f["exchanges"]["step"][f["exchanges"]["worker_id"] == w].max()) for w in (0, 1)}
+    out = _resume_a_while(tmp_path, run)
+    assert f"no checkpoint: resuming from the trajectory's last center snapshot (exchange {last}" in out, out
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        meta, ex = f["center/meta"][...], f["exchanges"][...]
+    assert np.all(np.diff(meta["exchanges"]) > 0)  # the file goes on from that snapshot, no overlap
+    resumed = ex[ex["time"] > meta["time"][list(meta["exchanges"]).index(last)]]
+    assert resumed["step"].min() >= min(steps.values()) - 4  # the schedule continues, not from step 0
+
+
+def test_a_damaged_trajectory_is_set_aside_and_the_run_goes_on_from_its_checkpoint(tmp_path):
+    """Issue 12, item 6: a kill inside a flush can leave trajectory.h5 unreadable (torn metadata);
+    truncating it is the same damage, deterministically."""
+    run = tmp_path / "r"
+    _train_and(tmp_path, run, "stop")
+    with h5py.File(run / "checkpoint.h5", "r") as f:
+        ck = int(f.attrs["exchanges"])
+    size = (run / "trajectory.h5").stat().st_size
+    with open(run / "trajectory.h5", "r+b") as f:
+        f.truncate(size // 2)
+    out = _resume_a_while(tmp_path, run)
+    assert "cannot be reopened" in out and "a new trajectory file goes on from the checkpoint" in out, out
+    assert len(list(run.glob("trajectory.damaged-*.h5"))) == 1
+    s = json.loads(hpcopt("inspect", "--json", str(run)).stdout)
+    assert s["status"] == "stopped"
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        assert int(f["center/meta"]["exchanges"][0]) == ck and f.attrs["continues"].startswith("trajectory.damaged-")
 
 
 def test_resuming_a_complete_run_is_refused(tmp_path):
