@@ -1,7 +1,10 @@
 """When the servers flush, together: server 0 decides (every record.flush_seconds, and once at the
-end) and tells the other servers with a TAG_CONTROL message; then all of them enter the
-recorder's collective flush, and the checkpoint when one is due. A server that hears nothing
-from server 0 for flush_seconds + comm.timeout stops with an error instead of waiting forever."""
+end) and tells the other servers with a TAG_CONTROL message, which each acknowledges; then all of
+them enter the recorder's collective flush, and the checkpoint when one is due.
+
+A dead server is never waited on in a collective: server 0 waits for the acknowledgements at most
+comm.worker_timeout, and a server that hears nothing from server 0 for flush_seconds +
+comm.worker_timeout gives up; either ends the whole job (the checkpoint stays as it was)."""
 
 from __future__ import annotations
 
@@ -18,11 +21,12 @@ class Flushes:
         self.server, self.servers = server, server.servers
         self.seq = 0
         self._control = np.empty(P.CONTROL_SIZE, dtype=np.float64)
+        self._acks = np.empty((max(self.servers.size - 1, 0), P.CONTROL_SIZE), dtype=np.float64)
         self._req = None
         self._deadline = float("inf")
 
     def _window(self) -> float:
-        return self.server.recorder.cfg.flush_seconds + self.server.timeout
+        return self.server.recorder.cfg.flush_seconds + self.server.worker_timeout
 
     def begin(self) -> None:
         if self.servers.rank != 0:
@@ -49,8 +53,10 @@ class Flushes:
         checkpoint = rec.run is not None and (final or rec.checkpoint_due())
         self.seq += 1
         control = np.array([self.seq, final, evaluate, checkpoint], dtype=np.float64)
+        acks = [self.servers.Irecv(self._acks[r - 1], source=r, tag=P.TAG_CONTROL_ACK) for r in range(1, self.servers.size)]
         reqs = [self.servers.Isend(control, dest=r, tag=P.TAG_CONTROL) for r in range(1, self.servers.size)]
-        wait_all(reqs, s.timeout, "the other server ranks to take a flush message")
+        # a dead server would hang the collective flush: it must answer first
+        wait_all(reqs + acks, s.worker_timeout, "the other servers to acknowledge a flush (a server is dead?)")
         self.flush(final, evaluate, checkpoint)
         return True
 
@@ -58,6 +64,8 @@ class Flushes:
         if not self._req.Test():
             return False
         _, final, evaluate, checkpoint = (float(v) for v in self._control)
+        wait_all([self.servers.Isend(self._control, dest=0, tag=P.TAG_CONTROL_ACK)], self.server.worker_timeout,
+                 "server 0 to take this server's acknowledgement")
         self.flush(bool(final), bool(evaluate), bool(checkpoint))
         if not self.server.finished:
             self._listen()

@@ -52,6 +52,7 @@ TAG_NOTICE = 15
 TAG_LAYER_NORMS = 16
 TAG_VERDICT = 17
 TAG_DONE_SHARED = 18
+TAG_CONTROL_ACK = 19  # a server took server 0's flush message: it is alive
 
 # header kinds
 EXCHANGE = 1.0

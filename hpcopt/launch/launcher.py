@@ -95,8 +95,15 @@ def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, forward)
+    started = time.time()
     try:
-        code = proc.wait()
+        while True:
+            try:
+                code = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if outcome is not None and _rank0_gone(run_dir, outcome, started):
+                    _end(proc)
         return code if outcome is None else _run_outcome(outcome, code)
     finally:
         if outcome is not None:
@@ -119,3 +126,36 @@ def _run_outcome(folder: Path, mpirun_code: int) -> int:
         print("hpcopt: rank 0 ended without an exit status (killed?); the training failed", file=sys.stderr)
         return mpirun_code or 1
     return code or mpirun_code
+
+
+def _rank0_gone(run_dir: Path, outcome: Path, since: float) -> bool:
+    """Whether the training's rank 0 (server 0: it holds RUN/lock) died without an exit status.
+    In recovery mode nothing else ends the job then: the workers would wait comm.timeout."""
+    import json
+    import socket
+
+    try:
+        lock = json.loads((run_dir / "lock").read_text())
+        pid, host, t = int(lock["pid"]), lock["host"], float(lock["since"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or t < since - 1 or (outcome / "0").exists():
+        return False  # another host's, an earlier launch's, or it ended properly
+    try:
+        os.kill(pid, 0)
+        return False
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return False
+    print(f"hpcopt: rank 0 (server 0, pid {pid}) is gone without an exit status: ending the job",
+          file=sys.stderr, flush=True)
+    return True
+
+
+def _end(proc: subprocess.Popen) -> None:
+    proc.terminate()  # mpirun ends every rank
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
