@@ -279,6 +279,17 @@ class CenterServer:
             self.turn = self.turn % len(self.order) if self.order else 0
         if forget:
             self.rule.forget(wid)
+        # state follows the live run, not its history: the departed worker's receive buffer (a
+        # shard of the model) goes, and a join whose workers have all left is no longer polled
+        peer = self.peers[wid]
+        if not peer.shared:
+            peer.recv = np.empty(0, dtype=np.float32)
+            peer.recv_t = torch.from_numpy(peer.recv)
+        for link in self.links:
+            if link.comm is peer.comm and link.comm is not self.world and link.req is not None \
+                    and not any(w in self.active for w in link.members.values()):
+                cancel([link.req])
+                link.req = None
 
     def drop(self, wid: int, why: str) -> None:
         """A worker is gone without saying so (killed, node lost, silent): cancel what it owed,

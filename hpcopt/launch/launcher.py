@@ -139,7 +139,7 @@ def _rank0_gone(run_dir: Path, outcome: Path, since: float) -> bool:
         pid, host, t = int(lock["pid"]), lock["host"], float(lock["since"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    if host != socket.gethostname() or t < since - 1 or (outcome / "0").exists():
+    if host != socket.gethostname() or t < since or (outcome / "0").exists():
         return False  # another host's, an earlier launch's, or it ended properly
     try:
         os.kill(pid, 0)
