@@ -6,13 +6,14 @@ connect only through an `ompi-server` that both mpiruns know (the environment va
 OMPI_MCA_pmix_server_uri=file:URI, or `mpirun --ompi-server file:URI`); `hpcopt train -n` and
 `hpcopt join -n` set that up. A join is a handshake through the run directory first, then MPI:
 
- 1. the joiner writes OUT/joins/<id>.req: its token, its number of ranks, hosts and pids;
+ 1. the joiner writes OUT/joins/<id>.req (0600): its number of ranks, hosts and pids, the protocol
+    version, and an HMAC of all that under the token (never the token itself);
  2. every server checks the token against OUT/token. A wrong one: server 0 answers
     <id>.refused, records a "refused" event, and nothing else happens. A right one: each server
-    starts accepting on its own MPI port in a background thread (MPI_Comm_accept blocks, so the
-    serving loop goes on meanwhile), and server 0 answers <id>.ok with the new worker ids and
-    the step to start at;
- 3. the joiner connects to every server's port (its ranks are the remote group of each
+    opens an MPI port for this request alone, writes it to <id>.port-<server> (0600) and accepts
+    on it in a background thread (MPI_Comm_accept blocks, so the serving loop goes on
+    meanwhile), and server 0 answers <id>.ok with the new worker ids and the step to start at;
+ 3. the joiner connects to every server's port for its request (its ranks are the remote group of each
     intercommunicator), fetches the center and trains like any other worker.
 """
 
@@ -51,19 +52,17 @@ class Joins:
         self.leader = servers.rank == 0
         self.n_params = n_params
         self.enabled = joins_possible()
-        self.port = MPI.Open_port() if self.enabled else None
-        ports = servers.allgather(self.port)
         self.token = run.read_token()
         self.started = time.time()
         self.queue: queue.Queue = queue.Queue()
-        self.accepting: dict[str, float] = {}  # request id -> since (monotonic)
+        self.accepting: dict[str, tuple[float, str]] = {}  # request id -> (since (monotonic), its port)
         self.abandoned = 0  # accept threads still blocked on a joiner that never came
         self.seen: set[str] = set()
         self.last_scan = 0.0
         if self.leader:
             run.joins.mkdir(exist_ok=True)
             if self.enabled:
-                write_json(run.join_info, {"ports": ports, "servers": len(ports), "pid": os.getpid()})
+                write_json(run.join_info, {"servers": servers.size, "pid": os.getpid()})
                 uri = os.environ.get("OMPI_MCA_pmix_server_uri", "")
                 if uri.startswith("file:") and os.path.abspath(uri[5:]) != os.path.abspath(run.server_uri):
                     try:  # joiners find the rendezvous in the run directory
@@ -82,11 +81,14 @@ class Joins:
         progress = False
         while not self.queue.empty():
             rid, inter, request, answer = self.queue.get()
-            self.accepting.pop(rid, None)
+            _, port = self.accepting.pop(rid)
+            from mpi4py import MPI
+
+            MPI.Close_port(port)  # it served its one join
             self._admit(server, rid, inter, request, answer)
             progress = True
         now = time.monotonic()
-        for rid, since in list(self.accepting.items()):
+        for rid, (since, _) in list(self.accepting.items()):
             if now - since > self.timeout:  # the joiner never connected: give up on it
                 self.accepting.pop(rid)
                 self.abandoned += 1
@@ -145,8 +147,14 @@ class Joins:
         answer = None
         if self.leader:
             answer = {"first_worker_id": server.reserve_ids(n), "start_step": server.median_step()}
-        self.accepting[rid] = time.monotonic()
-        port = self.port
+        # A port of its own per request: a connect can only meet the accept of its own request,
+        # so joins at the same moment (or after an abandoned one) never pair with each other's,
+        # and every server pairs the same way. The port is told only to the requester (0600).
+        from mpi4py import MPI
+
+        port = MPI.Open_port()
+        self.accepting[rid] = (time.monotonic(), port)
+        write_atomic(self.run.joins / f"{rid}.port-{self.servers.rank}", port + "\n", mode=0o600)
 
         def accept():
             from mpi4py import MPI
@@ -177,10 +185,7 @@ class Joins:
                      f"ids {base}..{base + n - 1}; {len(server.active)} workers now")
 
     def close(self) -> None:
-        if self.port is not None and not self.accepting and not self.abandoned:
-            from mpi4py import MPI
-
-            MPI.Close_port(self.port)
+        pass  # each request's port is closed once its join is admitted (an abandoned one stays open)
 
 
 # ---------------------------------------------------------------------- the joining side
@@ -235,7 +240,7 @@ def request_join(run: RunDir, *, token: str, hosts: list[str], pids: list[int], 
     status = read_json(run.status) if run.status.exists() else {}
     if status.get("state") in ("complete", "stopped", "stopping"):
         raise JoinRefused(f"the run in {run.path} is {status['state']}")
-    info = read_json(run.join_info)
+    servers = int(read_json(run.join_info)["servers"])
     from hpcopt import __version__
 
     rid = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -248,9 +253,10 @@ def request_join(run: RunDir, *, token: str, hosts: list[str], pids: list[int], 
     while time.monotonic() < deadline:
         if refused.exists():
             raise JoinRefused(f"the run refused the join: {read_json(refused)['reason']}")
-        if ok.exists():
+        ports = [run.joins / f"{rid}.port-{s}" for s in range(servers)]
+        if ok.exists() and all(p.exists() for p in ports):  # every server accepts on a port for this request
             answer = read_json(ok)
-            answer["ports"], answer["request"] = info["ports"], rid
+            answer["ports"], answer["request"] = [p.read_text().strip() for p in ports], rid
             return answer
         time.sleep(0.05)
     raise JoinRefused(f"no answer from the run in {run.path} within {timeout:g} s: is it still running? "

@@ -5,7 +5,7 @@
     OUT/data.npz          the generated data set, so joiners read the very same data
     OUT/token             the join token (mode 0600): a join must present it
     OUT/ompi-server.uri   the rendezvous server joins connect through (when joins are enabled)
-    OUT/join.json         how to join: the servers' MPI ports
+    OUT/join.json         joins are open: how many servers (each request gets its own ports)
     OUT/joins/            join requests and the servers' answers
     OUT/status.json       live status, rewritten atomically by server 0 (`hpcopt status`)
     OUT/checkpoint.h5     the servers' last checkpoint (atomic; `hpcopt train --resume`)

@@ -132,6 +132,41 @@ def test_join_mid_run_then_graceful_stop(tmp_path):
     assert s["state"] == "stopped"
 
 
+def test_concurrent_joins_of_different_sizes_each_get_their_own_ids(tmp_path):
+    """Issue 12, items 3 and 15: three joins at the same moment, of 1, 2 and 3 ranks, into a run
+    with 2 servers: each is admitted whole, under its own ids, the same way on both servers."""
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "4", "--run.servers", "2", "--out", str(run), "--train.epochs", "100000", *QUAD,
+                  "--comm.worker_timeout", "15", log=log)
+    joiners = []
+    try:
+        wait_for("the first exchanges", lambda: status(run).get("exchanges", 0) > 20, proc, log=log)
+        joiners = [(n, launch("join", str(run), "-n", str(n), log=tmp_path / f"join{n}.log"), tmp_path / f"join{n}.log")
+                   for n in (1, 2, 3)]
+        wait_for("every joiner", lambda: len(status(run).get("workers", [])) == 8, proc, log=log, timeout=180)
+        stop(proc)
+        out = finish(proc, log)
+        outs = {n: finish(j, jl) for n, j, jl in joiners}
+    finally:
+        for p in [proc] + [j for _, j, _ in joiners]:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    ids = {}
+    for n, text in outs.items():
+        line = next(x for x in text.splitlines() if x.startswith("joined "))
+        first, last = (int(v) for v in line.split("as worker(s) ")[1].split(" ")[0].split(".."))
+        assert last - first + 1 == n, line
+        ids[n] = set(range(first, last + 1))
+    assert set().union(*ids.values()) == set(range(2, 8))  # disjoint, none lost
+    joins = [e for e in events(run / "trajectory.h5") if e[0] == "join" and "joined from" in e[2]]
+    for n, mine in ids.items():  # the servers registered each rank under its own request
+        rid = {e[2].split("join ")[-1].rstrip(")") for e in joins if e[1] in mine}
+        assert len(rid) == 1, (n, rid)
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        assert set(f["exchanges"]["worker_id"].tolist()) == set(range(8))
+
+
 def test_wrong_token_is_refused_and_changes_nothing(tmp_path):
     with running(tmp_path, 3, min_exchanges=10) as (run, proc, log):
         jlog = tmp_path / "join.log"
@@ -237,49 +272,6 @@ def test_a_hostile_client_costs_only_itself(tmp_path, path):
     assert kinds.count("rejected") == 2 and kinds.count("crash") == 1
 
 
-def test_sigkill_whole_job_then_resume_with_another_worker_count(tmp_path):
-    run, log = tmp_path / "r", tmp_path / "train.log"
-    proc = launch("train", "-n", "4", "--out", str(run), "--train.epochs", "100000", *QUAD, log=log)
-    try:
-        wait_for("a checkpoint", lambda: (run / "checkpoint.h5").exists() and status(run).get("exchanges", 0) > 200,
-                 proc, log=log)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # every process at once, mid-training
-        proc.wait(timeout=30)
-        subprocess.run(["pkill", "-9", "-f", str(run)], check=False)  # ranks are in their own sessions
-    with h5py.File(run / "checkpoint.h5", "r") as f:
-        ck_exchanges, ck_time = int(f.attrs["exchanges"]), float(f.attrs["time"])
-        sizes = json.loads(f.attrs["trajectory_sizes"])
-    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
-        assert f.attrs["status"] == "running"
-        killed_at = float(f["center/meta"]["time"][-1])
-    # lost at most one checkpoint interval (plus the flush it rides on)
-    assert killed_at - ck_time <= 0.5 + 0.3 + 0.3
-
-    rlog = tmp_path / "resume.log"
-    resumed = launch("train", "-n", "3", "--resume", str(run), "--train.epochs", "100000", log=rlog)
-    try:
-        wait_for("the resumed run to go on", lambda: status(run).get("exchanges", 0) > ck_exchanges + 100,
-                 resumed, log=rlog)
-        stop(resumed)
-        out = finish(resumed, rlog)
-    finally:
-        if resumed.poll() is None:
-            os.killpg(resumed.pid, signal.SIGKILL)
-    assert resumed.returncode == 0, out
-    assert f"resuming {run / 'trajectory.h5'} at exchange {ck_exchanges}" in out
-    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
-        assert f.attrs["status"] == "stopped"
-        meta = f["center/meta"][...]
-        assert f["center/params"].shape[0] == len(meta)
-        assert np.all(np.diff(meta["exchanges"]) > 0) and np.all(np.diff(meta["time"]) >= 0)
-        assert meta["exchanges"][sizes["center/meta"] - 1] <= ck_exchanges < meta["exchanges"][-1]
-        kinds = [e.decode() for e in f["events"]["kind"]]
-        assert "resume" in kinds
-        assert f["exchanges"]["time"][-1] > ck_time
-    assert hpcopt("inspect", str(run / "trajectory.h5")).returncode == 0
-
-
 def _train_and(tmp_path, run, end, *extra, min_exchanges=60):
     """`hpcopt train -n 3` a long run until it has made some exchanges, then end it: "stop"
     (graceful) or "kill" (SIGKILL of every process at once)."""
@@ -310,6 +302,39 @@ def _resume_a_while(tmp_path, run, more=40) -> str:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     return out
+
+
+def test_sigkill_whole_job_then_resume_with_another_worker_count(tmp_path):
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "4", "--out", str(run), "--train.epochs", "100000", *QUAD, log=log)
+    try:
+        wait_for("a checkpoint", lambda: (run / "checkpoint.h5").exists() and status(run).get("exchanges", 0) > 200,
+                 proc, log=log)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # every process at once, mid-training
+        proc.wait(timeout=30)
+        subprocess.run(["pkill", "-9", "-f", str(run)], check=False)  # ranks are in their own sessions
+    with h5py.File(run / "checkpoint.h5", "r") as f:
+        ck_exchanges, ck_time = int(f.attrs["exchanges"]), float(f.attrs["time"])
+        sizes = json.loads(f.attrs["trajectory_sizes"])
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        assert f.attrs["status"] == "running"
+        killed_at = float(f["center/meta"]["time"][-1])
+    # lost at most one checkpoint interval (plus the flush it rides on)
+    assert killed_at - ck_time <= 0.5 + 0.3 + 0.3
+
+    out = _resume_a_while(tmp_path, run, more=100)
+    assert f"resuming {run / 'trajectory.h5'} at exchange {ck_exchanges}" in out
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        assert f.attrs["status"] == "stopped"
+        meta = f["center/meta"][...]
+        assert f["center/params"].shape[0] == len(meta)
+        assert np.all(np.diff(meta["exchanges"]) > 0) and np.all(np.diff(meta["time"]) >= 0)
+        assert meta["exchanges"][sizes["center/meta"] - 1] <= ck_exchanges < meta["exchanges"][-1]
+        kinds = [e.decode() for e in f["events"]["kind"]]
+        assert "resume" in kinds
+        assert f["exchanges"]["time"][-1] > ck_time
+    assert hpcopt("inspect", str(run / "trajectory.h5")).returncode == 0
 
 
 def test_graceful_stop_then_resume_continues_every_worker_from_its_saved_state(tmp_path):
