@@ -88,11 +88,14 @@ class Joins:
             self._admit(server, rid, inter, request, answer)
             progress = True
         now = time.monotonic()
+        # the joiner never connected: give up on it after comm.timeout, or, once no worker is left
+        # (the run would end but for this join), after comm.worker_timeout
+        limit = self.timeout if server.active else min(self.timeout, server.worker_timeout)
         for rid, (since, _) in list(self.accepting.items()):
-            if now - since > self.timeout:  # the joiner never connected: give up on it
+            if now - since > limit:
                 self.accepting.pop(rid)
                 self.abandoned += 1
-                self.log(f"join {rid}: the joiner never connected within {self.timeout:g} s; abandoned")
+                self.log(f"join {rid}: the joiner never connected within {limit:g} s; abandoned")
                 server.event("refused", detail=f"join {rid}: never connected")
         if now - self.last_scan < SCAN_SECONDS:
             return progress

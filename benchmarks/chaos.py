@@ -1,0 +1,318 @@
+"""Chaos: a real training under injected faults, and whether it survived each one.
+
+    .venv/bin/python benchmarks/chaos.py --minutes 30 --mtbf 20 --seed 7
+    .venv/bin/python benchmarks/chaos.py --minutes 2 --mtbf 6 --seed 1 --epochs 40   # the test's form
+
+`hpcopt train -n 1+W` (the launcher: joins enabled, recovery mode) trains MNIST-1D; from a seed,
+faults arrive with exponential gaps of mean --mtbf seconds until --minutes have passed, then the
+run is left to finish its epochs. Faults: a worker SIGKILLed, a worker leaving on SIGTERM, a join
+of 1-2 ranks, two joins at once, an abandoned join (a valid request whose joiner never connects),
+a malformed and a wrong-token join request, a graceful stop of the whole run and a kill -9 of the
+whole job, each of the last two followed by `--resume` with another number of workers. A fault is
+survived when the run goes on afterwards (more exchanges, the joiner admitted, the request
+refused, the resumed run moving), within --deadline seconds.
+
+Then a fault-free run of the same config and seed, and one table: faults by kind, injected and
+survived; whether every center snapshot is finite; whether the trajectory reads back
+(`hpcopt inspect`); rows recorded; workers that started their schedule over (a step that goes
+back after a resume: none expected); final center accuracy against the fault-free run; server 0's
+resident memory at its first and last reading (a resume starts a new server process: that is
+said). The last line is `survived N/N faults`. Exit status 0 only when every fault was survived,
+every snapshot finite and the file readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import hmac
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+
+
+KINDS = ("worker_kill", "worker_term", "join", "joins_at_once", "abandoned_join", "malformed_join", "wrong_token",
+         "stop_resume", "kill9_resume")
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "PYTHONUNBUFFERED": "1"})
+    return e
+
+
+def hpcopt(*args, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "hpcopt", *args], env=env(), stdout=open(log, "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+
+
+def status(run: Path) -> dict:
+    try:
+        return json.loads((run / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def wait(predicate, deadline: float) -> bool:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def rss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def kill_job(proc: subprocess.Popen, run: Path) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    subprocess.run(["pkill", "-9", "-f", f"hpcopt train.*{run}"], check=False)  # ranks: own sessions
+    subprocess.run(["pkill", "-9", "-f", f"ompi-server.*{run}"], check=False)
+
+
+class Chaos:
+    def __init__(self, args, run: Path):
+        self.args, self.run, self.rng = args, run, random.Random(args.seed)
+        self.logs = run.parent / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.train_args = ["--config", "configs/mnist1d_easgd.toml", "--train.epochs", str(args.epochs),
+                           "--run.seed", str(args.seed), "--comm.timeout", str(args.deadline),
+                           "--record.checkpoint_seconds", "3"]
+        self.proc: subprocess.Popen | None = None
+        self.joiners: list[subprocess.Popen] = []
+        self.injected, self.survived = collections.Counter(), collections.Counter()
+        self.rss: list[tuple[int, int]] = []  # (server pid, kB)
+        self.launches = 0
+
+    def launch(self, resume: bool, workers: int) -> None:
+        self.launches += 1
+        log = self.logs / f"train-{self.launches}.log"
+        args = ["--resume", str(self.run)] if resume else ["--out", str(self.run), *self.train_args]
+        self.proc = hpcopt("train", "-n", str(1 + workers), *args, log=log)
+
+    def exchanges(self) -> int:
+        return int(status(self.run).get("exchanges", 0))
+
+    def goes_on(self, more: int = 20) -> bool:
+        """More exchanges, or the run ending as it should (every worker done)."""
+        n0 = self.exchanges()
+        return wait(lambda: self.exchanges() > n0 + more or self.ending(), self.args.deadline)
+
+    def finished(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None and status(self.run).get("state") == "complete"
+
+    def ending(self) -> bool:
+        s = status(self.run)
+        return self.finished() or (s.get("state") == "running" and not s.get("workers"))
+
+    def workers(self) -> list[dict]:
+        s = status(self.run)
+        return s.get("workers", []) if s.get("state") == "running" else []
+
+    def sample_rss(self) -> None:
+        pid = status(self.run).get("pid")
+        if pid and (kb := rss_kb(int(pid))):
+            self.rss.append((int(pid), kb))
+
+    # ------------------------------------------------------------------ faults
+    def fault(self, kind: str) -> bool:
+        ws = self.workers()
+        if kind in ("worker_kill", "worker_term"):
+            if len(ws) < 2:
+                return False  # never the last worker: the run would simply end
+            w = self.rng.choice(ws)
+            try:
+                os.kill(int(w["pid"]), signal.SIGKILL if kind == "worker_kill" else signal.SIGTERM)
+            except ProcessLookupError:
+                return False
+            self.injected[kind] += 1
+            return self.goes_on()
+        if kind in ("join", "joins_at_once"):
+            if len(ws) > 8:
+                return False
+            sizes = [self.rng.choice((1, 2))] if kind == "join" else [1, 2]
+            logs = []
+            for n in sizes:
+                logs.append(self.logs / f"join-{len(self.joiners)}.log")
+                self.joiners.append(hpcopt("join", str(self.run), "-n", str(n), log=logs[-1]))
+            self.injected[kind] += 1
+
+            def answered(log: Path) -> bool:  # admitted, or told the run is ending (also right)
+                text = log.read_text() if log.exists() else ""
+                return "joined " in text or "the run is" in text
+
+            return wait(lambda: all(answered(x) for x in logs), self.args.deadline) and self.goes_on()
+        if kind in ("malformed_join", "wrong_token", "abandoned_join"):
+            rid = f"chaos-{kind}-{self.rng.randrange(1 << 30)}"
+            self.injected[kind] += 1
+            self._request(rid, kind)
+            ok, refused = self.run / "joins" / f"{rid}.ok", self.run / "joins" / f"{rid}.refused"
+            if kind == "abandoned_join":  # approved (or refused: the run is ending), never connected
+                return wait(lambda: ok.exists() or refused.exists() and "ending" in refused.read_text(),
+                            self.args.deadline) and self.goes_on()
+            return wait(refused.exists, self.args.deadline) and self.goes_on()
+        if kind in ("stop_resume", "kill9_resume"):
+            if not ws:
+                return False
+            self.injected[kind] += 1
+            if kind == "stop_resume":
+                self.proc.send_signal(signal.SIGINT)
+                try:
+                    self.proc.wait(timeout=self.args.deadline)
+                except subprocess.TimeoutExpired:
+                    return False
+            else:
+                kill_job(self.proc, self.run)
+            for j in self.joiners:  # the joiners of the old job end with it
+                if j.poll() is None:
+                    kill_job(j, self.run)
+            self.joiners = []
+            self.sample_rss()
+            self.launch(resume=True, workers=self.rng.choice((2, 3, 4)))
+            ok = wait(lambda: status(self.run).get("state") == "running" and self.exchanges() > 0
+                      and status(self.run).get("pid") != None, self.args.deadline)  # noqa: E711
+            return ok and self.goes_on()
+        raise ValueError(kind)
+
+    def _request(self, rid: str, kind: str) -> None:
+        from hpcopt.comm import protocol as P
+        from hpcopt.comm.joins import proof
+
+        joins = self.run / "joins"
+        if kind == "malformed_join":
+            text = self.rng.choice(["[1, 2]", "{not json", json.dumps({"n": "2", "time": "now"})])
+        else:
+            req = {"n": 1, "hosts": ["nowhere"], "pids": [1], "n_parameters": 5210, "time": time.time(),
+                   "protocol": P.PROTOCOL_VERSION}
+            token = (self.run / "token").read_text().strip() if kind == "abandoned_join" else "not-the-token"
+            req["proof"] = proof(token, rid, req)
+            text = json.dumps(req)
+        tmp = joins / f".{rid}.tmp"
+        tmp.write_text(text)
+        tmp.rename(joins / f"{rid}.req")
+
+    # ------------------------------------------------------------------ the run
+    def go(self) -> None:
+        kinds = self.args.kinds.split(",")
+        self.launch(resume=False, workers=self.args.workers)
+        if not wait(lambda: self.exchanges() > 20, 120):
+            raise SystemExit(f"the training did not start; see {self.logs}")
+        self.sample_rss()
+        end = time.monotonic() + 60 * self.args.minutes
+        cycle: list[str] = []
+        while time.monotonic() < end and not self.finished():
+            time.sleep(min(self.rng.expovariate(1 / self.args.mtbf), max(0.0, end - time.monotonic())))
+            if time.monotonic() >= end or self.finished():
+                break
+            if not cycle:  # every kind once, in an order from the seed, then again
+                cycle = self.rng.sample(kinds, len(kinds))
+            kind = cycle.pop()
+            before = sum(self.injected.values())
+            ok = self.fault(kind)
+            if sum(self.injected.values()) == before:
+                cycle.insert(0, kind)  # not possible now (e.g. one worker left): later
+            else:
+                self.survived[kind] += ok
+                print(f"[{time.strftime('%H:%M:%S')}] {kind:15s} {'survived' if ok else 'NOT SURVIVED'}", flush=True)
+            self.sample_rss()
+        # the run finishes its epochs (every worker finishes; a stopped one would need a resume)
+        print("faults over; the run finishes its epochs", flush=True)
+        if not wait(lambda: self.proc.poll() is not None, 60 * max(5.0, self.args.minutes)):
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(timeout=120)
+        for j in self.joiners:
+            try:
+                j.wait(timeout=self.args.deadline)
+            except subprocess.TimeoutExpired:
+                kill_job(j, self.run)
+
+
+def accuracy(path: Path) -> float:
+    with h5py.File(path, "r", locking=False) as f:
+        ev = f["evals"][...]
+    return float(ev["test_accuracy"][-1]) if len(ev) else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=30.0, help="how long faults are injected")
+    ap.add_argument("--mtbf", type=float, default=20.0, help="mean seconds between two faults")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=float, default=400.0, help="epochs per worker (long enough to outlast --minutes)")
+    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--deadline", type=float, default=60.0, help="seconds a fault may take to be survived")
+    ap.add_argument("--out", help="directory for the runs (default: a temporary one)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"faults to inject, from: {', '.join(KINDS)}")
+    ap.add_argument("--no-reference", action="store_true", help="skip the fault-free run")
+    args = ap.parse_args()
+    if not set(args.kinds.split(",")) <= set(KINDS):
+        ap.error(f"--kinds: unknown fault(s) {sorted(set(args.kinds.split(',')) - set(KINDS))}")
+    base = Path(args.out or tempfile.mkdtemp(prefix="hpcopt-chaos-"))
+    base.mkdir(parents=True, exist_ok=True)
+    run = base / "chaos"
+    chaos = Chaos(args, run)
+    try:
+        chaos.go()
+    finally:
+        if chaos.proc is not None and chaos.proc.poll() is None:
+            kill_job(chaos.proc, run)
+    traj = run / "trajectory.h5"
+    with h5py.File(traj, "r", locking=False) as f:
+        finite = all(np.isfinite(f["center/params"][i]).all() for i in range(f["center/params"].shape[0]))
+        ex = f["exchanges"][...]
+    readable = subprocess.run([PY, "-m", "hpcopt", "inspect", str(traj)], capture_output=True, env=env()).returncode == 0
+    restarts = 0
+    for w in np.unique(ex["worker_id"]):
+        steps = ex["step"][ex["worker_id"] == w]
+        restarts += int((np.diff(steps) < 0).any())
+    ref = float("nan")
+    if not args.no_reference:
+        ref_run = base / "reference"
+        p = subprocess.run([PY, "-m", "hpcopt", "train", "-n", str(1 + args.workers), "--out", str(ref_run),
+                            *chaos.train_args], env=env(), cwd=ROOT, capture_output=True, text=True)
+        ref = accuracy(ref_run / "trajectory.h5") if p.returncode == 0 else float("nan")
+    n_in, n_ok = sum(chaos.injected.values()), sum(chaos.survived.values())
+    print(f"\n{'fault':<16} {'injected':>8} {'survived':>8}")
+    for kind in sorted(chaos.injected):
+        print(f"{kind:<16} {chaos.injected[kind]:>8} {chaos.survived[kind]:>8}")
+    last_pid = chaos.rss[-1][0] if chaos.rss else None
+    same = [kb for pid, kb in chaos.rss if pid == last_pid]
+    print(f"\ncenter finite at every snapshot  {'yes' if finite else 'NO'}")
+    print(f"trajectory reads back            {'yes' if readable else 'NO'} ({traj})")
+    print(f"rows recorded                    {len(ex)}")
+    print(f"workers that started over        {restarts}")
+    print(f"final center accuracy            {100 * accuracy(traj):.2f}% (fault-free run: {100 * ref:.2f}%)")
+    if same:
+        print(f"server 0 resident memory         {same[0] / 1024:.0f} MB at its first reading, {same[-1] / 1024:.0f} MB "
+              f"at its last ({len(same)} readings of pid {last_pid}; {chaos.launches} launches in all)")
+    print(f"survived {n_ok}/{n_in} faults")
+    return 0 if n_ok == n_in and finite and readable and restarts == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
