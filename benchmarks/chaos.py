@@ -124,7 +124,8 @@ class Chaos:
         return wait(lambda: self.exchanges() > n0 + more or self.ending(), self.args.deadline)
 
     def finished(self) -> bool:
-        return self.proc is not None and self.proc.poll() is not None and status(self.run).get("state") == "complete"
+        """The run ended by itself: every worker finished (complete), or left (stopped)."""
+        return self.proc is not None and self.proc.poll() is not None
 
     def ending(self) -> bool:
         s = status(self.run)
@@ -162,9 +163,9 @@ class Chaos:
                 self.joiners.append(hpcopt("join", str(self.run), "-n", str(n), log=logs[-1]))
             self.injected[kind] += 1
 
-            def answered(log: Path) -> bool:  # admitted, or told the run is ending (also right)
+            def answered(log: Path) -> bool:  # admitted, or told the run is ending or over (also right)
                 text = log.read_text() if log.exists() else ""
-                return "joined " in text or "the run is" in text
+                return "joined " in text or any(f" is {x}" in text for x in ("ending", "stopping", "stopped", "complete"))
 
             return wait(lambda: all(answered(x) for x in logs), self.args.deadline) and self.goes_on()
         if kind in ("malformed_join", "wrong_token", "abandoned_join"):
