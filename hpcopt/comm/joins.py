@@ -56,7 +56,6 @@ class Joins:
         self.started = time.time()
         self.queue: queue.Queue = queue.Queue()
         self.accepting: dict[str, tuple[float, str]] = {}  # request id -> (since (monotonic), its port)
-        self.abandoned = 0  # accept threads still blocked on a joiner that never came
         self.seen: set[str] = set()
         self.last_scan = 0.0
         if self.leader:
@@ -81,12 +80,15 @@ class Joins:
         progress = False
         while not self.queue.empty():
             rid, inter, request, answer = self.queue.get()
-            _, port = self.accepting.pop(rid)
+            progress = True
+            entry = self.accepting.pop(rid, None)
+            if entry is None:  # it connected after it was given up on: its ids may be reused, never admit
+                self.log(f"join {rid}: the joiner connected after it was abandoned; not admitted")
+                continue
             from mpi4py import MPI
 
-            MPI.Close_port(port)  # it served its one join
+            MPI.Close_port(entry[1])  # it served its one join
             self._admit(server, rid, inter, request, answer)
-            progress = True
         now = time.monotonic()
         # the joiner never connected: give up on it after comm.timeout, or, once no worker is left
         # (the run would end but for this join), after comm.worker_timeout
@@ -94,7 +96,6 @@ class Joins:
         for rid, (since, _) in list(self.accepting.items()):
             if now - since > limit:
                 self.accepting.pop(rid)
-                self.abandoned += 1
                 self.log(f"join {rid}: the joiner never connected within {limit:g} s; abandoned")
                 server.event("refused", detail=f"join {rid}: never connected")
         if now - self.last_scan < SCAN_SECONDS:
@@ -179,9 +180,7 @@ class Joins:
         if answer is None:  # not the leader: server 0's answer is in the run directory by now
             answer = read_json(self.run.joins / f"{rid}.ok")
             server.next_worker_id = max(server.next_worker_id, answer["first_worker_id"] + n)
-        base, hosts, pids = answer["first_worker_id"], request.get("hosts", []), request.get("pids", [])
-        hosts = [hosts[i] if i < len(hosts) else "?" for i in range(n)]
-        pids = [int(pids[i]) if i < len(pids) else -1 for i in range(n)]
+        base, hosts, pids = answer["first_worker_id"], request["hosts"], request["pids"]  # checked: n of each
         server.admit(inter, base, hosts, pids, answer["start_step"], f"join {rid}")
         if self.leader:
             self.log(f"[{server.now():7.1f}s] {n} worker(s) joined from {sorted(set(hosts))}: "

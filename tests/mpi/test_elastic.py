@@ -401,8 +401,9 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_its_last_center_s
     _train_and(tmp_path, run, "kill", "--record.checkpoint_seconds", "1000")
     assert not (run / "checkpoint.h5").exists()
     with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
-        last = int(f["center/meta"]["exchanges"][-1])
-        steps = {w: int(f["exchanges"]["step"][f["exchanges"]["worker_id"] == w].max()) for w in (0, 1)}
+        last, t = int(f["center/meta"]["exchanges"][-1]), float(f["center/meta"]["time"][-1])
+        kept = f["exchanges"][f["exchanges"]["time"] <= t]  # what the resume keeps: up to that snapshot
+        steps = {w: int(kept["step"][kept["worker_id"] == w].max()) for w in (0, 1)}
     out = _resume_a_while(tmp_path, run)
     assert f"no checkpoint: resuming from the trajectory's last center snapshot (exchange {last}" in out, out
     with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
