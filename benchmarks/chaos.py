@@ -1,7 +1,7 @@
 """Chaos: a real training under injected faults, and whether it survived each one.
 
     .venv/bin/python benchmarks/chaos.py --minutes 30 --mtbf 20 --seed 7
-    .venv/bin/python benchmarks/chaos.py --minutes 2 --mtbf 6 --seed 1 --epochs 40   # the test's form
+    .venv/bin/python benchmarks/chaos.py --faults 9 --mtbf 2 --seed 3 --epochs 100000 --no-reference  # the test's
 
 `hpcopt train -n 1+W` (the launcher: joins enabled, recovery mode) trains MNIST-1D; from a seed,
 faults arrive with exponential gaps of mean --mtbf seconds until --minutes have passed, then the
@@ -11,6 +11,11 @@ a malformed and a wrong-token join request, a graceful stop of the whole run and
 whole job, each of the last two followed by `--resume` with another number of workers. A fault is
 survived when the run goes on afterwards (more exchanges, the joiner admitted, the request
 refused, the resumed run moving), within --deadline seconds.
+
+With --faults N, exactly N faults are injected (every kind once in an order from the seed, then
+again), whatever the machine's speed, and the run is then stopped gracefully: that form is the
+test's, with epochs enough that the run cannot end by itself first (if it does, that is said and
+the exit status is 1).
 
 Then a fault-free run of the same config and seed, and one table: faults by kind, injected and
 survived; whether every center snapshot is finite; whether the trajectory reads back
@@ -108,6 +113,7 @@ class Chaos:
         self.injected, self.survived = collections.Counter(), collections.Counter()
         self.rss: list[tuple[int, int]] = []  # (server pid, kB)
         self.launches = 0
+        self.cut_short = self.stop_failed = False
 
     def launch(self, resume: bool, workers: int) -> None:
         self.launches += 1
@@ -224,11 +230,16 @@ class Chaos:
         if not wait(lambda: self.exchanges() > 20, 120):
             raise SystemExit(f"the training did not start; see {self.logs}")
         self.sample_rss()
-        end = time.monotonic() + 60 * self.args.minutes
+        counted = self.args.faults is not None
+        end = float("inf") if counted else time.monotonic() + 60 * self.args.minutes
+
+        def more() -> bool:
+            return sum(self.injected.values()) < self.args.faults if counted else time.monotonic() < end
+
         cycle: list[str] = []
-        while time.monotonic() < end and not self.finished():
+        while more() and not self.finished():
             time.sleep(min(self.rng.expovariate(1 / self.args.mtbf), max(0.0, end - time.monotonic())))
-            if time.monotonic() >= end or self.finished():
+            if not more() or self.finished():
                 break
             if not cycle:  # every kind once, in an order from the seed, then again
                 cycle = self.rng.sample(kinds, len(kinds))
@@ -237,15 +248,30 @@ class Chaos:
             ok = self.fault(kind)
             if sum(self.injected.values()) == before:
                 cycle.insert(0, kind)  # not possible now (e.g. one worker left): later
+                if len(cycle) == 1 and kind in ("worker_kill", "worker_term", "stop_resume") and "join" in kinds:
+                    cycle.append("join")  # nothing else left to try: a worker more makes it possible
             else:
                 self.survived[kind] += ok
                 print(f"[{time.strftime('%H:%M:%S')}] {kind:15s} {'survived' if ok else 'NOT SURVIVED'}", flush=True)
             self.sample_rss()
-        # the run finishes its epochs (every worker finishes; a stopped one would need a resume)
-        print("faults over; the run finishes its epochs", flush=True)
-        if not wait(lambda: self.proc.poll() is not None, 60 * max(5.0, self.args.minutes)):
-            self.proc.send_signal(signal.SIGINT)
-            self.proc.wait(timeout=120)
+        if counted:
+            self.cut_short = self.finished()
+            if self.cut_short:
+                print(f"the run ended by itself after {sum(self.injected.values())} of {self.args.faults} faults: "
+                      "give it more --epochs", flush=True)
+            else:
+                print("faults over; the run is stopped gracefully", flush=True)
+                self.proc.send_signal(signal.SIGINT)
+                try:
+                    self.proc.wait(timeout=self.args.deadline)
+                except subprocess.TimeoutExpired:
+                    self.stop_failed = True
+                    print(f"the graceful stop took more than {self.args.deadline:.0f} s", flush=True)
+        else:  # the run finishes its epochs (every worker finishes; a stopped one would need a resume)
+            print("faults over; the run finishes its epochs", flush=True)
+            if not wait(lambda: self.proc.poll() is not None, 60 * max(5.0, self.args.minutes)):
+                self.proc.send_signal(signal.SIGINT)
+                self.proc.wait(timeout=120)
         for j in self.joiners:
             try:
                 j.wait(timeout=self.args.deadline)
@@ -262,6 +288,7 @@ def accuracy(path: Path) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=30.0, help="how long faults are injected")
+    ap.add_argument("--faults", type=int, help="inject exactly this many faults (instead of --minutes), then stop")
     ap.add_argument("--mtbf", type=float, default=20.0, help="mean seconds between two faults")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=float, default=400.0, help="epochs per worker (long enough to outlast --minutes)")
@@ -312,7 +339,8 @@ def main() -> int:
         print(f"server 0 resident memory         {same[0] / 1024:.0f} MB at its first reading, {same[-1] / 1024:.0f} MB "
               f"at its last ({len(same)} readings of pid {last_pid}; {chaos.launches} launches in all)")
     print(f"survived {n_ok}/{n_in} faults")
-    return 0 if n_ok == n_in and finite and readable and restarts == 0 else 1
+    good = n_ok == n_in and finite and readable and restarts == 0 and not chaos.cut_short and not chaos.stop_failed
+    return 0 if good else 1
 
 
 if __name__ == "__main__":
