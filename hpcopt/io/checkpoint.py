@@ -23,6 +23,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..failpoints import failpoint
+
 FORMAT = "hpcopt.checkpoint"
 VERSION = 1
 WORKER = np.dtype([("worker_id", "<i4"), ("step", "<i8"), ("exchanges", "<i8"), ("loss_avg", "<f8"),
@@ -52,6 +54,7 @@ def write(path, *, center: np.ndarray, workers: list[tuple], latest: dict[int, n
         os.fsync(fd)
     finally:
         os.close(fd)
+    failpoint("checkpoint.written")
     os.replace(tmp, path)
 
 

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
+from ..failpoints import failpoint
 from . import schema
 
 
@@ -93,9 +94,11 @@ class TrajectoryWriter:
         base = dset.shape[0]
         dset.resize(base + n, axis=0)
         meta.resize(base + n, axis=0)
+        failpoint("trajectory.flush.resized")
         block = np.stack(rows) if n > 1 else rows[0][None, :]
         with dset.collective:
             dset[base:base + n, self.lo:self.hi] = block
+        failpoint("trajectory.flush.params")
         if self.leader:
             meta[base:base + n] = meta_rows
 
@@ -118,10 +121,13 @@ class TrajectoryWriter:
             dset.resize(base + n, axis=0)
             if self.leader:
                 dset[base:base + n] = np.array(tables[name], dtype=dset.dtype)
+        failpoint("trajectory.flush.tables")
         attrs = self.comm.bcast(attrs if self.leader else None, root=0)
         for k, v in (attrs or {}).items():
             self.f.attrs[k] = v
+        failpoint("trajectory.flush.attrs")
         self.f.flush()
+        failpoint("trajectory.flush.done")
 
     def close(self) -> None:
         """Collective."""

@@ -432,6 +432,29 @@ def test_a_damaged_trajectory_is_set_aside_and_the_run_goes_on_from_its_checkpoi
         assert int(f["center/meta"]["exchanges"][0]) == ck and f.attrs["continues"].startswith("trajectory.damaged-")
 
 
+@pytest.mark.parametrize("point", ["trajectory.flush.resized@8", "trajectory.flush.tables@8", "checkpoint.written@3"])
+def test_a_kill_inside_a_flush_or_a_checkpoint_leaves_a_readable_run_that_resumes(tmp_path, point):
+    """Issue 12, item 6, deterministically: server 0 SIGKILLed at a failpoint inside the
+    collective trajectory flush (datasets grown but not written; rows written but attributes not
+    flushed) or between writing a checkpoint and renaming it over the old one. The job ends, the
+    file reads back, and --resume goes on from the last complete checkpoint."""
+    run = tmp_path / "r"
+    p = subprocess.run([sys.executable, "-m", "hpcopt", "train", "-n", "3", "--out", str(run), "--train.epochs",
+                        "100000", *QUAD], env=mpi_env({"HPCOPT_FAILPOINTS": point}), capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode != 0 and "rank 0" in p.stderr, p.stdout + p.stderr
+    wait_for("every process of the killed job to end",
+             lambda: not subprocess.run(["pgrep", "-f", f"hpcopt train.*{run}"], capture_output=True).stdout, timeout=30)
+    shown = json.loads(hpcopt("inspect", "--json", str(run)).stdout)
+    assert shown["status"] == "running" and shown["exchanges"] > 0, shown  # as the kill left it
+    with h5py.File(run / "checkpoint.h5", "r") as f:
+        ck = int(f.attrs["exchanges"])
+    assert ck > 0
+    out = _resume_a_while(tmp_path, run)
+    assert f"at exchange {ck}\n" in out and "cannot be reopened" not in out, out
+    assert json.loads(hpcopt("inspect", "--json", str(run)).stdout)["status"] == "stopped"
+
+
 def test_resuming_a_complete_run_is_refused(tmp_path):
     out = tmp_path / "done"
     mpirun(3, "train", "--out", str(out), *QUAD, "--train.epochs", "1")

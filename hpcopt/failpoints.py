@@ -1,0 +1,36 @@
+"""Failpoints: named places where a test kills this process, to prove that a crash there loses
+nothing (as FoundationDB's simulation and TiKV's fail-rs do). Off unless HPCOPT_FAILPOINTS names
+them, so a run pays one dictionary lookup per point passed.
+
+    HPCOPT_FAILPOINTS="trajectory.flush.params@3"   # SIGKILL at the third pass of that point
+    HPCOPT_FAILPOINTS="a@1,b@2"                     # several points
+
+The kill is SIGKILL, as from the kernel's OOM killer, `kill -9` or Slurm after KillWait: no
+handler, no `finally`, no flush.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _parse(spec: str) -> dict[str, int]:
+    points = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, nth = item.partition("@")
+        points[name] = int(nth or 1)
+    return points
+
+
+_ARMED = _parse(os.environ.get("HPCOPT_FAILPOINTS", ""))
+_PASSED: dict[str, int] = {}
+
+
+def failpoint(name: str) -> None:
+    """Die here (SIGKILL) if HPCOPT_FAILPOINTS arms `name` and this is its armed pass."""
+    if name not in _ARMED:
+        return
+    _PASSED[name] = _PASSED.get(name, 0) + 1
+    if _PASSED[name] == _ARMED[name]:
+        os.kill(os.getpid(), signal.SIGKILL)
