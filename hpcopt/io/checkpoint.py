@@ -44,11 +44,13 @@ def write(path, *, center: np.ndarray, workers: list[tuple], latest: dict[int, n
         f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         for k, v in attrs.items():
             f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
-        f.create_dataset("center", data=center)
-        f.create_dataset("workers", data=np.array(workers, dtype=WORKER))
+        # Fletcher-32 checksums (HDF5's own filter, checked on every read): a flipped bit in a
+        # weight is finite, and would otherwise load and make every worker "diverge"
+        f.create_dataset("center", data=center, fletcher32=True)
+        f.create_dataset("workers", data=np.array(workers, dtype=WORKER), fletcher32=True)
         group = f.create_group("latest")
         for wid, x in latest.items():
-            group.create_dataset(str(wid), data=x)
+            group.create_dataset(str(wid), data=x, fletcher32=True)
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -102,10 +104,42 @@ def save_worker_state(path, *, step: int, exchange: int, params, trainer_state: 
 
     from .rundir import write_atomic
 
+    state = {"step": step, "exchange": exchange, "params": params.clone(), "trainer": trainer_state,
+             "n_parameters": params.numel(), "reference_loss": reference_loss}
+    state["sha256"] = _digest(state)  # torch.load checks no checksum: a flipped bit would load
     buf = io.BytesIO()
-    torch.save({"step": step, "exchange": exchange, "params": params.clone(), "trainer": trainer_state,
-                "n_parameters": params.numel(), "reference_loss": reference_loss}, buf)
+    torch.save(state, buf)
     write_atomic(path, buf.getvalue())
+
+
+def _digest(state: dict) -> str:
+    """SHA-256 over every value of a worker state (tensors by their bytes), in a fixed order."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+
+    def walk(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=repr):
+                if k != "sha256":
+                    h.update(repr(k).encode())
+                    walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    walk(state)
+    return h.hexdigest()
 
 
 def load_worker_state(path, n_parameters: int, log=print) -> dict | None:
@@ -118,6 +152,9 @@ def load_worker_state(path, n_parameters: int, log=print) -> dict | None:
         return None
     except Exception as e:  # a corrupt state is not fatal: the worker starts from the center
         log(f"hpcopt: ignoring unreadable worker state {path}: {e}")
+        return None
+    if "sha256" in state and state["sha256"] != _digest(state):  # (older states have none)
+        log(f"hpcopt: ignoring worker state {path}: its checksum does not match (a corrupt file)")
         return None
     if state.get("n_parameters") != n_parameters:
         log(f"hpcopt: ignoring worker state {path}: it has {state.get('n_parameters')} parameters, "

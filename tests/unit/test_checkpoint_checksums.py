@@ -1,0 +1,52 @@
+"""A checkpoint or a worker state with one flipped bit in a weight (finite, so no other check
+sees it) is refused as corrupt instead of being trained from."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hpcopt.io import checkpoint
+
+LAYOUT = {"names": ["w"], "shapes": [[100]]}
+
+
+def _write(path, center):
+    checkpoint.write(path, center=center, workers=[(0, 10, 2, 0.5, 1.0)], latest={0: center + 1},
+                     attrs={"n_parameters": center.size, "layout": LAYOUT, "method": "easgd", "exchanges": 2,
+                            "trajectory_sizes": {}})
+
+
+def _flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def test_a_flipped_bit_in_the_checkpoint_center_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.h5"
+    center = np.linspace(-1, 1, 100, dtype=np.float32)
+    _write(path, center)
+    got = checkpoint.read(path, n_parameters=100, layout=LAYOUT, method="easgd")
+    assert np.array_equal(got["center"], center) and np.array_equal(got["latest"][0], center + 1)
+    with h5py.File(path, "r") as f:
+        offset = f["center"].id.get_chunk_info(0).byte_offset
+    _flip(path, offset + 41)  # the low byte of a weight: still a finite number
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        checkpoint.read(path, n_parameters=100, layout=LAYOUT, method="easgd")
+
+
+def test_a_flipped_bit_in_a_worker_state_is_refused(tmp_path):
+    path = tmp_path / "0.pt"
+    params = torch.linspace(-1, 1, 1000)
+    momentum = {"buf": torch.ones(1000), "lr": 0.1}
+    checkpoint.save_worker_state(path, step=7, exchange=3, params=params, trainer_state=momentum)
+    said = []
+    state = checkpoint.load_worker_state(path, 1000, log=said.append)
+    assert state["step"] == 7 and torch.equal(state["params"], params) and not said
+    raw = path.read_bytes()
+    _flip(path, raw.find(params.numpy().tobytes()[400:416]) + 1)
+    assert checkpoint.load_worker_state(path, 1000, log=said.append) is None
+    assert "checksum does not match" in said[0]
