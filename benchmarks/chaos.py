@@ -1,13 +1,14 @@
 """Chaos: a real training under injected faults, and whether it survived each one.
 
     .venv/bin/python benchmarks/chaos.py --minutes 30 --mtbf 20 --seed 7
-    .venv/bin/python benchmarks/chaos.py --faults 9 --mtbf 2 --seed 3 --epochs 100000 --no-reference  # the test's
+    .venv/bin/python benchmarks/chaos.py --faults 12 --mtbf 2 --seed 3 --epochs 100000 --no-reference  # the test's
 
 `hpcopt train -n 1+W` (the launcher: joins enabled, recovery mode) trains MNIST-1D; from a seed,
 faults arrive with exponential gaps of mean --mtbf seconds until --minutes have passed, then the
 run is left to finish its epochs. Faults: a worker SIGKILLed, a worker leaving on SIGTERM, a join
 of 1-2 ranks, two joins at once, an abandoned join (a valid request whose joiner never connects),
-a malformed and a wrong-token join request, a graceful stop of the whole run and a kill -9 of the
+a malformed and a wrong-token join request, NaN or Inf in a worker's parameters, a NaN gradient
+under a finite loss (chaos_model.py), a graceful stop of the whole run and a kill -9 of the
 whole job, each of the last two followed by `--resume` with another number of workers. A fault is
 survived when the run goes on afterwards (more exchanges, the joiner admitted, the request
 refused, the resumed run moving), within --deadline seconds.
@@ -20,7 +21,9 @@ the exit status is 1).
 Then a fault-free run of the same config and seed, and one table: faults by kind, injected and
 survived; whether every center snapshot is finite; whether the trajectory reads back
 (`hpcopt inspect`); rows recorded; workers that started their schedule over (a step that goes
-back after a resume: none expected); final center accuracy against the fault-free run; server 0's
+back further than one checkpoint interval after a resume: none expected), and the steps
+replayed; workers reset for a finite loss (the guard mistaking noise for divergence: none
+expected); final center accuracy against the fault-free run; server 0's
 resident memory at its first and last reading (a resume starts a new server process: that is
 said). The last line is `survived N/N faults`. Exit status 0 only when every fault was survived,
 every snapshot finite and the file readable.
@@ -49,18 +52,22 @@ PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
 
 
+CHECKPOINT_SECONDS = 3.0
 KINDS = ("worker_kill", "worker_term", "join", "joins_at_once", "abandoned_join", "malformed_join", "wrong_token",
-         "stop_resume", "kill9_resume")
+         "stop_resume", "kill9_resume", "nan_params", "inf_params", "nan_grad")
 
 
-def env() -> dict:
+def env(poison: Path | None = None) -> dict:
     e = dict(os.environ)
-    e.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "PYTHONUNBUFFERED": "1"})
+    e.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "PYTHONUNBUFFERED": "1",
+              "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), e.get("PYTHONPATH", "")])})
+    if poison is not None:  # chaos_model.py: where the NaN/Inf faults are ordered
+        e["HPCOPT_CHAOS_POISON"] = str(poison)
     return e
 
 
-def hpcopt(*args, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([PY, "-m", "hpcopt", *args], env=env(), stdout=open(log, "a"),
+def hpcopt(*args, log: Path, poison: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "hpcopt", *args], env=env(poison), stdout=open(log, "a"),
                             stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
 
 
@@ -105,9 +112,11 @@ class Chaos:
         self.args, self.run, self.rng = args, run, random.Random(args.seed)
         self.logs = run.parent / "logs"
         self.logs.mkdir(exist_ok=True)
-        self.train_args = ["--config", "configs/mnist1d_easgd.toml", "--train.epochs", str(args.epochs),
+        self.poison = run.parent / "poison"
+        self.poison.mkdir(exist_ok=True)
+        self.train_args = ["--config", args.config, "--model.name", "chaos_model:model", "--train.epochs", str(args.epochs),
                            "--run.seed", str(args.seed), "--comm.timeout", str(args.deadline),
-                           "--record.checkpoint_seconds", "3"]
+                           "--record.checkpoint_seconds", str(CHECKPOINT_SECONDS)]
         self.proc: subprocess.Popen | None = None
         self.joiners: list[subprocess.Popen] = []
         self.injected, self.survived = collections.Counter(), collections.Counter()
@@ -119,7 +128,7 @@ class Chaos:
         self.launches += 1
         log = self.logs / f"train-{self.launches}.log"
         args = ["--resume", str(self.run)] if resume else ["--out", str(self.run), *self.train_args]
-        self.proc = hpcopt("train", "-n", str(1 + workers), *args, log=log)
+        self.proc = hpcopt("train", "-n", str(1 + workers), *args, log=log, poison=self.poison)
 
     def exchanges(self) -> int:
         return int(status(self.run).get("exchanges", 0))
@@ -166,7 +175,7 @@ class Chaos:
             logs = []
             for n in sizes:
                 logs.append(self.logs / f"join-{len(self.joiners)}.log")
-                self.joiners.append(hpcopt("join", str(self.run), "-n", str(n), log=logs[-1]))
+                self.joiners.append(hpcopt("join", str(self.run), "-n", str(n), log=logs[-1], poison=self.poison))
             self.injected[kind] += 1
 
             def answered(log: Path) -> bool:  # admitted, or told the run is ending or over (also right)
@@ -183,6 +192,14 @@ class Chaos:
                 return wait(lambda: ok.exists() or refused.exists() and "ending" in refused.read_text(),
                             self.args.deadline) and self.goes_on()
             return wait(refused.exists, self.args.deadline) and self.goes_on()
+        if kind in ("nan_params", "inf_params", "nan_grad"):
+            if not ws:
+                return False
+            order = self.poison / str(self.rng.choice(ws)["pid"])
+            order.write_text(kind.split("_")[0] if kind != "nan_grad" else kind)
+            self.injected[kind] += 1
+            # taken at the worker's next step (or never: it left or ended first), then the run goes on
+            return wait(lambda: not order.exists() or self.ending(), self.args.deadline) and self.goes_on()
         if kind in ("stop_resume", "kill9_resume"):
             if not ws:
                 return False
@@ -279,6 +296,28 @@ class Chaos:
                 kill_job(j, self.run)
 
 
+def started_over(ex: np.ndarray, window: float) -> tuple[int, int]:
+    """Workers whose step went back further than a resume may take it, and the steps replayed.
+
+    A worker resumes from its own last saved state, saved every checkpoint interval at an
+    exchange, while the trajectory is cut back to the servers' checkpoint, taken independently:
+    up to about one interval of its steps may be recorded and then done again. Going back
+    further than where the worker stood `window` seconds before is starting over."""
+    restarts, replayed = 0, 0
+    for w in np.unique(ex["worker_id"]):
+        mine = ex[ex["worker_id"] == w]
+        steps, times = mine["step"], mine["time"]
+        back = np.nonzero(np.diff(steps) < 0)[0]
+        for i in back:
+            earlier = np.searchsorted(times, times[i] - window, side="right") - 1
+            floor = int(steps[earlier]) if earlier >= 0 else 0
+            if steps[i + 1] < floor:
+                restarts += 1
+                break
+            replayed += int(steps[i] - steps[i + 1])
+    return restarts, replayed
+
+
 def accuracy(path: Path) -> float:
     with h5py.File(path, "r", locking=False) as f:
         ev = f["evals"][...]
@@ -293,6 +332,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=float, default=400.0, help="epochs per worker (long enough to outlast --minutes)")
     ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--config", default="configs/mnist1d_easgd.toml", help="the training (any asynchronous method)")
     ap.add_argument("--deadline", type=float, default=60.0, help="seconds a fault may take to be survived")
     ap.add_argument("--out", help="directory for the runs (default: a temporary one)")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"faults to inject, from: {', '.join(KINDS)}")
@@ -313,11 +353,12 @@ def main() -> int:
     with h5py.File(traj, "r", locking=False) as f:
         finite = all(np.isfinite(f["center/params"][i]).all() for i in range(f["center/params"].shape[0]))
         ex = f["exchanges"][...]
+        # a reset for a finite loss: the guard took ordinary noise for divergence (every injected
+        # fault is a NaN/Inf one)
+        false_resets = sum(e["kind"] == b"diverged" and b"nan" not in e["detail"] and b"inf" not in e["detail"]
+                           for e in f["events"][...])
     readable = subprocess.run([PY, "-m", "hpcopt", "inspect", str(traj)], capture_output=True, env=env()).returncode == 0
-    restarts = 0
-    for w in np.unique(ex["worker_id"]):
-        steps = ex["step"][ex["worker_id"] == w]
-        restarts += int((np.diff(steps) < 0).any())
+    restarts, replayed = started_over(ex, window=2 * CHECKPOINT_SECONDS)
     ref = float("nan")
     if not args.no_reference:
         ref_run = base / "reference"
@@ -334,12 +375,15 @@ def main() -> int:
     print(f"trajectory reads back            {'yes' if readable else 'NO'} ({traj})")
     print(f"rows recorded                    {len(ex)}")
     print(f"workers that started over        {restarts}")
+    print(f"steps replayed after resumes     {replayed} (workers continue from their own last saved state)")
+    print(f"resets without a NaN/Inf fault   {false_resets}")
     print(f"final center accuracy            {100 * accuracy(traj):.2f}% (fault-free run: {100 * ref:.2f}%)")
     if same:
         print(f"server 0 resident memory         {same[0] / 1024:.0f} MB at its first reading, {same[-1] / 1024:.0f} MB "
               f"at its last ({len(same)} readings of pid {last_pid}; {chaos.launches} launches in all)")
     print(f"survived {n_ok}/{n_in} faults")
-    good = n_ok == n_in and finite and readable and restarts == 0 and not chaos.cut_short and not chaos.stop_failed
+    good = n_ok == n_in and finite and readable and restarts == 0 and false_resets == 0 \
+        and not chaos.cut_short and not chaos.stop_failed
     return 0 if good else 1
 
 

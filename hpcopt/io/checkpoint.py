@@ -94,10 +94,8 @@ def read(path, *, n_parameters: int, layout: dict, method: str) -> dict:
     return out
 
 
-def save_worker_state(path, *, step: int, exchange: int, params, trainer_state: dict,
-                      reference_loss: float | None = None) -> None:
-    """A worker's own state (parameters, step, local optimizer and data order, the divergence
-    guard's reference loss), atomically."""
+def save_worker_state(path, *, step: int, exchange: int, params, trainer_state: dict) -> None:
+    """A worker's own state (parameters, step, local optimizer and data order), atomically."""
     import io
 
     import torch
@@ -105,7 +103,7 @@ def save_worker_state(path, *, step: int, exchange: int, params, trainer_state: 
     from .rundir import write_atomic
 
     state = {"step": step, "exchange": exchange, "params": params.clone(), "trainer": trainer_state,
-             "n_parameters": params.numel(), "reference_loss": reference_loss}
+             "n_parameters": params.numel()}
     state["sha256"] = _digest(state)  # torch.load checks no checksum: a flipped bit would load
     buf = io.BytesIO()
     torch.save(state, buf)

@@ -28,6 +28,7 @@ class TrajectoryWriter:
         checkpoint, so the resumed run continues exactly where the checkpoint was taken."""
         self.comm, self.lo, self.hi, self.n_params = comm, lo, hi, n_params
         self.leader = comm.rank == 0
+        self.written: dict = {}  # attributes as last written by flush
         if resume is not None:
             self._reopen(path, resume, attrs)
             return
@@ -124,7 +125,9 @@ class TrajectoryWriter:
         failpoint("trajectory.flush.tables")
         attrs = self.comm.bcast(attrs if self.leader else None, root=0)
         for k, v in (attrs or {}).items():
-            self.f.attrs[k] = v
+            if self.written.get(k, self) != v:  # a string attribute rewritten at every flush
+                self.f.attrs[k] = v             # would leave its old copy in the file's heap
+                self.written[k] = v
         failpoint("trajectory.flush.attrs")
         self.f.flush()
         failpoint("trajectory.flush.done")

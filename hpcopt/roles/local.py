@@ -29,6 +29,11 @@ def make_local_step(cfg: Config, params: torch.Tensor, layers: list[tuple[int, i
     return SGDStep(params, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.train.weight_decay)
 
 
+def _loss(module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    loss_of = getattr(module, "loss", None)  # a user model may define loss(x, y)
+    return loss_of(xb, yb) if loss_of else F.cross_entropy(module(xb), yb)
+
+
 class LocalTrainer:
     def __init__(self, cfg: Config, worker_id: int, flat: FlatModel, data: dict):
         self.cfg, self.worker_id, self.flat = cfg, worker_id, flat
@@ -44,7 +49,6 @@ class LocalTrainer:
         self.local = make_local_step(cfg, flat.params, layer_bounds(flat.layout()))
         self.module = flat.module
         self.module.train()
-        self.loss_of = getattr(self.module, "loss", None)  # a user model may define loss(x, y)
         self.perm = None
         t = cfg.train
         self.entropy = EntropySGD(langevin_steps=t.langevin_steps, langevin_lr=t.langevin_lr, gamma0=t.gamma0,
@@ -90,8 +94,22 @@ class LocalTrainer:
             grads.copy_(g)
         return value
 
+    def initial_loss(self) -> float:
+        """The loss of the untrained model that the run's seed builds, on the first training
+        batch: the same for every worker of a run, whenever it starts (a joiner, or a worker
+        resumed without its state, starts from a trained center whose loss is far lower, and
+        ordinary noise would look like divergence against that)."""
+        from hpcopt.models import build_model
+
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed)
+            model = build_model(cfg.model.name, cfg.model.kwargs).to(self.x.device)
+        with torch.no_grad():
+            return float(_loss(model, self.x[:self.batch], self.y[:self.batch]))
+
     def _backward(self, xb: torch.Tensor, yb: torch.Tensor, step: int) -> float:
-        loss = self.loss_of(xb, yb) if self.loss_of else F.cross_entropy(self.module(xb), yb)
+        loss = _loss(self.module, xb, yb)
         self.flat.zero_grad()
         loss.backward()
         value = loss.item()

@@ -43,8 +43,8 @@ class WorkerSummary:
 class DivergenceGuard:
     """Whether a worker is diverging, in a way ordinary noise does not meet.
 
-    The reference is the first loss the worker ever computed (before any local step of its own;
-    a resumed worker keeps its own from its saved state). A loss counts as exploding above
+    The reference is the loss of the run's untrained model (LocalTrainer.initial_loss: the same
+    for every worker, joined or resumed), else the worker's first loss. A loss counts as exploding above
     `factor` x reference. NaN/Inf diverges at once; a finite excess only when it lasts `patience`
     steps in a row (single spikes of a run at a constant learning rate do not), or when the mean
     loss since the last exchange exceeds the limit at an exchange (so huge but finite parameters
@@ -124,7 +124,8 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
     flags = SignalFlag()
     heartbeat_every = cfg.comm.worker_timeout / 4
     loss_sum, loss_n, lr, grad_norm = 0.0, 0, cfg.train.lr, float("nan")
-    guard = DivergenceGuard(cfg.train.diverge_factor, reference=state.get("reference_loss") if state else None)
+    initial = trainer.initial_loss()
+    guard = DivergenceGuard(cfg.train.diverge_factor, reference=initial if math.isfinite(initial) else None)
     resets, reason = 0, P.FINISHED
     last_save = time.monotonic()
     t0 = time.perf_counter()
@@ -141,7 +142,7 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
         loss_sum, loss_n = 0.0, 0
         if run is not None and time.monotonic() - last_save >= cfg.record.checkpoint_seconds:
             save_worker_state(run.worker_state(worker_id), step=step, exchange=k, params=flat.params,
-                              trainer_state=trainer.state_dict(), reference_loss=guard.reference)
+                              trainer_state=trainer.state_dict())
             last_save = time.monotonic()
 
     def finite() -> bool:
@@ -208,7 +209,7 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
             reason = P.GAVE_UP
     if run is not None and reason in (P.SIGNALLED, P.STOPPED):
         save_worker_state(run.worker_state(worker_id), step=step, exchange=k, params=flat.params,
-                          trainer_state=trainer.state_dict(), reference_loss=guard.reference)
+                          trainer_state=trainer.state_dict())
     client.done(worker_id, step, reason)
     ignore_leave_signals()
     if flags:

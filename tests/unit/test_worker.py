@@ -124,3 +124,25 @@ def test_divergence_guard_ignores_spikes_and_catches_explosions():
     assert exploding.step(2.3) is None and exploding.reference == 2.3  # the very first loss
     assert [exploding.step(x) is None for x in (50.0, 3e3, 4e16)] == [True, True, False]
     assert DivergenceGuard(10.0, reference=2.3).exchange(1e6) is not None  # huge but finite: not sent
+
+
+def test_the_divergence_reference_is_the_runs_untrained_loss_for_every_worker():
+    """A joiner or a worker resumed without its state starts from a trained center; its guard must
+    measure against the run's untrained loss, not against its own (far lower) first loss, or the
+    ordinary noise of a constant-lr run resets it (seen in the chaos benchmark: a joined worker
+    reset three times and dropped, limit 0.21)."""
+    cfg = C.load(None, {"model.name": "quadratic:model", "run.seed": "5"})
+    data = quadratic.noiseless()
+    torch.manual_seed(5)
+    untrained = FlatModel(quadratic.model())
+    fresh = LocalTrainer(cfg, 0, untrained, data)
+    torch.manual_seed(123)  # another process's RNG state
+    trained = FlatModel(quadratic.model())
+    trained.params.copy_(torch.from_numpy(quadratic.optimum()))  # a joiner, at the trained center
+    joiner = LocalTrainer(cfg, 7, trained, data)
+    x = untrained.params.detach().numpy().astype(np.float64)
+    expected = 0.5 * (H * (x - XSTAR) ** 2).sum()
+    assert fresh.initial_loss() == pytest.approx(expected, rel=1e-5)
+    assert joiner.initial_loss() == fresh.initial_loss() > 100 * float(joiner.module.loss(
+        torch.from_numpy(data["x_train"][:10]), None))
+    assert torch.equal(trained.params, torch.from_numpy(quadratic.optimum()))  # untouched
