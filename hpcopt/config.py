@@ -30,6 +30,7 @@ SYNC_METHODS = ("dp-sgd", "local-sgd", "diloco")
 METHODS = ASYNC_METHODS + SYNC_METHODS
 SCHEDULES = ("cosine", "constant")
 LOCAL_STEPS = ("sgd", "adamw", "sam", "entropy-sgd", "lars")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(kw_only=True)
@@ -112,6 +113,8 @@ class TrainConfig:
     """momentum delta of the local step, Nesterov (unset: 0.9 for eamsgd, 0 for the other methods)"""
     weight_decay: float = 0.0
     """L2 weight decay of the local step"""
+    precision: str = "fp32"
+    """fp32, or bf16: forward pass and loss under bfloat16 autocast (parameters, gradients, exchanges and the center stay float32)"""
     diverge_factor: float = 10.0
     """asynchronous methods: a worker whose training loss is NaN/Inf, or above this many times its first loss for 3 steps in a row or on average since its last exchange, or whose parameters are not finite, is reset to the center (nothing of it is mixed in); the first loss survives a resume"""
     max_resets: int = 3
@@ -143,6 +146,7 @@ class TrainConfig:
             raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _choice("train.precision", self.precision, PRECISIONS)
         if not self.diverge_factor > 1:
             raise ConfigError(f"train.diverge_factor must be > 1, got {self.diverge_factor}")
         _at_least("train.max_resets", self.max_resets, 0)

@@ -86,13 +86,11 @@ def sam_perturbation(grad: torch.Tensor, rho: float, eps: float = 1e-12) -> torc
 def lars_trust_ratios(params: torch.Tensor, grad: torch.Tensor, layers: list[tuple[int, int]], *,
                       eta: float = 1e-3, weight_decay: float = 0.0, eps: float = 1e-12) -> torch.Tensor:
     """LARS (You et al. 2017): per-layer local learning rates eta ||x|| / (||g|| + wd ||x||);
-    1 where a layer's weights or gradient are zero."""
-    ratios = torch.ones(len(layers), dtype=params.dtype)
-    for l, (lo, hi) in enumerate(layers):
-        w, g = params[lo:hi].norm(), grad[lo:hi].norm()
-        if w > eps and g > eps:
-            ratios[l] = eta * w / (g + weight_decay * w)
-    return ratios
+    1 where a layer's weights or gradient are zero. Tensor ops only, on the parameters' device:
+    a comparison or .item() on a norm would wait for the GPU twice per layer per step."""
+    w = torch.stack([params[lo:hi].norm() for lo, hi in layers])
+    g = torch.stack([grad[lo:hi].norm() for lo, hi in layers])
+    return torch.where((w > eps) & (g > eps), eta * w / (g + weight_decay * w), torch.ones_like(w))
 
 
 class LARSStep:
@@ -113,7 +111,7 @@ class LARSStep:
         ratios = lars_trust_ratios(params, grad, self.layers, eta=self.eta, weight_decay=self.weight_decay)
         if self.weight_decay:
             grad.add_(params, alpha=self.weight_decay)
-        for (lo, hi), ratio in zip(self.layers, ratios.tolist()):
+        for (lo, hi), ratio in zip(self.layers, ratios):  # 0-d tensors: no host sync
             grad[lo:hi].mul_(ratio)
         self.sgd.step(params, grad, lr)
 
@@ -134,16 +132,36 @@ class EntropySGD:
         x <- x - lr gamma (x - mu)
 
     gamma grows each outer step ("scoping"): gamma_t = gamma0 (1 + gamma1)^t.
+
+    The noise comes from a generator on the parameters' device (`device`, or the first tensor
+    `gradient` gets): torch.randn cannot draw with a CPU generator into a CUDA tensor. The same
+    seed on a GPU gives other numbers than on the CPU (another generator algorithm).
     """
 
     def __init__(self, *, langevin_steps: int = 5, langevin_lr: float = 0.1, gamma0: float = 0.03,
-                 gamma1: float = 1e-3, noise: float = 1e-4, alpha: float = 0.75, seed: int = 0):
+                 gamma1: float = 1e-3, noise: float = 1e-4, alpha: float = 0.75, seed: int = 0,
+                 device: torch.device | str | None = None):
         if langevin_steps < 1:
             raise ValueError(f"Entropy-SGD needs at least one Langevin step, got {langevin_steps}")
         self.L, self.eta, self.gamma0, self.gamma1 = langevin_steps, langevin_lr, gamma0, gamma1
         self.noise, self.alpha = noise, alpha
         self.t = 0
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.gen: torch.Generator | None = None
+        self._saved: dict | None = None  # a loaded generator state, for a generator not made yet
+        self.device = None if device is None else torch.device(device)
+        if self.device is not None:
+            self._generator(self.device)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.gen is None:
+            self.gen = torch.Generator(device=device).manual_seed(self.seed)
+            # a state saved on another kind of device does not fit this generator (a CPU state is
+            # 5056 bytes, a CUDA one a seed and an offset); its numbers differed anyway: seed it
+            if self._saved is not None and self._saved["device"] == device.type:
+                self.gen.set_state(self._saved["gen"].cpu())  # a loader may have mapped it to the GPU
+            self._saved = None
+        return self.gen
 
     @property
     def gamma(self) -> float:
@@ -159,7 +177,8 @@ class EntropySGD:
             g = grad_at(x_prime) - gamma * (params - x_prime)
             x_prime.sub_(g, alpha=self.eta)
             if self.noise:
-                x_prime.add_(torch.randn(x_prime.shape, generator=self.gen, dtype=x_prime.dtype),
+                x_prime.add_(torch.randn(x_prime.shape, generator=self._generator(x_prime.device),
+                                         dtype=x_prime.dtype, device=x_prime.device),
                              alpha=(self.eta ** 0.5) * self.noise)
             mu.mul_(1 - self.alpha).add_(x_prime, alpha=self.alpha)
         self.t += 1
@@ -168,3 +187,17 @@ class EntropySGD:
     def step(self, params: torch.Tensor, grad_at, lr: float) -> None:
         """The plain outer step x <- x - lr gamma (x - mu)."""
         params.sub_(self.gradient(params, grad_at), alpha=lr)
+
+    def state_dict(self) -> dict:
+        """The scoping step t and the noise generator's state: Generator.get_state gives a CPU
+        ByteTensor whatever the generator's device (and set_state takes only that)."""
+        if self.gen is None:
+            return {"t": self.t, "generator": self._saved}
+        return {"t": self.t, "generator": {"device": self.gen.device.type, "gen": self.gen.get_state()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = int(state["t"])
+        # made again at the next draw, from the seed or the saved state (None: none drawn yet)
+        self.gen, self._saved = None, state.get("generator")
+        if self.device is not None:
+            self._generator(self.device)

@@ -5,6 +5,7 @@ center, an allreduce of gradients or of parameters)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -37,7 +38,7 @@ def _loss(module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
 class LocalTrainer:
     def __init__(self, cfg: Config, worker_id: int, flat: FlatModel, data: dict):
         self.cfg, self.worker_id, self.flat = cfg, worker_id, flat
-        device = flat.params.device  # the worker's GPU, when it has one
+        self.device = device = flat.params.device  # the worker's GPU, when it has one
         self.x = torch.from_numpy(data["x_train"]).to(device)
         self.y = torch.from_numpy(data["y_train"]).to(device)
         n = len(self.x)
@@ -52,7 +53,8 @@ class LocalTrainer:
         self.perm = None
         t = cfg.train
         self.entropy = EntropySGD(langevin_steps=t.langevin_steps, langevin_lr=t.langevin_lr, gamma0=t.gamma0,
-                                  gamma1=t.gamma1, noise=t.langevin_noise, seed=cfg.run.seed * 7919 + worker_id) \
+                                  gamma1=t.gamma1, noise=t.langevin_noise, seed=cfg.run.seed * 7919 + worker_id,
+                                  device=device) \
             if t.local == "entropy-sgd" else None
         self.step_index = 0  # the local step whose gradient flat.grads holds
         # LGRAWA reports per-layer gradient norms: taken at the same steps as the worker's
@@ -70,23 +72,32 @@ class LocalTrainer:
         self.step_index = step
         i = step % self.steps_per_epoch
         if i == 0 or self.perm is None:
-            self.perm = torch.randperm(len(self.x), generator=self.gen)
+            # drawn on the CPU (the same data order on any device) and moved once per epoch: a CPU
+            # index into GPU data is copied over, and the GPU waited for, at every use
+            self.perm = torch.randperm(len(self.x), generator=self.gen).to(self.device)
         idx = self.perm[i * self.batch:(i + 1) * self.batch]
         xb, yb = self.x[idx], self.y[idx]
-        value = self._backward(xb, yb, step)
+        # the one host sync of a step: the divergence guard needs the loss at the current
+        # parameters; the other backward passes below keep their losses on the device (a NaN
+        # there makes NaN parameters, which the worker checks before every exchange)
+        value = self._backward(xb, yb).item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"worker {self.worker_id}: training loss is {value} at local step "
+                                     f"{step}; lower train.lr (now {self.cfg.train.lr})")
         params, grads = self.flat.params, self.flat.grads
         if self.cfg.train.local == "sam":  # Foret et al. 2021: descend with the gradient at x + e
             e = sam_perturbation(grads, self.cfg.train.sam_rho)
             params.add_(e)
-            self._backward(xb, yb, step)
+            self._backward(xb, yb)
             params.sub_(e)
         elif self.entropy is not None:
             x = params.clone()
 
             def grad_at(point):  # a fresh minibatch per Langevin step, as in Chaudhari et al.
                 params.copy_(point)
-                j = torch.randint(len(self.x), (self.batch,), generator=self.gen)
-                self._backward(self.x[j], self.y[j], step)
+                # from the CPU generator, as the epoch's order; non_blocking: no wait for the GPU
+                j = torch.randint(len(self.x), (self.batch,), generator=self.gen).to(self.device, non_blocking=True)
+                self._backward(self.x[j], self.y[j])
                 return grads.clone()
 
             g = self.entropy.gradient(x, grad_at)
@@ -105,18 +116,25 @@ class LocalTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.run.seed)
             model = build_model(cfg.model.name, cfg.model.kwargs).to(self.x.device)
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():  # in the precision the training losses have
             return float(_loss(model, self.x[:self.batch], self.y[:self.batch]))
 
-    def _backward(self, xb: torch.Tensor, yb: torch.Tensor, step: int) -> float:
-        loss = _loss(self.module, xb, yb)
+    def _autocast(self):
+        """train.precision bf16: the forward pass and the loss in bfloat16 where autocast deems
+        it safe (matmuls, convolutions; cross-entropy runs in float32). Parameters, gradients
+        and so everything exchanged stay float32: autocast casts copies, and the gradients of
+        those copies accumulate into the float32 flat buffer."""
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _backward(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """Gradient of the minibatch loss into flat.grads; returns the loss, on the device."""
+        with self._autocast():
+            loss = _loss(self.module, xb, yb)
         self.flat.zero_grad()
-        loss.backward()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"worker {self.worker_id}: training loss is {value} at local step "
-                                     f"{step}; lower train.lr (now {self.cfg.train.lr})")
-        return value
+        loss.backward()  # outside autocast, as torch recommends: the backward ops follow the forward's dtypes
+        return loss.detach()
 
     def apply(self, lr: float) -> None:
         """The local step with the gradient in flat.grads."""
@@ -131,11 +149,20 @@ class LocalTrainer:
 
     def state_dict(self) -> dict:
         """What a resumed worker needs to go on exactly: local step state and data order."""
-        return {"local": self.local.state_dict(), "gen": self.gen.get_state(), "perm": self.perm,
-                "torch_rng": torch.get_rng_state()}
+        state = {"local": self.local.state_dict(), "gen": self.gen.get_state(), "perm": self.perm,
+                 "torch_rng": torch.get_rng_state()}
+        if self.entropy is not None:  # its scope gamma_t and Langevin noise
+            state["entropy"] = self.entropy.state_dict()
+        if self.device.type == "cuda":  # a model's own randomness (dropout) draws from the GPU's generator
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.local.load_state_dict(state["local"])
         self.gen.set_state(state["gen"])
-        self.perm = state["perm"]
+        self.perm = None if state["perm"] is None else state["perm"].to(self.device)
         torch.set_rng_state(state["torch_rng"])
+        if self.entropy is not None and "entropy" in state:  # (states saved before it have none)
+            self.entropy.load_state_dict(state["entropy"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)

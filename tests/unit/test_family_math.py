@@ -143,6 +143,41 @@ def test_entropy_sgd_matches_a_numpy_reference_without_noise():
     assert np.linalg.norm(x.numpy()) < np.linalg.norm(x0)  # moved toward the minimum at 0
 
 
+def test_entropy_sgd_noise_generator_is_made_on_the_parameters_device_and_saved():
+    def noisy(**kw):
+        return EntropySGD(langevin_steps=2, noise=0.5, seed=11, **kw)
+
+    def run(opt, steps=2):
+        x = torch.zeros(5)
+        for _ in range(steps):
+            opt.step(x, torch.zeros_like, lr=1.0)
+        return x
+
+    lazy, eager = noisy(), noisy(device="cpu")
+    assert lazy.gen is None and eager.gen.device.type == "cpu"
+    assert torch.equal(run(lazy), run(eager))  # the same seed either way
+    assert lazy.gen.device == torch.device("cpu")
+    # the noise is the seeded stream of a plain CPU generator, as before generators followed the device:
+    # one Langevin step from 0 with zero gradient gives x' = sqrt(eta') eps N, mu = alpha x'
+    one = EntropySGD(langevin_steps=1, noise=0.5, seed=11)
+    x_prime = 0.1 ** 0.5 * 0.5 * torch.randn(5, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(one.gradient(torch.zeros(5), torch.zeros_like), -one.gamma0 * 0.75 * x_prime)
+    # a saved state goes on where it stopped: the generator's state is a CPU ByteTensor
+    state = lazy.state_dict()
+    assert state["t"] == 2 and state["generator"]["gen"].device.type == "cpu"
+    assert state["generator"]["gen"].dtype == torch.uint8 and state["generator"]["device"] == "cpu"
+    after = run(lazy)
+    for resumed in (noisy(), noisy(device="cpu")):  # made later, or now
+        resumed.load_state_dict(state)
+        assert resumed.t == 2 and torch.equal(run(resumed), after)
+    # a state from another kind of device does not fit this generator: it starts from the seed
+    fresh = noisy()
+    fresh.load_state_dict({"t": 2, "generator": {"device": "cuda", "gen": torch.zeros(16, dtype=torch.uint8)}})
+    seeded = noisy()
+    seeded.t = 2
+    assert torch.equal(run(fresh), run(seeded)) and fresh.t == 4
+
+
 def test_two_level_lsgd_target_applies_both_pulls():
     from hpcopt.optim.lsgd import group_leader, pull_target
 

@@ -110,6 +110,52 @@ def test_lars_trust_ratio_makes_the_step_scale_free():
     torch.testing.assert_close(outs[0], outs[1])
 
 
+def test_lars_step_needs_no_host_sync():
+    """Meta tensors have no values: any .item(), float() or comparison on a norm fails on them,
+    as it would make a GPU step wait twice per layer."""
+    from hpcopt.optim.local import LARSStep
+
+    x, g = torch.randn(20, device="meta"), torch.randn(20, device="meta")
+    LARSStep(x, [(0, 7), (7, 20)], eta=0.1, momentum=0.9, weight_decay=0.1).step(x, g, 0.1)
+
+
+@pytest.mark.parametrize("local", ["sgd", "adamw", "sam", "lars", "entropy-sgd"])
+def test_a_local_step_reads_one_value_from_the_device(monkeypatch, local):
+    """The loss the divergence guard needs is the one host sync of a step (a GPU waits for it)."""
+    t, _ = trainer(local=local, langevin_steps=3, momentum=0.9)
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name: reads.append(_n) or _f(self, *a))
+    for step in range(3):
+        t.gradient(step)
+        t.apply(0.1)
+    assert reads == ["item"] * 3
+
+
+def test_entropy_sgd_trainer_resumes_exactly():
+    """The scope gamma_t and the Langevin noise generator are part of a worker's saved state."""
+    noisy = {"local": "entropy-sgd", "langevin_steps": 2, "langevin_noise": 0.1, "gamma1": 0.5}
+    t, flat = trainer(**noisy)
+    for step in range(6):
+        t.gradient(step)
+        t.apply(0.1)
+    whole = flat.params.clone()
+    t, flat = trainer(**noisy)
+    for step in range(3):
+        t.gradient(step)
+        t.apply(0.1)
+    state, params = t.state_dict(), flat.params.clone()
+    t, flat = trainer(**noisy)
+    flat.params.copy_(params)
+    t.load_state_dict(state)
+    assert t.entropy.t == 3
+    for step in range(3, 6):
+        t.gradient(step)
+        t.apply(0.1)
+    assert torch.equal(flat.params, whole)
+
+
 def test_divergence_guard_ignores_spikes_and_catches_explosions():
     """Issue 12, item 16: a resumed (low) reference plus the ordinary spikes of a constant-lr run
     must not count as divergence; a sustained or mean excess, or NaN, must."""
