@@ -157,6 +157,13 @@ def _cmd_join(args) -> int:
             return 2
         from pathlib import Path
 
+        from hpcopt.comm.joins import not_running
+        from hpcopt.io.rundir import RunDir
+
+        why = not_running(RunDir(args.run))  # before mpirun starts N ranks only to find it out
+        if why is not None:
+            print(f"hpcopt join: error: {why}", file=sys.stderr)
+            return 2
         if args.token:  # to the ranks through the environment: a command line is public (ps)
             os.environ["HPCOPT_JOIN_TOKEN"] = args.token
         return launch(args.np, ["join", args.run], Path(args.run), own_server=False)
@@ -224,6 +231,19 @@ def _exit_without_fence(code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # short output is still in the buffer: a closed pipe shows here
+        return code
+    except BrokenPipeError:
+        # The reader of our stdout is gone (`hpcopt inspect RUN | head -1`): nobody wants the rest,
+        # so no traceback. Point stdout at /dev/null so the flush at exit does not fail again, and
+        # exit as a tool killed by SIGPIPE shows in the shell (128 + 13): the output was cut short.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="hpcopt", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Asynchronous elastic-averaging training (EASGD/EAMSGD) under MPI, with the\n"

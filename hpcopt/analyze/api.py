@@ -158,11 +158,13 @@ class _Session:
                 bar.update(len(res))
 
             t0, c0 = time.perf_counter(), time.process_time()
-            par.run_queue(self.comm, todo, compute, timeout=self.opts.timeout,
-                          on_results=on_results if self.rank == 0 else None, stop=self.stop)
+            try:
+                par.run_queue(self.comm, todo, compute, timeout=self.opts.timeout,
+                              on_results=on_results if self.rank == 0 else None, stop=self.stop)
+            finally:
+                bar.close()  # also on Ctrl-C: the bar's line ends before "interrupted" is said
             seconds = time.perf_counter() - t0
             cpu = par.allreduce_sum(self.comm, np.array([time.process_time() - c0]), self.opts.timeout)
-            bar.close()
             if self.rank == 0:  # what this (last) pass over the grid took, for benchmarks
                 grid.g.attrs["seconds"] = seconds
                 grid.g.attrs["cpu_seconds"] = float(cpu[0])  # summed over ranks

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from .options import PARTS, AnalyzeOptions
 
 EXIT_INCOMPLETE = 3  # stopped by --max-points / --time-limit; run again to resume
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as the shell reports a command it interrupted
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -27,8 +29,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "over the ranks). An interrupted analysis resumes where it stopped.\n\n"
                     "  mpirun -n 4 hpcopt analyze runs/demo/trajectory.h5\n"
                     "  hpcopt analyze runs/a --compare runs/b --out compare",
-        epilog=f"Exit status: 0 done, 2 bad input, {EXIT_INCOMPLETE} stopped early (--max-points/--time-limit): "
-               "run the same command again to resume. See docs/analyze.md.")
+        epilog=f"Exit status: 0 done, 2 bad input, {EXIT_INCOMPLETE} stopped early (--max-points/--time-limit), "
+               f"{EXIT_INTERRUPTED} interrupted (Ctrl-C): run the same command again to resume. See docs/analyze.md.")
     p.add_argument("files", nargs="+", metavar="FILE", help="trajectory file(s) or run directories")
     p.add_argument("--compare", nargs="+", metavar="FILE", default=[],
                    help="more runs to put side by side with FILE (each is analysed into its own RUN_DIR/analysis)")
@@ -61,6 +63,28 @@ def options_from(args) -> AnalyzeOptions:
 
 def run(args) -> int:
     """`hpcopt analyze`: collective over MPI.COMM_WORLD when launched under mpirun."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    """Ctrl-C is how one stops an analysis that takes too long, not an error: every point done so far
+    is in analysis.h5 already (store.py), so one line instead of a traceback and an MPI_Abort."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    world = MPI.COMM_WORLD if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized() else None
+    if world is None or world.rank == 0:
+        print("hpcopt analyze: interrupted; run the same command again to resume", file=sys.stderr, flush=True)
+    if world is not None and world.size > 1:
+        # not through MPI_Finalize: it would wait for ranks that were not interrupted (they wait for
+        # this one until --timeout); an exit without it makes mpirun end the job now, with this status
+        sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
+
+
+def _run(args) -> int:
     import mpi4py
 
     mpi4py.rc.thread_level = "funneled"

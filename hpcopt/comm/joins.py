@@ -232,16 +232,41 @@ class JoinRefused(RuntimeError):
     pass
 
 
+def not_running(run: RunDir, stale_seconds: float = float("inf")) -> str | None:
+    """Why no training in `run` can answer a join (None: one may): the directory is missing or no
+    run's, status.json says the run ended, or its lock is stale (server 0's process is gone, or on
+    another host nobody refreshed it for `stale_seconds`). A join would otherwise wait comm.timeout."""
+    if not run.path.is_dir():
+        return f"the run directory {run.path} does not exist"
+    if not run.config.exists():
+        return f"{run.path} is not a run directory (no config.toml)"
+    resume = f"; continue it with `hpcopt train -n N --resume {run.path}`, then join it"
+    try:
+        state = read_json(run.status).get("state")
+    except (OSError, ValueError, AttributeError):
+        state = None  # not written yet (a training that is starting), or unreadable: not ours to judge
+    if state == "complete":
+        return f"the run in {run.path} is complete: there is nothing to join"
+    if state not in (None, "running"):
+        return f"the run in {run.path} is {state}, not running{resume}"
+    # server 0 holds the lock while it trains (refreshed at every flush); a killed one leaves it behind
+    stale = run._stale(stale_seconds) if run.lock_file.exists() else None
+    if stale is not None:
+        return f"the run in {run.path} is not running: its lock is stale ({stale}){resume}"
+    return None
+
+
 def request_join(run: RunDir, *, token: str, hosts: list[str], pids: list[int], n_params: int,
-                 timeout: float) -> dict:
+                 timeout: float, stale_seconds: float = float("inf")) -> dict:
     """Joiner's rank 0: ask the run to take len(hosts) workers; returns the servers' answer
-    (first worker id, start step) and their ports, or raises JoinRefused."""
+    (first worker id, start step) and their ports, or raises JoinRefused, at once when the run
+    is not running (`not_running`)."""
+    why = not_running(run, stale_seconds)
+    if why is not None:
+        raise JoinRefused(why)
     if not run.join_info.exists():
         raise JoinRefused(f"{run.path} accepts no joins: the training was started without an "
                           f"ompi-server (start it with `hpcopt train -n N ...`, which sets one up)")
-    status = read_json(run.status) if run.status.exists() else {}
-    if status.get("state") in ("complete", "stopped", "stopping"):
-        raise JoinRefused(f"the run in {run.path} is {status['state']}")
     servers = int(read_json(run.join_info)["servers"])
     from hpcopt import __version__
 
@@ -252,6 +277,7 @@ def request_join(run: RunDir, *, token: str, hosts: list[str], pids: list[int], 
     write_atomic(run.joins / f"{rid}.req", json.dumps(request) + "\n", mode=0o600)
     deadline = time.monotonic() + timeout
     ok, refused = run.joins / f"{rid}.ok", run.joins / f"{rid}.refused"
+    checked = time.monotonic()
     while time.monotonic() < deadline:
         if refused.exists():
             raise JoinRefused(f"the run refused the join: {read_json(refused)['reason']}")
@@ -260,6 +286,11 @@ def request_join(run: RunDir, *, token: str, hosts: list[str], pids: list[int], 
             answer = read_json(ok)
             answer["ports"], answer["request"] = [p.read_text().strip() for p in ports], rid
             return answer
+        if time.monotonic() - checked > 1.0:  # the training may die while we wait for its answer
+            checked = time.monotonic()
+            why = not_running(run, stale_seconds)
+            if why is not None:
+                raise JoinRefused(why)
         time.sleep(0.05)
     raise JoinRefused(f"no answer from the run in {run.path} within {timeout:g} s: is it still running? "
                       f"(hpcopt status {run.path})")

@@ -36,6 +36,25 @@ def _mpirun() -> str:
     return exe
 
 
+def _die_with_parent():
+    """For Popen's preexec_fn: the child gets SIGTERM when this process dies, also by SIGKILL,
+    which no handler or `finally` of ours sees (Linux's PR_SET_PDEATHSIG; elsewhere nothing). An
+    ompi-server or mpirun left behind would serve, or train, for nobody."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    parent = os.getpid()
+
+    def arm():  # runs in the child, between fork and exec (the setting survives the exec)
+        libc.prctl(1, ctypes.c_ulong(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before that: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 def start_ompi_server(run_dir: Path, timeout: float = 30.0) -> subprocess.Popen | None:
     """Start an ompi-server whose URI goes to RUN/ompi-server.uri, unless one answers there."""
     uri = run_dir / "ompi-server.uri"
@@ -47,7 +66,7 @@ def start_ompi_server(run_dir: Path, timeout: float = 30.0) -> subprocess.Popen 
         return None
     log = open(run_dir / "ompi-server.log", "ab")
     proc = subprocess.Popen([exe, "--no-daemonize", "-r", str(uri)], stdout=log, stderr=log,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent())
     deadline = time.monotonic() + timeout
     while not (uri.exists() and uri.stat().st_size > 0):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -60,7 +79,8 @@ def start_ompi_server(run_dir: Path, timeout: float = 30.0) -> subprocess.Popen 
 def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
            mpirun_args: list[str] | None = None) -> int:
     """Run `mpirun -n N python -m hpcopt ARGS` with the run's rendezvous; returns its exit code."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if own_server:  # (a join only goes to a run directory that is there)
+        run_dir.mkdir(parents=True, exist_ok=True)
     server = start_ompi_server(run_dir) if own_server else None
     uri = run_dir / "ompi-server.uri"
     if not own_server and not uri.exists():
@@ -84,7 +104,7 @@ def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
     cmd = [_mpirun(), "--oversubscribe", "-n", str(n), *(mpirun_args or []),
            sys.executable, "-m", "hpcopt", *hpcopt_args]
     print("hpcopt: " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent())  # SIGTERM: mpirun ends every rank
     signals = {"n": 0}
 
     def forward(signum, frame):

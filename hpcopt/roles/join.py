@@ -17,7 +17,7 @@ import torch
 from hpcopt.io.rundir import RunDir, read_json
 from hpcopt.launch.env import Environment
 from hpcopt.models import FlatModel, build_model
-from hpcopt.roles.train import UsageError, _chunk, _layer_norms, _load_data, _on_root, log_all
+from hpcopt.roles.train import UsageError, _chunk, _layer_norms, _load_data, _on_root, _stale_seconds, log_all
 from hpcopt.roles.worker import WorkerSummary, on_device, run_worker
 
 
@@ -28,7 +28,7 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
     from hpcopt import config as C
     from hpcopt.comm import protocol as P
     from hpcopt.comm.client import CenterClient
-    from hpcopt.comm.joins import JoinRefused, connect, joins_possible, request_join
+    from hpcopt.comm.joins import JoinRefused, connect, joins_possible, not_running, request_join
     from hpcopt.comm.protocol import shard_bounds
     from hpcopt.launch.env import install_abort_on_error
 
@@ -37,8 +37,9 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
     env = Environment.from_mpi(world)
 
     def load_cfg():
-        if not run.config.exists():
-            raise UsageError(f"{run.path} is not a run directory (no config.toml)")
+        why = not_running(run)  # first: a missing or dead run is the problem, not how this job was started
+        if why is not None:
+            raise UsageError(why)
         if not joins_possible():
             raise UsageError(
                 "this job cannot connect to the training: it was started without the run's ompi-server. "
@@ -60,7 +61,7 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
     def ask():
         try:
             return request_join(run, token=token or run.read_token(), hosts=hosts, pids=pids,
-                                n_params=flat.numel, timeout=cfg.comm.timeout)
+                                n_params=flat.numel, timeout=cfg.comm.timeout, stale_seconds=_stale_seconds(cfg))
         except JoinRefused as e:
             raise UsageError(str(e)) from None
 

@@ -1,0 +1,156 @@
+"""Failure paths of the `hpcopt` command with real processes, pipes and signals: a closed stdout,
+Ctrl-C during an analysis, joins to a run that is missing or dead, and a launcher killed with -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+from conftest import hpcopt, mpi_env, mpirun
+from test_elastic import QUAD, launch, status, wait_for
+
+pytestmark = pytest.mark.mpi
+
+
+def _pids(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
+
+
+def _kill_run(run: Path) -> None:
+    """SIGKILL every process that names the run directory (launcher, ompi-server, mpirun, ranks:
+    the ranks and the ompi-server are in sessions of their own, so a killpg misses them)."""
+    for pid in _pids(str(run)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A small finished run of the quadratic plugin."""
+    run = tmp_path_factory.mktemp("fp") / "run"
+    mpirun(3, "train", "--out", str(run), *QUAD, "--train.epochs", "1")
+    return run
+
+
+@pytest.mark.parametrize("args", [["inspect", "{run}"], ["inspect", "--json", "{run}"], ["status", "{run}"],
+                                  ["analyze", "{run}", "--out", "{out}", "--grid", "2x2", "--line-points", "2",
+                                   "--skip", "pca,interpolation,hessian,sharpness", "--no-report"]])
+def test_a_closed_stdout_ends_a_command_quietly(trained, tmp_path, args):
+    """`hpcopt inspect RUN | head -1`: the reader is gone before the command writes. (The read end
+    is closed before the command starts, so every write fails, whatever the output's size; a real
+    `head` races with the writer.)"""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "hpcopt", *[a.format(run=trained, out=tmp_path / "a") for a in args]],
+                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=120, env=mpi_env())
+    finally:
+        os.close(w)
+    assert p.returncode == 141, p.stderr  # 128 + SIGPIPE, what the shell shows for a tool ended by it
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
+
+
+def _wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    wait_for(repr(text), lambda: text in path.read_text(errors="replace"), proc, timeout=timeout, log=path)
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_ctrl_c_ends_an_analysis_with_one_line_and_130(trained, tmp_path, ranks):
+    """A plain `hpcopt analyze` (ranks=0), and `mpirun -n 2 hpcopt analyze` whose ranks all get
+    the SIGINT (as from a terminal's Ctrl-C to the job, or srun's)."""
+    out = tmp_path / "a"
+    cmd = [sys.executable, "-m", "hpcopt", "analyze", str(trained), "--out", str(out), "--grid", "1000x1000",
+           "--skip", "trajectory,pca,interpolation,hessian,sharpness", "--no-report", "--progress"]
+    if ranks:
+        cmd = ["mpirun", "-n", str(ranks), *cmd]
+    log = tmp_path / "analyze.err"
+    # SIGINT as from a terminal: not ignored, whatever this process inherited
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=mpi_env(),
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        _wait_for_text(log, "random_2d", proc)  # the progress bar of the long grid: it is computing
+        time.sleep(1)
+        for pid in [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()] if ranks else [proc.pid]:
+            os.kill(pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_run(out)
+    err = log.read_text(errors="replace")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "MPI_ABORT" not in err, err
+    assert err.count("hpcopt analyze: interrupted") == 1, err
+    with h5py.File(out / "analysis.h5", "r") as f:  # what was done is kept: the same command resumes
+        assert f["grids/random_1d/done"][...].all()
+
+
+def test_join_of_a_missing_or_non_run_directory_says_so(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for args in (["-n", "1"], []):
+        p = hpcopt("join", str(tmp_path / "nope"), *args, timeout=60)
+        assert p.returncode == 2 and "does not exist" in p.stderr and "ompi-server" not in p.stderr, p.stderr
+        p = hpcopt("join", str(tmp_path / "empty"), *args, timeout=60)
+        assert p.returncode == 2 and "is not a run directory" in p.stderr and "ompi-server" not in p.stderr, p.stderr
+    assert not (tmp_path / "nope").exists()  # nothing is created for a join
+
+
+def test_join_of_a_dead_run_is_refused_at_once(tmp_path):
+    """The whole job SIGKILLed: status.json still says running, the lock names a gone pid. A join
+    must not wait comm.timeout (120 s) for an answer nobody will write."""
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "3", "--out", str(run), "--train.epochs", "100000", *QUAD, log=log)
+    try:
+        wait_for("exchanges", lambda: status(run).get("exchanges", 0) > 20, proc, log=log)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        _kill_run(run)
+    assert status(run)["state"] == "running" and (run / "lock").exists()
+    try:
+        for args in (["-n", "1"], []):
+            t0 = time.monotonic()
+            p = hpcopt("join", str(run), *args, timeout=60)
+            text = p.stdout + p.stderr
+            assert p.returncode == 2 and "is not running" in text and f"--resume {run}" in text, text
+            assert time.monotonic() - t0 < 30
+        # a run that ended (status.json says so) is refused the same way
+        (run / "status.json").write_text(json.dumps({**status(run), "state": "stopped"}))
+        p = hpcopt("join", str(run), "-n", "1", timeout=60)
+        assert p.returncode == 2 and "is stopped" in p.stderr and f"--resume {run}" in p.stderr, p.stderr
+    finally:
+        _kill_run(run)
+
+
+def test_a_killed_launcher_takes_its_ompi_server_and_job_along(tmp_path):
+    """kill -9 of `hpcopt train -n 3` leaves no process of the run behind: not its ompi-server, nor
+    mpirun and the ranks, which would train on unwatched."""
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "3", "--out", str(run), "--train.epochs", "100000", *QUAD, log=log)
+    try:
+        wait_for("exchanges", lambda: status(run).get("exchanges", 0) > 20, proc, log=log)
+        assert _pids(f"ompi-server.*{run}") and _pids(f"mpirun.*{run}")
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher alone
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _pids(str(run)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = subprocess.run(["pgrep", "-af", str(run)], capture_output=True, text=True).stdout
+        assert not _pids(f"ompi-server.*{run}"), left
+        assert not _pids(str(run)), left
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_run(run)
