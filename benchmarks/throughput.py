@@ -24,7 +24,7 @@ from hpcopt import config as C  # noqa: E402
 from hpcopt.comm.wait import wait_all  # noqa: E402
 from hpcopt.data import load_data  # noqa: E402
 from hpcopt.models import FlatModel, build_model  # noqa: E402
-from hpcopt.roles.worker import run_worker  # noqa: E402
+from hpcopt.roles.worker import prepare, run_worker  # noqa: E402
 from hpcopt.roles.train import train  # noqa: E402
 
 
@@ -55,7 +55,8 @@ def alone(cfg, comm, data):
     if comm.rank == 1:
         torch.manual_seed(cfg.run.seed)
         flat = FlatModel(build_model(cfg.model.name))
-        result = run_worker(cfg, 0, flat, data, NoCommunication(flat.params), time.monotonic())
+        ready = prepare(cfg, 0, flat, data)
+        result = run_worker(cfg, 0, ready, NoCommunication(ready.mirror.host), time.monotonic())
     wait_all([comm.Ibarrier()], 600, "the other rank to finish its solo training")
     return comm.bcast(result, root=1)
 

@@ -102,7 +102,7 @@ def save_worker_state(path, *, step: int, exchange: int, params, trainer_state: 
 
     from .rundir import write_atomic
 
-    state = {"step": step, "exchange": exchange, "params": params.clone(), "trainer": trainer_state,
+    state = {"step": step, "exchange": exchange, "params": params.detach().cpu().clone(), "trainer": trainer_state,
              "n_parameters": params.numel()}
     state["sha256"] = _digest(state)  # torch.load checks no checksum: a flipped bit would load
     buf = io.BytesIO()
@@ -145,7 +145,9 @@ def load_worker_state(path, n_parameters: int, log=print) -> dict | None:
     import torch
 
     try:
-        state = torch.load(path, weights_only=True)  # tensors and plain values: never pickled code
+        # tensors and plain values, never pickled code; onto the CPU whatever GPU saved them (the
+        # resumed worker may have another, or none): the trainer moves them to its device
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         return None
     except Exception as e:  # a corrupt state is not fatal: the worker starts from the center

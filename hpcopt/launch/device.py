@@ -1,14 +1,15 @@
 """Which device a rank computes on, and how its parameters travel between that device and MPI.
 
 A worker takes the GPU of its node-local rank, among the GPUs it may see (CUDA_VISIBLE_DEVICES, as
-Slurm's --gpus-per-node / --gpu-bind or the user set it); servers stay on the CPU unless asked.
-Unless the MPI library is CUDA-aware, parameters are staged through a pinned host buffer for
-every exchange (MPI then never sees a GPU pointer).
+Slurm's --gpus-per-node / --gpus-per-task / --gpu-bind or the user set it); servers stay on the CPU
+unless asked. The center lives in the servers' host memory, so a GPU worker's parameters are
+staged through pinned host memory for every exchange (`HostMirror`), with asynchronous copies;
+MPI never sees a GPU pointer, CUDA-aware or not (that is reported, never claimed as used).
 
-    from hpcopt.launch.device import select_device, staging_buffer
-    choice = select_device("worker", log=print)          # e.g. device cuda:1, staging "pinned-host"
-    flat = FlatParams(model, device=choice.device)
-    host = staging_buffer(flat.params, choice)           # what the exchanges send from and receive into
+    from hpcopt.launch.device import select_device, HostMirror
+    choice = select_device("worker", node_rank=r, log=print)   # e.g. device cuda:1
+    flat = FlatModel(model, device=choice.device)
+    mirror = HostMirror(flat.params)                           # mirror.pull() -> host; mirror.push() -> GPU
 
 The pure pieces (`parse_visible_devices`, `choose_device`, `local_rank_from_env`) take plain values
 so they are tested without GPUs or MPI (tests/unit/test_device.py).
@@ -24,10 +25,12 @@ import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-# The launcher's node-local rank, most specific first. Under mpirun inside a Slurm job the ranks
-# inherit SLURM_LOCALID from the srun that started mpirun's daemon (0 for every rank of a node),
-# so the MPI launcher's own variables come first.
-LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK", "SLURM_LOCALID")
+# The launcher's node-local rank, most specific first: Open MPI, MVAPICH2, MPICH/Intel MPI (Hydra),
+# HPE's PALS (Cray PE), PMIx, Slurm. Under mpirun inside a Slurm job the ranks inherit
+# SLURM_LOCALID from the srun that started mpirun's daemon (0 for every rank of a node), so the
+# MPI launcher's own variables come first. With none of them, the node communicator decides.
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                   "PALS_LOCAL_RANKID", "PMIX_LOCAL_RANK", "SLURM_LOCALID")
 
 # HPCOPT_CUDA_AWARE_MPI=1/0 overrides the detection (e.g. for an MPI library it cannot query).
 CUDA_AWARE_OVERRIDE = "HPCOPT_CUDA_AWARE_MPI"
@@ -40,15 +43,15 @@ class DeviceChoice:
     device: str                  # "cuda:1" or "cpu" (a torch device string)
     gpu: str | None              # the GPU as CUDA_VISIBLE_DEVICES names it ("3", "GPU-<uuid>"), None on the CPU
     local_rank: int              # node-local rank the choice came from
-    local_rank_source: str       # the variable it came from, or "shared-memory split"
-    cuda_aware_mpi: bool         # MPI may be handed GPU buffers directly
-    staging: str                 # "none" (CPU), "device" (CUDA-aware MPI) or "pinned-host"
+    local_rank_source: str       # the variable it came from, or "node communicator"
+    cuda_aware_mpi: bool         # the MPI library says it accepts GPU buffers (reported, not used)
+    staging: str                 # "none" (CPU) or "pinned-host"
 
     def describe(self) -> str:
         where = "CPU" if self.gpu is None else f"{self.device} (GPU {self.gpu})"
-        how = {"none": "parameters are in host memory",
-               "device": "CUDA-aware MPI: parameters go from GPU memory directly",
-               "pinned-host": "MPI is not CUDA-aware: parameters are staged through pinned host memory"}[self.staging]
+        how = "parameters are in host memory" if self.staging == "none" else \
+            "exchanges stage the parameters through pinned host memory, where the center lives" + \
+            (" (MPI is CUDA-aware; host staging is used all the same)" if self.cuda_aware_mpi else "")
         return f"device {where}, node-local rank {self.local_rank} ({self.local_rank_source}); {how}"
 
 
@@ -148,19 +151,22 @@ def ompi_built_with_cuda() -> bool:
     return "mpi_built_with_cuda_support:value:true" in out
 
 
-def select_device(role: str, *, comm=None, environ: Mapping[str, str] | None = None,
+def select_device(role: str, *, node_rank: int | None = None, comm=None, environ: Mapping[str, str] | None = None,
                   n_gpus: int | None = None, servers_on_gpu: bool = False,
                   log: Callable[[str], None] | None = None) -> DeviceChoice:
     """Choose this rank's device. role is "worker" or "server"; servers stay on the CPU unless
-    servers_on_gpu. The local rank comes from the launcher's variables, else from a shared-memory
-    split of `comm` (then collective over comm), else 0. n_gpus defaults to torch's count. Logs one
-    line saying what it took, when log is given."""
+    servers_on_gpu. The local rank comes from the launcher's variables, else `node_rank` (this
+    rank's place in its node communicator, which training computes for every rank), else a
+    shared-memory split of `comm` (then collective over comm), else 0. n_gpus defaults to torch's
+    count. Logs one line saying what it took, when log is given."""
     if role not in ("worker", "server"):
         raise ValueError(f"role must be 'worker' or 'server', got {role!r}")
     environ = os.environ if environ is None else environ
     found = local_rank_from_env(environ)
+    if found is None and node_rank is not None:
+        found = (node_rank, "node communicator")
     if found is None and comm is not None:
-        found = (local_rank_by_split(comm), "shared-memory split")
+        found = (local_rank_by_split(comm), "node communicator")
     local_rank, source = found if found is not None else (0, "default")
     visible = parse_visible_devices(environ.get("CUDA_VISIBLE_DEVICES"))
     if role == "server" and not servers_on_gpu:
@@ -175,20 +181,51 @@ def select_device(role: str, *, comm=None, environ: Mapping[str, str] | None = N
     aware = mpi_cuda_support(environ) if on_gpu else False
     choice = DeviceChoice(device=device, gpu=gpu_id(device, visible), local_rank=local_rank,
                           local_rank_source=source, cuda_aware_mpi=aware,
-                          staging="none" if not on_gpu else ("device" if aware else "pinned-host"))
+                          staging="pinned-host" if on_gpu else "none")
     if log is not None:
         node = environ.get("SLURMD_NODENAME") or socket.gethostname()
         log(f"[hpcopt {role} on {node}] {choice.describe()}")
     return choice
 
 
-def staging_buffer(params, choice: DeviceChoice):
-    """The buffer MPI sends from and receives into for parameters living on choice.device: the
-    parameters themselves when they are on the CPU or MPI is CUDA-aware, else a pinned host copy
-    (copy to it before an exchange, back from it after; pinned memory makes both copies fast and
-    lets them run asynchronously)."""
-    import torch
+class HostMirror:
+    """A host copy of a (flat, contiguous) tensor for MPI, or the tensor itself when it is on the CPU.
 
-    if choice.staging in ("none", "device"):
-        return params
-    return torch.empty(params.numel(), dtype=params.dtype, pin_memory=torch.cuda.is_available())
+    `pull()` brings the device's values to the host and waits for them (MPI reads host memory
+    next); `push()` sends the host's values back asynchronously: the copy is queued on the current
+    stream, so the next kernels that read the tensor run after it, and the host buffer is not
+    written again before the next `pull()`, which waits for the stream. `host` may be given (e.g. a
+    shared-memory window): it is page-locked in place (cudaHostRegister) so that both copies are
+    asynchronous DMA; when that fails the copies are synchronous, and `pinned` says so."""
+
+    def __init__(self, tensor, host=None):
+        import torch
+
+        self.tensor = tensor
+        self.on_host = tensor.device.type == "cpu"
+        self.pinned = self.on_host
+        if self.on_host:
+            self.host = tensor
+            return
+        if host is None:
+            self.host = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=True)
+            self.pinned = True
+        else:
+            self.host = host
+            nbytes = host.numel() * host.element_size()
+            self.pinned = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 0) == 0
+        self.host.copy_(tensor)
+
+    def pull(self):
+        """The tensor's current values, in host memory (a CPU tensor)."""
+        if not self.on_host:
+            import torch
+
+            self.host.copy_(self.tensor, non_blocking=self.pinned)
+            torch.cuda.current_stream(self.tensor.device).synchronize()
+        return self.host
+
+    def push(self) -> None:
+        """The host's values into the tensor (ordered before the next kernels on this stream)."""
+        if not self.on_host:
+            self.tensor.copy_(self.host, non_blocking=self.pinned)

@@ -18,7 +18,7 @@ from hpcopt.io.rundir import RunDir, read_json
 from hpcopt.launch.env import Environment
 from hpcopt.models import FlatModel, build_model
 from hpcopt.roles.train import UsageError, _chunk, _layer_norms, _load_data, _on_root, _stale_seconds, log_all
-from hpcopt.roles.worker import WorkerSummary, on_device, run_worker
+from hpcopt.roles.worker import WorkerSummary, prepare, run_worker
 
 
 def join(run_path: str, *, token: str | None = None, overrides: dict | None = None, log=print) -> WorkerSummary:
@@ -70,18 +70,19 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
     links = [(connect(world, port if world.rank == 0 else None, cfg.comm.timeout), 0) for port in answer["ports"]]
     bounds = shard_bounds(flat.numel, len(links))
     wid = answer["first_worker_id"] + world.rank
-    flat, host = on_device(flat, log_all)
-    client = CenterClient(links, bounds, host, chunk=_chunk(cfg), timeout=cfg.comm.timeout,
+    ready = prepare(cfg, wid, flat, data, log=log_all)
+    flat = ready.trainer.flat
+    client = CenterClient(links, bounds, ready.mirror.host, chunk=_chunk(cfg), timeout=cfg.comm.timeout,
                           layer_norms=_layer_norms(cfg, flat), leaders=cfg.run.method == "lsgd")
     status = _read_json_safe(run.status)
     start = time.monotonic() - float(status.get("elapsed_seconds", 0.0))
     install_abort_on_error(world, whole_job=False)
     client.fetch(P.make_header(P.FETCH, wid, answer["start_step"]))
-    flat.params.copy_(client.params)
+    ready.mirror.push()
     log(f"joined {run.path} as worker(s) {answer['first_worker_id']}..{answer['first_worker_id'] + world.size - 1} "
         f"with {len(links)} server(s), starting at step {answer['start_step']}: config+data {t_data - t_start:.2f} s, "
         f"handshake {t0 - t_data:.2f} s, connect+fetch {time.monotonic() - t0:.2f} s")
-    return run_worker(cfg, wid, flat, data, client, start, run=run, first_step=answer["start_step"], log=log_all)
+    return run_worker(cfg, wid, ready, client, start, run=run, first_step=answer["start_step"], log=log_all)
 
 
 def _shared_data(run: RunDir, cfg, world) -> dict:

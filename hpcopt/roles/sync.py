@@ -19,26 +19,29 @@ from mpi4py import MPI
 from hpcopt.comm.wait import wait_all
 from hpcopt.config import Config
 from hpcopt.io.recorder import Recorder
-from hpcopt.models import FlatModel
+from hpcopt.launch.device import HostMirror
 from hpcopt.optim.sync import DiLoCoOuter, local_sgd_should_average
-from hpcopt.roles.local import LocalTrainer
-from hpcopt.roles.worker import WorkerSummary
+from hpcopt.roles.worker import Prepared, WorkerSummary
 
 
-def allreduce_mean_(comm: MPI.Comm, buf: torch.Tensor, timeout: float, what: str) -> None:
-    """In place: buf <- mean of buf over `comm`; collective, with a deadline and no spinning."""
-    a = buf.numpy()
+def allreduce_mean_(comm: MPI.Comm, buf: HostMirror, timeout: float, what: str) -> None:
+    """In place: buf <- mean of buf over `comm`; collective, with a deadline and no spinning.
+    On a GPU the values go through buf's pinned host copy."""
+    a = buf.pull().numpy()
     req = comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM)
     wait_all([req], timeout, what)
     a /= comm.size
+    buf.push()
 
 
-def train_sync(cfg: Config, world: MPI.Comm, flat: FlatModel, data: dict, *, recorder: Recorder | None,
+def train_sync(cfg: Config, world: MPI.Comm, ready: Prepared, *, recorder: Recorder | None,
                log) -> tuple[WorkerSummary, int]:
-    """Collective over `world` (all ranks are workers); `recorder` on rank 0 only (a Recorder on
-    MPI.COMM_SELF). Returns this rank's summary and the number of rounds."""
+    """Collective over `world` (all ranks are workers, each on its device: `ready`); `recorder` on
+    rank 0 only (a Recorder on MPI.COMM_SELF). Returns this rank's summary and the number of rounds."""
     method, p, rank = cfg.run.method, world.size, world.rank
-    trainer = LocalTrainer(cfg, rank, flat, data)
+    trainer, host_params = ready.trainer, ready.mirror
+    flat = trainer.flat
+    host_grads = HostMirror(flat.grads) if method == "dp-sgd" else None
     total, params = trainer.total, flat.params
     H = 1 if method == "dp-sgd" else cfg.sync.period
     switch = round(cfg.sync.switch_epochs * trainer.steps_per_epoch) if method == "local-sgd" else 0
@@ -59,7 +62,7 @@ def train_sync(cfg: Config, world: MPI.Comm, flat: FlatModel, data: dict, *, rec
         loss_sum += trainer.gradient(step)
         loss_n += 1
         if method == "dp-sgd":
-            allreduce_mean_(world, flat.grads, timeout, "the gradient allreduce")
+            allreduce_mean_(world, host_grads, timeout, "the gradient allreduce")
         trainer.apply(lr)
         done = step + 1
         if method == "dp-sgd":
@@ -75,10 +78,10 @@ def train_sync(cfg: Config, world: MPI.Comm, flat: FlatModel, data: dict, *, rec
                                                  cfg.record.worker_every and rounds % cfg.record.worker_every == 0)
         if record_workers:  # the workers' own parameters, before they are averaged
             gathered = np.empty((p, params.numel()), np.float32) if rank == 0 else None
-            req = world.Igather(params.numpy(), gathered, root=0)
+            req = world.Igather(host_params.pull().numpy(), gathered, root=0)
             wait_all([req], timeout, "the workers' parameters for the trajectory")
         if method != "dp-sgd":
-            allreduce_mean_(world, params, timeout, "the parameter allreduce")
+            allreduce_mean_(world, host_params, timeout, "the parameter allreduce")
             if outer is not None:
                 outer.step(theta, params)  # outer Nesterov step on Delta = theta - mean(x_i)
                 params.copy_(theta)
@@ -88,7 +91,7 @@ def train_sync(cfg: Config, world: MPI.Comm, flat: FlatModel, data: dict, *, rec
         loss_sum, loss_n = 0.0, 0
         if rec is not None:
             _record_round(rec, rounds, done, trainer.batch, lr, losses, ring_bytes,
-                          gathered if record_workers else None, params.numpy(), final=done == total)
+                          gathered if record_workers else None, host_params.pull().numpy(), final=done == total)
     summary = WorkerSummary(worker_id=rank, steps=total, samples=total * trainer.batch, exchanges=rounds,
                             seconds=time.perf_counter() - t0, reason="finished its epochs")
     return summary, rounds

@@ -140,6 +140,7 @@ class Setup:
     start: float = 0.0  # the run's clock: time.monotonic() at its second 0
     log: object = print
     fresh_trajectory: bool = False  # a resume whose damaged file was set aside: a new one began
+    ready: object = None  # a worker (any rank of a synchronous run): hpcopt.roles.worker.Prepared
 
 
 def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) -> TrainResult:
@@ -233,6 +234,16 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
             evaluator = Evaluator(FlatModel(build_model(cfg.model.name, cfg.model.kwargs)),
                                   data["x_test"], data["y_test"])
 
+    if not is_server:  # on its device, data there, a first forward done: before the clock starts
+        from hpcopt.roles.worker import prepare
+
+        node = world.Split_type(MPI.COMM_TYPE_SHARED)  # node-local rank, for launchers that set none
+        node_rank = node.rank
+        node.Free()
+        s.ready = prepare(cfg, world.rank if cfg.synchronous else workers[world.rank], flat, data,
+                          shared=share.params, node_rank=node_rank, log=log_all)
+    else:
+        world.Split_type(MPI.COMM_TYPE_SHARED).Free()  # collective over world
     # everyone starts the clock together; a rank that never arrives is an error, not a hang
     wait_all([world.Ibarrier()], cfg.comm.timeout, "every rank to finish setting up")
     s.start = time.monotonic() - (float(ckpt["attrs"]["time"]) if resume else 0.0)
@@ -311,7 +322,7 @@ def _train_sync(s: Setup, writer, evaluator) -> TrainResult:
         recorder = Recorder(MPI.COMM_SELF, writer, s.cfg.record, bounds=[(0, n)], start=s.start,
                             evaluator=evaluator, log=s.log, center=s.flat.params.numpy(), unit="rounds",
                             label="average", lock=s.run)
-    worker, rounds = train_sync(s.cfg, s.world, s.flat, s.data, recorder=recorder, log=s.log)
+    worker, rounds = train_sync(s.cfg, s.world, s.ready, recorder=recorder, log=s.log)
     run = None
     if recorder is not None:
         run = RunSummary(path=s.path, synchronous=True, exchanges=rounds, wall_seconds=recorder.now(),
@@ -324,13 +335,13 @@ def _work(s: Setup) -> WorkerSummary:
     from hpcopt.comm.client import CenterClient
     from hpcopt.io.checkpoint import load_worker_state
     from hpcopt.launch.env import install_abort_on_error
-    from hpcopt.roles.worker import on_device, run_worker
+    from hpcopt.roles.worker import run_worker
 
     cfg, world = s.cfg, s.world
     install_abort_on_error(world, whole_job=False)  # from now on a failing worker is a crash, not the end
     wid = s.workers[world.rank]
-    flat, host = on_device(s.flat, log_all, s.share.params)
-    client = CenterClient([(world, r) for r in range(cfg.run.servers)], s.bounds, host,
+    flat = s.ready.trainer.flat
+    client = CenterClient([(world, r) for r in range(cfg.run.servers)], s.bounds, s.ready.mirror.host,
                           chunk=_chunk(cfg), timeout=cfg.comm.timeout, layer_norms=_layer_norms(cfg, flat),
                           leaders=cfg.run.method == "lsgd", shared=s.share.servers, sync=s.share.sync)
     state, first = None, 0
@@ -340,8 +351,7 @@ def _work(s: Setup) -> WorkerSummary:
         first = int(sorted(saved)[len(saved) // 2]) if saved else 0
         if state is None:
             log_all(f"worker {wid}: no saved state; starting from the center at step {first}")
-    return run_worker(cfg, wid, flat, s.data, client, s.start, run=s.run, first_step=first, state=state,
-                      log=log_all)
+    return run_worker(cfg, wid, s.ready, client, s.start, run=s.run, first_step=first, state=state, log=log_all)
 
 
 def log_all(*args) -> None:

@@ -15,6 +15,7 @@ elastic part of membership:
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from hpcopt.comm import protocol as P
 from hpcopt.config import Config
 from hpcopt.io.checkpoint import save_worker_state
 from hpcopt.io.rundir import RunDir
+from hpcopt.launch.device import HostMirror
 from hpcopt.launch.signals import SignalFlag, ignore_leave_signals
 from hpcopt.models import FlatModel
 from hpcopt.roles.local import LocalTrainer
@@ -79,53 +81,84 @@ class DivergenceGuard:
         self.streak = 0
 
 
-def on_device(flat: FlatModel, log, shared: torch.Tensor | None = None) -> tuple[FlatModel, torch.Tensor]:
+def on_device(flat: FlatModel, log, shared: torch.Tensor | None = None,
+              node_rank: int | None = None) -> tuple[FlatModel, HostMirror]:
     """A worker moves to the GPU of its node-local rank, if it has one (hpcopt.launch.device).
-    Returns the model there and the CPU buffer exchanges use: the parameters themselves on the
-    CPU, else a host copy (MPI never sees a GPU pointer; CUDA-aware MPI is detected and reported,
-    but exchanges are staged through the host either way). `shared`, when given, is the worker's
-    shared-memory window (hpcopt.comm.shared): the CPU parameters, or the host copy, live there."""
+    Returns the model there and the host mirror exchanges use (on the CPU, the parameters
+    themselves). `shared`, when given, is the worker's shared-memory window (hpcopt.comm.shared):
+    the CPU parameters, or the GPU parameters' host copy, live there."""
     from hpcopt.launch.device import select_device
 
-    choice = select_device("worker", log=log if torch.cuda.is_available() else None)
+    choice = select_device("worker", node_rank=node_rank, log=log if torch.cuda.is_available() else None)
     if choice.device == "cpu":
         if shared is not None:
             flat.place(shared)
-        return flat, flat.params
+        return flat, HostMirror(flat.params)
+    torch.cuda.set_device(torch.device(choice.device))  # before anything is allocated there
     moved = FlatModel(flat.module, device=choice.device)
-    torch.cuda.set_device(torch.device(choice.device))
-    host = shared if shared is not None else torch.empty(moved.numel, dtype=torch.float32, pin_memory=True)
-    host.copy_(moved.params)
-    return moved, host
+    mirror = HostMirror(moved.params, host=shared)
+    if not mirror.pinned:
+        log(f"[hpcopt worker] could not page-lock the shared-memory window: exchanges copy synchronously")
+    return moved, mirror
 
 
-def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client, start: float, *,
+@dataclass
+class Prepared:
+    """A worker ready to train: model and data on its device, a first forward pass done (CUDA
+    context, kernels and libraries loaded), before the servers' liveness clock starts."""
+
+    trainer: LocalTrainer
+    mirror: HostMirror
+    reference: float  # the divergence guard's (LocalTrainer.initial_loss)
+    seconds: float
+
+
+def prepare(cfg: Config, worker_id: int, flat: FlatModel, data: dict, *, shared: torch.Tensor | None = None,
+            node_rank: int | None = None, log=print) -> Prepared:
+    t0 = time.monotonic()
+    if cfg.run.deterministic:  # bit-reproducible kernels on a GPU too (cuBLAS reads this at its start)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    flat, mirror = on_device(flat, log, shared, node_rank)
+    trainer = LocalTrainer(cfg, worker_id, flat, data)
+    reference = trainer.initial_loss()
+    if flat.params.is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.monotonic() - t0
+    if seconds > cfg.comm.worker_timeout / 2:
+        log(f"worker {worker_id}: getting ready on {flat.params.device} took {seconds:.1f} s (device, data, a "
+            f"first forward pass); the servers wait for that before their clock (comm.worker_timeout = "
+            f"{cfg.comm.worker_timeout:g} s) starts")
+    return Prepared(trainer=trainer, mirror=mirror, reference=reference, seconds=seconds)
+
+
+def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: float, *,
                run: RunDir | None = None, first_step: int = 0, state: dict | None = None,
                log=print) -> WorkerSummary:
     """Local training with an exchange every tau steps (and one at the end). Starts at
     `first_step` (a join or a resume), from `state` if given. Returns the worker's counts."""
-    trainer = LocalTrainer(cfg, worker_id, flat, data)
-    # On a GPU, exchanges go through the client's pinned host copy of the parameters
-    staged = client.params.data_ptr() != flat.params.data_ptr()
+    trainer, mirror = ready.trainer, ready.mirror
+    flat = trainer.flat
 
-    def through_host(call, *args):
-        if staged:
-            client.params.copy_(flat.params)
+    def through_host(call, *args, send: bool = True):
+        """An exchange (or, send=False, a fetch) through the host copy the client works on."""
+        if send:
+            mirror.pull()
         call(*args)
-        if staged:
-            flat.params.copy_(client.params)
+        mirror.push()
 
     total, tau = trainer.total, cfg.easgd.tau
     k = 0
     if state is not None:
-        flat.params.copy_(state["params"])
+        flat.params.copy_(state["params"].to(flat.params.device))
         trainer.load_state_dict(state["trainer"])
         first_step, k = int(state["step"]), int(state["exchange"])
     flags = SignalFlag()
     heartbeat_every = cfg.comm.worker_timeout / 4
     loss_sum, loss_n, lr, grad_norm = 0.0, 0, cfg.train.lr, float("nan")
-    initial = trainer.initial_loss()
-    guard = DivergenceGuard(cfg.train.diverge_factor, reference=initial if math.isfinite(initial) else None)
+    guard = DivergenceGuard(cfg.train.diverge_factor,
+                            reference=ready.reference if math.isfinite(ready.reference) else None)
     resets, reason = 0, P.FINISHED
     last_save = time.monotonic()
     t0 = time.perf_counter()
@@ -161,7 +194,7 @@ def run_worker(cfg: Config, worker_id: int, flat: FlatModel, data: dict, client,
         log(f"worker {worker_id}: {what} at step {step}: restarting from the center "
             f"(reset {resets} of at most {cfg.train.max_resets})")
         loss_sum, loss_n = bad_loss, 1  # the header carries the bad loss into the event
-        through_host(client.fetch, header(P.RESET, step))
+        through_host(client.fetch, header(P.RESET, step), send=False)  # the center overwrites them
         loss_sum, loss_n = 0.0, 0
         trainer.reset_local_state()
         guard.reset()

@@ -60,6 +60,8 @@ def test_bad_local_rank_is_an_error():
     # mpirun inside sbatch: every rank inherits SLURM_LOCALID=0 from the srun that started mpirun's daemon
     ({"SLURM_LOCALID": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, (1, "OMPI_COMM_WORLD_LOCAL_RANK")),
     ({"MPI_LOCALRANKID": "5"}, (5, "MPI_LOCALRANKID")),                           # MPICH / Intel MPI
+    ({"MV2_COMM_WORLD_LOCAL_RANK": "3", "SLURM_LOCALID": "0"}, (3, "MV2_COMM_WORLD_LOCAL_RANK")),  # MVAPICH2
+    ({"PALS_LOCAL_RANKID": "2", "PMIX_LOCAL_RANK": "7"}, (2, "PALS_LOCAL_RANKID")),  # HPE Cray PALS
     ({"SLURM_LOCALID": ""}, None), ({}, None),
 ])
 def test_local_rank_from_env(env, expected):
@@ -74,9 +76,10 @@ def test_select_device_under_simulated_slurm_gpus():
     choice = select_device("worker", environ=env, n_gpus=2, log=lines.append)
     assert (choice.device, choice.gpu, choice.local_rank, choice.staging) == ("cuda:1", "3", 1, "pinned-host")
     assert lines == [("[hpcopt worker on n2] device cuda:1 (GPU 3), node-local rank 1 (SLURM_LOCALID); "
-                      "MPI is not CUDA-aware: parameters are staged through pinned host memory")]
-    aware = select_device("worker", environ={**env, "HPCOPT_CUDA_AWARE_MPI": "1"}, n_gpus=2)
-    assert aware.staging == "device" and aware.cuda_aware_mpi
+                      "exchanges stage the parameters through pinned host memory, where the center lives")]
+    # CUDA-aware MPI is reported, never claimed as used: the center is in the servers' host memory
+    aware = select_device("worker", environ={**env, "HPCOPT_CUDA_AWARE_MPI": "1"}, n_gpus=2, log=lines.append)
+    assert aware.staging == "pinned-host" and aware.cuda_aware_mpi and "CUDA-aware" in lines[-1]
 
 
 def test_servers_stay_on_the_cpu_by_default():
@@ -99,3 +102,32 @@ def test_cuda_awareness_override_and_detection():
     assert mpi_cuda_support({"HPCOPT_CUDA_AWARE_MPI": "1"}) is True
     assert mpi_cuda_support({"HPCOPT_CUDA_AWARE_MPI": "no"}) is False
     assert isinstance(mpi_cuda_support({}), bool)  # Debian's Open MPI: built without CUDA -> False
+
+
+def test_a_launcher_without_a_local_rank_variable_uses_the_node_communicator():
+    """PALS-less aprun, a bare `python` per rank, or an unknown launcher: the rank's place in its
+    node communicator (which training computes for every rank) picks the GPU, not GPU 0 for all."""
+    env = {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    picks = [select_device("worker", node_rank=r, environ=env, n_gpus=4) for r in range(1, 5)]
+    assert sorted(c.device for c in picks) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert {c.local_rank_source for c in picks} == {"node communicator"}
+    # a launcher variable, when there is one, wins over the communicator
+    assert select_device("worker", node_rank=3, environ={**env, "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+                         n_gpus=4).device == "cuda:1"
+
+
+@pytest.mark.parametrize("slurm, expected", [
+    # --gpus-per-node=4, 4 tasks per node: every task sees the node's 4 GPUs; local ranks spread them
+    ({"SLURM_LOCALID": "2", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "cuda:2"),
+    # --gpus-per-task=1: each task sees only its own GPU, whatever its local rank
+    ({"SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "3"}, "cuda:0"),
+    # --gres=gpu:2 with 4 tasks: two tasks per GPU
+    ({"SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "0,1"}, "cuda:1"),
+    # MIG: CUDA_VISIBLE_DEVICES names MIG instances by UUID; torch counts what it lists
+    ({"SLURM_LOCALID": "1", "CUDA_VISIBLE_DEVICES": "MIG-aa11,MIG-bb22"}, "cuda:1"),
+])
+def test_binding_under_each_slurm_gpu_request(slurm, expected):
+    n = len(slurm["CUDA_VISIBLE_DEVICES"].split(","))
+    choice = select_device("worker", environ=slurm, n_gpus=n)
+    assert choice.device == expected
+    assert choice.gpu == slurm["CUDA_VISIBLE_DEVICES"].split(",")[int(expected[-1])]

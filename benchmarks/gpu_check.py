@@ -1,0 +1,253 @@
+"""One command for a GPU node: does every path of hpcopt run on CUDA, and as well as on the CPU?
+
+    benchmarks/gpu_check.sh                 # on a GPU node (in a Slurm job: srun -N1 --gpus=1 ...)
+    benchmarks/gpu_check.sh --device cpu    # the same checks with the GPUs hidden (tests the harness)
+
+Prints the environment (torch and its CUDA build, the GPU and the architectures torch was built
+for, whether MPI is CUDA-aware), then one table:
+
+  * every method (asynchronous and synchronous) and every local step, a short MNIST-1D training
+    on the device next to the same training with the GPUs hidden: both finish, the center stays
+    finite, and the device's final accuracy is within --tolerance points of the CPU's;
+  * exchanges in place (shared memory) and over messages;
+  * the reset path (a worker's NaN loss, restarted from the center) and the resume path (a
+    graceful stop, then --resume: every worker continues from its saved state);
+  * per-exchange host copies (pull + push) and one local step of a 25M-parameter model;
+  * `hpcopt analyze` of a run.
+
+Exit status 0 only when every check passed; 3 when --device cuda finds no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+
+# (label, config, extra flags): every method and every local step
+RUNS = [
+    ("eamsgd in place", "configs/mnist1d_easgd.toml", []),
+    ("eamsgd over messages", "configs/mnist1d_easgd.toml", ["--comm.shared_memory", "false"]),
+    ("mgrawa", "configs/mnist1d_mgrawa.toml", []),
+    ("lgrawa", "configs/mnist1d_lgrawa.toml", []),
+    ("lsgd", "configs/mnist1d_lsgd.toml", []),
+    ("lsgd two-level", "configs/mnist1d_lsgd_two_level.toml", []),
+    ("entropy-sgd", "configs/mnist1d_entropy_sgd.toml", []),
+    ("sam", "configs/mnist1d_easgd.toml", ["--train.local", "sam"]),
+    ("lars", "configs/mnist1d_easgd.toml", ["--train.local", "lars"]),
+    ("bf16 autocast", "configs/mnist1d_easgd.toml", ["--train.precision", "bf16"]),
+    ("dp-sgd", "configs/mnist1d_dp_sgd.toml", []),
+    ("local-sgd", "configs/mnist1d_local_sgd.toml", []),
+    ("diloco", "configs/mnist1d_diloco.toml", []),
+]
+
+
+def env(device: str) -> dict:
+    e = dict(os.environ)
+    e.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "PYTHONUNBUFFERED": "1",
+              "OMPI_MCA_rmaps_base_oversubscribe": "1",
+              "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "plugins"), e.get("PYTHONPATH", "")])})
+    if device == "cpu":
+        e["CUDA_VISIBLE_DEVICES"] = ""  # CUDA's own way to hide every GPU
+    return e
+
+
+def train(out: Path, device: str, args: list[str], n: int = 3, timeout: float = 600) -> tuple[bool, float, str]:
+    """(finished, final center accuracy, log) of `hpcopt train -n n`."""
+    p = subprocess.run([PY, "-m", "hpcopt", "train", "-n", str(n), "--out", str(out), "--force", *args],
+                       env=env(device), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return p.returncode == 0, accuracy(out), p.stdout + p.stderr
+
+
+def accuracy(run: Path) -> float:
+    import h5py
+    import numpy as np
+
+    try:
+        with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+            if not np.isfinite(f["center/params"][-1]).all():
+                return float("nan")
+            ev = f["evals"][...]
+            return float(ev["test_accuracy"][-1]) if len(ev) else float("nan")
+    except (OSError, KeyError, IndexError):
+        return float("nan")
+
+
+class Table:
+    def __init__(self):
+        self.rows: list[tuple[str, str, str, bool]] = []
+
+    def add(self, check: str, here: str, cpu: str, ok: bool) -> None:
+        self.rows.append((check, here, cpu, ok))
+        print(f"  {check:<28} {here:>22} {cpu:>14}  {'ok' if ok else 'FAILED'}", flush=True)
+
+    @property
+    def failed(self) -> int:
+        return sum(not ok for *_, ok in self.rows)
+
+
+def environment(device: str) -> bool:
+    import torch
+
+    from hpcopt.launch.device import mpi_cuda_support
+
+    print(f"torch {torch.__version__}, CUDA build {torch.version.cuda}, cuDNN "
+          f"{torch.backends.cudnn.version() if torch.cuda.is_available() else None}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"GPU {i}: {p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability {p.major}.{p.minor}")
+        print(f"torch built for: {' '.join(torch.cuda.get_arch_list())}")
+    print(f"MPI CUDA-aware: {mpi_cuda_support()} (reported only: exchanges stage through pinned host memory)")
+    print(f"checking on: {device}\n")
+    return device == "cpu" or torch.cuda.is_available()
+
+
+def methods(table: Table, base: Path, device: str, epochs: float, tolerance: float) -> None:
+    for label, config, extra in RUNS:
+        args = ["--config", config, "--train.epochs", str(epochs), *extra]
+        t0 = time.monotonic()
+        ok_here, acc_here, log = train(base / f"{label.replace(' ', '-')}-{device}", device, args)
+        seconds = time.monotonic() - t0
+        ok_cpu, acc_cpu, _ = (ok_here, acc_here, log) if device == "cpu" else \
+            train(base / f"{label.replace(' ', '-')}-cpu", "cpu", args)
+        close = abs(acc_here - acc_cpu) * 100 <= tolerance
+        table.add(label, f"{100 * acc_here:.1f}% in {seconds:.0f} s" if ok_here else "did not finish",
+                  f"{100 * acc_cpu:.1f}%" if ok_cpu else "did not finish", ok_here and ok_cpu and close)
+        if not ok_here:
+            print("\n".join("    | " + line for line in log.strip().splitlines()[-15:]))
+
+
+def reset_and_resume(table: Table, base: Path, device: str) -> None:
+    # reset: rank 2's loss is NaN at its 30th call; the worker restarts from the center and goes on
+    quad = ["--model.name", "quadratic:model", "--data.name", "quadratic:data", "--train.lr", "0.05",
+            "--easgd.tau", "4", "--data.batch_size", "50", "--train.epochs", "3",
+            "--model.kwargs", '{"poison_rank": 2, "poison_call": 30}']
+    ok, _, log = train(base / f"reset-{device}", device, quad)
+    table.add("reset after a NaN loss", "restarted" if ok and "restarting from the center" in log else "no",
+              "-", ok and "restarting from the center" in log)
+    # resume: a graceful stop, then --resume: workers continue from their saved states
+    run = base / f"resume-{device}"
+    args = ["--config", "configs/mnist1d_easgd.toml", "--train.epochs", "1000", "--record.checkpoint_seconds", "1"]
+    proc = subprocess.Popen([PY, "-m", "hpcopt", "train", "-n", "3", "--out", str(run), "--force", *args],
+                            env=env(device), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads((run / "status.json").read_text()).get("exchanges", 0) > 300:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGINT)
+    stopped = proc.wait(timeout=120) == 0
+    p = subprocess.Popen([PY, "-m", "hpcopt", "train", "-n", "3", "--resume", str(run)], env=env(device), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    time.sleep(20)
+    os.kill(p.pid, signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    ok = stopped and p.returncode == 0 and "no saved state" not in out
+    table.add("stop, then resume", "continued" if ok else "FAILED", "-", ok)
+    if not ok:
+        print("\n".join("    | " + line for line in out.strip().splitlines()[-15:]))
+
+
+def copies_and_steps(table: Table, device: str) -> None:
+    """Per-exchange host copies and one local step of a 25M-parameter MLP."""
+    import torch
+    from torch import nn
+
+    from hpcopt.launch.device import HostMirror
+    from hpcopt.models import FlatModel
+
+    dev = "cuda:0" if device != "cpu" else "cpu"
+    model = nn.Sequential(nn.Linear(2048, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10))
+    flat = FlatModel(model, device=dev)
+    mirror = HostMirror(flat.params)
+    x, y = torch.randn(256, 2048, device=dev), torch.randint(0, 10, (256,), device=dev)
+
+    def sync():
+        if dev != "cpu":
+            torch.cuda.synchronize()
+
+    def step():
+        flat.zero_grad()
+        nn.functional.cross_entropy(flat.module(x), y).backward()
+        flat.params.add_(flat.grads, alpha=-0.01)
+        sync()
+
+    def exchange():
+        mirror.pull()
+        mirror.push()
+        sync()
+
+    times = {}
+    for name, fn in (("step", step), ("copy", exchange)):
+        fn()
+        samples = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        times[name] = statistics.median(samples)
+    rate = f"{2 * flat.numel * 4 / times['copy'] / 1e9:.1f} GB/s" if dev != "cpu" else "no copies"
+    table.add(f"{flat.numel / 1e6:.0f}M params: step, copies",
+              f"{1e3 * times['step']:.1f} ms, {1e3 * times['copy']:.2f} ms", rate, True)
+
+
+def analyze(table: Table, base: Path, device: str) -> None:
+    run = next((p for p in sorted(base.glob(f"eamsgd-in-place-{device}")) if (p / "trajectory.h5").exists()), None)
+    if run is None:
+        table.add("hpcopt analyze", "no run to analyse", "-", False)
+        return
+    t0 = time.monotonic()
+    p = subprocess.run([PY, "-m", "hpcopt", "analyze", str(run), "--out", str(base / "analysis"), "--grid", "9x9",
+                        "--no-density", "--no-progress"], env=env(device), cwd=ROOT, capture_output=True, text=True,
+                       timeout=1200)
+    ok = p.returncode == 0
+    table.add("hpcopt analyze", f"done in {time.monotonic() - t0:.0f} s" if ok else "FAILED", "-", ok)
+    if not ok:
+        print("\n".join("    | " + line for line in (p.stdout + p.stderr).strip().splitlines()[-15:]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--epochs", type=float, default=10.0, help="epochs of each method's training")
+    ap.add_argument("--tolerance", type=float, default=5.0, help="accuracy points the device may differ from the CPU")
+    ap.add_argument("--only", help="comma-separated parts: methods,reset,copies,analyze (default: all)")
+    ap.add_argument("--out", help="folder for the runs (default: a temporary one)")
+    args = ap.parse_args()
+    if not environment(args.device):
+        print("no CUDA device: nothing checked (run this on a GPU node, or with --device cpu)")
+        return 3
+    base = Path(args.out or tempfile.mkdtemp(prefix="hpcopt-gpu-check-"))
+    base.mkdir(parents=True, exist_ok=True)
+    parts = set((args.only or "methods,reset,copies,analyze").split(","))
+    table = Table()
+    print(f"  {'check':<28} {args.device:>22} {'cpu':>14}")
+    if "methods" in parts:
+        methods(table, base, args.device, args.epochs, args.tolerance)
+    if "reset" in parts:
+        reset_and_resume(table, base, args.device)
+    if "copies" in parts:
+        copies_and_steps(table, args.device)
+    if "analyze" in parts:
+        analyze(table, base, args.device)
+    print(f"\n{len(table.rows) - table.failed}/{len(table.rows)} checks passed (runs in {base})")
+    return 0 if table.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
