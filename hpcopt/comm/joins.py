@@ -250,7 +250,7 @@ def not_running(run: RunDir, stale_seconds: float = float("inf")) -> str | None:
     if state not in (None, "running"):
         return f"the run in {run.path} is {state}, not running{resume}"
     # server 0 holds the lock while it trains (refreshed at every flush); a killed one leaves it behind
-    stale = run._stale(stale_seconds) if run.lock_file.exists() else None
+    stale = run.stale(stale_seconds) if run.lock_file.exists() else None
     if stale is not None:
         return f"the run in {run.path} is not running: its lock is stale ({stale}){resume}"
     return None

@@ -79,7 +79,7 @@ class RunDir:
                 pass
             finally:
                 tmp.unlink(missing_ok=True)
-            why = self._stale(stale_seconds)
+            why = self.stale(stale_seconds)
             if why is None:
                 owner = _read_lock(self.lock_file)
                 raise RunLocked(f"{self.path} is being trained by pid {owner.get('pid')} on {owner.get('host')} "
@@ -93,7 +93,9 @@ class RunDir:
                 pass
         raise RunLocked(f"could not take the lock of {self.path}")
 
-    def _stale(self, stale_seconds: float) -> str | None:
+    def stale(self, stale_seconds: float) -> str | None:
+        """Why the lock's owner is dead (its pid gone on this host; elsewhere, no refresh for
+        `stale_seconds`), or None while it looks alive."""
         owner = _read_lock(self.lock_file)
         if not owner:
             return "it was unreadable"
