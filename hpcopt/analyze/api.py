@@ -9,11 +9,18 @@ report; grid points (landscape slices, interpolations) go through the dynamic qu
 `parallel.run_queue`; Hessian-vector products are summed over ranks, each rank holding a part of
 the data subsample, and every rank runs the same Lanczos / Hutchinson iterations on the summed
 products (so all ranks stop together without further messages).
+
+Each rank computes losses and products on its device (`opts.device`: by default the GPU of its
+node-local rank when it has one, as training's workers do); everything that crosses MPI, the
+Lanczos vectors and the results stay in host memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -55,8 +62,8 @@ class _Progress:
 class _Session:
     """State of one analysis on one rank."""
 
-    def __init__(self, path: str, opts: AnalyzeOptions, comm, log):
-        self.opts, self.comm, self.log = opts, comm, log
+    def __init__(self, path: str, opts: AnalyzeOptions, comm, log, device: str = "cpu"):
+        self.opts, self.comm, self.log, self.device = opts, comm, log, device
         self.rank = comm.rank if comm is not None else 0
         self.size = comm.size if comm is not None else 1
         self.run: Run = load_run(path)
@@ -187,7 +194,7 @@ class _Session:
         torch.manual_seed(0)
         from .objective import Objective
         obj = Objective(build_model(self.run.config.model.name, self.run.config.model.kwargs), self.run.layout,
-                        x[idx], y[idx], batch=o.batch)
+                        x[idx], y[idx], batch=o.batch, device=self.device)
         at_label, at = self.point(o.at)
         base = {"split": o.split, "samples": len(idx), "subsample_seed": o.seed, "at": at_label}
         nx, ny = o.grid
@@ -242,9 +249,10 @@ class _Session:
         o = self.opts
         data = self.load_data()
         obj = make_objective(self.run, data, split=o.split, samples=o.curvature_samples, seed=o.seed,
-                             rank=self.rank, size=self.size, batch=o.batch)
+                             rank=self.rank, size=self.size, batch=o.batch, device=self.device)
         at_label, at = self.point(o.at)
-        w = torch.from_numpy(at)
+        w = torch.from_numpy(at)  # sharpness steps from it on the CPU
+        w_dev = obj.on_device(w)  # the point of every HVP, moved to the device once
         P = len(at)
         idx = subsample(len(data[f"x_{o.split}"]), o.curvature_samples, o.seed)
         depends = {"at": at_label, "split": o.split, "samples": len(idx), "subsample_seed": o.seed,
@@ -255,7 +263,8 @@ class _Session:
 
         def hvp(v: torch.Tensor) -> torch.Tensor:
             count[0] += 1
-            return torch.from_numpy(par.allreduce_sum(self.comm, obj.hvp(w, v).numpy(), o.timeout, "a Hessian-vector product"))
+            return torch.from_numpy(par.allreduce_sum(self.comm, obj.hvp(w_dev, v).numpy(), o.timeout,
+                                                   "a Hessian-vector product"))
 
         t0 = time.monotonic()
         if o.wants("hessian"):
@@ -307,6 +316,66 @@ class _Session:
             self.f.flush()
 
 
+def choose_device(option: str, comm=None, timeout: float = 120.0, log=None) -> str:
+    """This rank's torch device for the analysis option `option` (auto, cpu or cuda): for auto and
+    cuda the GPU of the node-local rank (hpcopt.launch.device.select_device, by the launcher's
+    variables; not collective by itself), for auto the CPU without a GPU. Collective over comm (one
+    small sum): `cuda` on a rank without a GPU is a ValueError on every rank, so none waits for
+    the others, and rank 0 logs one line saying where the analysis runs."""
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    device, error, line = "cpu", None, "CPU (--device cpu)"
+    if option != "cpu":
+        from hpcopt.launch.device import CUDA_AWARE_OVERRIDE, select_device
+
+        # The launcher's variables pick the GPU. Whether MPI is CUDA-aware does not matter here
+        # (every sum is on host buffers): saying "no" spares the question, which would start MPI
+        # in a plain Python process of the API or run `ompi_info`.
+        choice = select_device("worker", environ={**os.environ, CUDA_AWARE_OVERRIDE: "0"})
+        device = choice.device
+        if device == "cpu":
+            line = "CPU (no GPU available)"
+            if option == "cuda":
+                host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+                error = (f"--device cuda: rank {rank} on {host} has no GPU (torch.cuda.is_available() is False: "
+                         f"no GPU or driver, CUDA_VISIBLE_DEVICES hides every GPU, or torch was built "
+                         f"without CUDA); use --device auto or --device cpu")
+        else:
+            line = f"{device} (GPU {choice.gpu}), node-local rank {choice.local_rank} ({choice.local_rank_source})"
+    counts = par.allreduce_sum(comm, np.array([device != "cpu", error is not None], dtype=np.float64), timeout,
+                               "the ranks' devices")
+    gpus, failed = int(counts[0]), int(counts[1])
+    if failed:
+        raise ValueError(error or f"--device cuda: {failed} of {size} ranks have no GPU (torch.cuda.is_available() "
+                                  f"is False there); use --device auto or --device cpu")
+    if rank == 0 and log is not None:
+        if size == 1:
+            log(f"[hpcopt analyze] device {line}")
+        elif gpus == 0:
+            log(f"[hpcopt analyze] device {line} on all {size} ranks")
+        else:
+            log(f"[hpcopt analyze] device of rank 0: {line}; {gpus} of {size} ranks on a GPU")
+    return device
+
+
+@contextlib.contextmanager
+def _on(device: str):
+    """On a GPU: that GPU is the current device (nothing lands on GPU 0 by default), and cuDNN
+    computes in full float32 (no TF32) with deterministic algorithms, as the analysis needs;
+    the previous settings come back afterwards. On the CPU: nothing."""
+    if device == "cpu":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
+    cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = False, True, False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.cuda.device(torch.device(device)):
+            yield
+    finally:
+        cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _summary(run: Run) -> dict:
     ev = run.evals
     return {"path": run.path, "label": run.label, "method": run.method, "status": run.status,
@@ -322,11 +391,18 @@ def analyze(path: str, opts: AnalyzeOptions | None = None, comm=None, log=None) 
     """Analyse one run. Collective over `comm` (None: this process alone). Returns the results
     on rank 0 (also written to OUT/analysis.h5, and with opts.report the figures and
     report.html), None on other ranks. results['complete'] is False when max_points or
-    time_limit stopped it early (run it again to resume)."""
+    time_limit stopped it early (run it again to resume). Each rank computes on the device
+    opts.device gives it (`choose_device`; log gets the one line saying which, on rank 0)."""
     opts = opts or AnalyzeOptions()
     log = log or (lambda *a: None)
     torch.set_num_threads(opts.threads)
-    s = _Session(path, opts, comm, log)
+    device = choose_device(opts.device, comm, opts.timeout, log)
+    with _on(device):
+        return _analyze(path, opts, comm, log, device)
+
+
+def _analyze(path: str, opts: AnalyzeOptions, comm, log, device: str) -> dict | None:
+    s = _Session(path, opts, comm, log, device)
     try:
         if opts.wants("trajectory"):
             s.trajectory()

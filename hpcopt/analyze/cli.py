@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 
-from .options import PARTS, AnalyzeOptions
+from .options import DEVICES, PARTS, AnalyzeOptions
 
 EXIT_INCOMPLETE = 3  # stopped by --max-points / --time-limit; run again to resume
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as the shell reports a command it interrupted
@@ -40,6 +40,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_flags(p, AnalyzeOptions, flag=lambda n: "--" + n.replace("_", "-"), dest=lambda n: n, values=False, special={
         "skip": dict(default="", metavar="PARTS", help=f"comma-separated parts to leave out: {', '.join(PARTS)}"),
         "at": dict(metavar="MODEL"), "split": dict(choices=["train", "test"]),
+        "device": dict(choices=list(DEVICES), metavar="{" + ",".join(DEVICES) + "}"),
         "grid": dict(default="21x21", metavar="NXxNY", help="points of a 2-D slice (default: 21x21)"),
         "plane": dict(nargs="+", default=[], metavar="MODEL", help=helps["plane"]),
         "interpolate": dict(nargs="+", default=[], metavar="A,B", help=helps["interpolate"]),
@@ -109,7 +110,7 @@ def _run(args) -> int:
     paths = list(args.files) + list(args.compare)
     try:
         if len(paths) > 1:
-            res = compare(paths, opts, comm=comm, out=opts.out or "compare")
+            res = compare(paths, opts, comm=comm, out=opts.out or "compare", log=say)
             if res is None:
                 return 0
             for r in res["runs"]:
@@ -117,7 +118,7 @@ def _run(args) -> int:
             say(f"comparison: {res['report']}")
             complete = all(r["complete"] for r in res["runs"])
         else:
-            r = analyze(paths[0], opts, comm=comm)
+            r = analyze(paths[0], opts, comm=comm, log=say)
             if r is None:
                 return 0
             _print_summary(say, r)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+DEVICES = ("auto", "cpu", "cuda")
 PARTS = ("trajectory", "pca", "landscape", "interpolation", "hessian", "sharpness", "density")
 
 
@@ -66,6 +67,8 @@ class AnalyzeOptions:
     """stop handing out grid points after this many seconds (a later run resumes; 0: no limit)"""
     threads: int = 1
     """torch threads per rank"""
+    device: str = "auto"
+    """what each rank computes on: auto (its node-local rank's GPU when CUDA is available, else the CPU), cpu or cuda"""
     progress: bool | None = None
     """progress bars with ETA on stderr (default: when stderr is a terminal)"""
     report: bool = True
@@ -75,6 +78,8 @@ class AnalyzeOptions:
         bad = [p for p in self.skip if p not in PARTS]
         if bad:
             raise ValueError(f"unknown part(s) to skip: {', '.join(bad)}; parts are {', '.join(PARTS)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be {', '.join(DEVICES)}, got {self.device!r}")
         if self.split not in ("train", "test"):
             raise ValueError(f"split must be train or test, got {self.split!r}")
         if len(self.grid) != 2 or min(self.grid) < 1:

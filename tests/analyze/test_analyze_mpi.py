@@ -1,6 +1,7 @@
 """`hpcopt analyze` end to end under real `mpirun` with real files: a grid on a non-square grid
 against a brute-force loop, the same file on 1 and 3 ranks, an interrupted grid that resumes,
-distributed Hessian-vector products against the exact Hessian, the report, and clear errors."""
+distributed Hessian-vector products against the exact Hessian, the report, clear errors, and
+`--device` (auto is the CPU bit for bit without a GPU; cuda without one is an error)."""
 
 from __future__ import annotations
 
@@ -249,3 +250,123 @@ def test_python_api_on_a_run_that_has_only_just_started(run, tmp_path):
     assert res["grids"]["random_2d"]["done"].all() and list(res["grids"]) == ["random_1d", "random_2d", "interp_0"]
     assert res["grids"]["interp_0"]["barrier"]["barrier"] == 0.0  # init -> center: the same point here
     assert (tmp_path / "o" / "report.html").exists()
+
+
+# ---- --device: where the analysis computes. On a machine without a GPU (CUDA_VISIBLE_DEVICES=""
+# hides a GPU from a machine that has one, so these run everywhere) `--device auto` is the CPU and
+# gives the numbers of `--device cpu` bit for bit, and `--device cuda` is a clear error (exit
+# status 2) before anything is written, reported once under mpirun. On a machine with a GPU the
+# last test also runs the analysis there and compares it with the CPU's.
+
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
+TIMING = {"seconds", "cpu_seconds"}  # attributes that measure time, not the analysis
+# every part that computes with the model, small; several batches per pass, so the sums over
+# batches (kept on the device) are exercised
+DEVICE_ARGS = ["--grid", "4x3", "--line-points", "3", "--interp-points", "3", "--samples", "150", "--batch", "64",
+               "--curvature-samples", "100", "--top-k", "2", "--lanczos-steps", "8", "--trace-max-probes", "12",
+               "--density", "--density-runs", "1", "--density-steps", "6", "--sharpness-steps", "3", "--no-report",
+               "--no-progress", "--timeout", "60"]
+
+
+def contents(path) -> dict:
+    """Every dataset and attribute of an analysis file but the timings, by path."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            out.update({f"{name}@{k}": np.asarray(v) for k, v in obj.attrs.items() if k not in TIMING})
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj[()]
+        visit("/", f)
+        f.visititems(visit)
+    return out
+
+
+def analyze_into(run, out: str, *flags: str, env: dict | None = None):
+    p = hpcopt("analyze", str(run / "run"), "--out", str(run / out), *DEVICE_ARGS, *flags, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p, contents(run / out / "analysis.h5")
+
+
+def test_auto_without_a_gpu_is_the_cpu_bit_for_bit(run):
+    p_cpu, cpu = analyze_into(run, "cpu", "--device", "cpu", env=NO_GPU)
+    p_auto, auto = analyze_into(run, "auto", env=NO_GPU)  # auto is the default
+    assert "[hpcopt analyze] device CPU (--device cpu)" in p_cpu.stdout
+    assert "[hpcopt analyze] device CPU (no GPU available)" in p_auto.stdout
+    assert {"curvature/eigenvalues", "curvature/trace_samples", "curvature/density/nodes", "curvature/sharpness@value",
+            "grids/random_2d/loss", "grids/random_2d/accuracy", "grids/interp_0/loss"} <= set(cpu)
+    assert set(cpu) == set(auto)
+    for k in cpu:
+        assert cpu[k].dtype == auto[k].dtype and np.array_equal(cpu[k], auto[k], equal_nan=cpu[k].dtype.kind == "f"), k
+    assert np.isfinite(cpu["grids/random_2d/loss"]).all() and cpu["grids/random_2d/done"].all()
+    # the summary printed from those numbers: the same too, but for the timing and the paths
+
+    def summary(p):
+        return [ln for ln in p.stdout.splitlines()[1:] if not ln.startswith(("==", "  results"))]
+
+    assert summary(p_cpu) == summary(p_auto) and any("top Hessian eigenvalues" in ln for ln in summary(p_cpu))
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(run, tmp_path):
+    p = hpcopt("analyze", str(run / "run"), "--out", str(tmp_path / "one"), *DEVICE_ARGS, "--device", "cuda",
+               env=NO_GPU)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "hpcopt analyze: error: --device cuda: rank 0 on" in p.stderr and "has no GPU" in p.stderr, p.stderr
+    assert "use --device auto or --device cpu" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "one").exists()  # found before anything is written
+    # under mpirun every rank finds it, rank 0 alone says so, and nobody waits for the others
+    p = mpirun(2, "analyze", str(run / "run"), "--out", str(tmp_path / "two"), *DEVICE_ARGS, "--device", "cuda",
+               check=False, timeout=90, env=NO_GPU)
+    assert p.returncode == 2 and p.stderr.count("has no GPU") == 1, p.stdout + p.stderr
+    assert not (tmp_path / "two").exists()
+    p = hpcopt("analyze", str(run / "run"), "--device", "gpu", env=NO_GPU)
+    assert p.returncode == 2 and "invalid choice: 'gpu'" in p.stderr, p.stderr
+
+
+def test_options_reject_an_unknown_device():
+    from hpcopt.analyze import AnalyzeOptions
+
+    assert AnalyzeOptions().device == "auto"
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda, got 'gpu'"):
+        AnalyzeOptions(device="gpu")
+
+
+def test_auto_and_cuda_take_the_gpu_of_the_node_local_rank(monkeypatch):
+    """The rule alone, in this process, with CUDA said to have 2 GPUs: node-local rank 3 -> cuda:1."""
+    from hpcopt.analyze.api import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    lines: list[str] = []
+    assert choose_device("auto", log=lines.append) == "cuda:1" == choose_device("cuda")
+    assert choose_device("cpu", log=lines.append) == "cpu"
+    assert lines == ["[hpcopt analyze] device cuda:1 (GPU 1), node-local rank 3 (OMPI_COMM_WORLD_LOCAL_RANK)",
+                     "[hpcopt analyze] device CPU (--device cpu)"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # the GPU as the user knows it
+    choose_device("auto", log=lines.append)
+    assert lines[-1].startswith("[hpcopt analyze] device cuda:1 (GPU 7)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="--device cuda: rank 0 on .* has no GPU"):
+        choose_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_the_numbers_agree_with_the_cpu(run):
+    """float32 on both, in other orders of summation: equal to rounding, not bit for bit."""
+    _, cpu = analyze_into(run, "gpu_ref", "--device", "cpu")
+    for flags in (["--device", "cuda"], []):
+        p, gpu = analyze_into(run, f"gpu{len(flags)}", *flags)
+        assert "[hpcopt analyze] device cuda:0 (GPU " in p.stdout, p.stdout
+        for name in ("random_1d", "random_2d", "pca_2d", "interp_0", "interp_1"):
+            np.testing.assert_allclose(gpu[f"grids/{name}/loss"], cpu[f"grids/{name}/loss"], rtol=1e-5, atol=1e-6)
+            # a sample exactly between two classes may go either way: at most one of 150 differs
+            np.testing.assert_allclose(gpu[f"grids/{name}/accuracy"], cpu[f"grids/{name}/accuracy"], atol=1.5 / 150)
+        np.testing.assert_allclose(gpu["curvature/eigenvalues"], cpu["curvature/eigenvalues"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(gpu["curvature/sharpness@loss"], cpu["curvature/sharpness@loss"], rtol=1e-5)
+        n = min(len(gpu["curvature/trace_samples"]), len(cpu["curvature/trace_samples"]))
+        np.testing.assert_allclose(gpu["curvature/trace_samples"][:n], cpu["curvature/trace_samples"][:n],
+                                   rtol=1e-4, atol=1e-4)
+    p = mpirun(2, "analyze", str(run / "run"), "--out", str(run / "gpu_mpi"), *DEVICE_ARGS)
+    assert "ranks on a GPU" in p.stdout, p.stdout
