@@ -14,7 +14,10 @@ OMPI_MCA_pmix_server_uri=file:URI, or `mpirun --ompi-server file:URI`); `hpcopt 
     on it in a background thread (MPI_Comm_accept blocks, so the serving loop goes on
     meanwhile), and server 0 answers <id>.ok with the new worker ids and the step to start at;
  3. the joiner connects to every server's port for its request (its ranks are the remote group of each
-    intercommunicator), fetches the center and trains like any other worker.
+    intercommunicator); each server sends a random challenge over the new connection and admits
+    the joiner only when its rank 0 answers with the HMAC of it under the token (whoever reaches a
+    port without the token gets nothing), then the joiner fetches the center and trains like any
+    other worker.
 """
 
 from __future__ import annotations
@@ -164,7 +167,8 @@ class Joins:
             from mpi4py import MPI
 
             inter = MPI.COMM_SELF.Accept(port)
-            self.queue.put((rid, inter, request, answer))
+            proven = challenge(inter, self.token, rid, self.timeout)
+            self.queue.put((rid, inter, request, answer if proven else _UNPROVEN))
 
         threading.Thread(target=accept, name=f"hpcopt-accept-{rid}", daemon=True).start()
         if self.leader:  # only now: the joiner connects once it reads this
@@ -172,6 +176,11 @@ class Joins:
 
     def _admit(self, server, rid: str, inter, request: dict, answer: dict | None) -> None:
         n = request["n"]
+        if answer is _UNPROVEN:
+            self.log(f"[{server.now():7.1f}s] join {rid}: the connection did not prove the token; not admitted")
+            server.event("refused", detail=f"join {rid}: no proof of the token over the connection")
+            inter.Disconnect()
+            return
         if inter.Get_remote_size() != n:  # its ids were reserved for n ranks: refuse, never guess
             self.log(f"[{server.now():7.1f}s] join {rid}: the joining job has {inter.Get_remote_size()} "
                      f"rank(s), its request said {n}; not admitted")
@@ -226,6 +235,46 @@ def proof(token: str, rid: str, request: dict) -> str:
     and cannot be replayed under another id or with other hosts."""
     body = f"{rid}|{request['n']}|{request['hosts']}|{request['pids']}|{request['n_parameters']}|{request['time']!r}"
     return hmac.new(token.encode(), body.encode(), hashlib.sha256).hexdigest()
+
+
+_UNPROVEN = object()  # the answer slot of a join whose connection failed the challenge
+
+
+def _wait(request, deadline: float) -> bool:
+    """Test a request until it completes (True) or the deadline passes (False; it is cancelled)."""
+    backoff = 0.001
+    while not request.Test():
+        if time.monotonic() > deadline:
+            request.Cancel()
+            return False
+        time.sleep(backoff)
+        backoff = min(0.05, 2 * backoff)
+    return True
+
+
+def challenge(inter, token: str, rid: str, timeout: float) -> bool:
+    """Server side, on a new join's intercommunicator: send a random challenge to the joiner's
+    rank 0 and check its answer (the HMAC of challenge and request id under the token) within
+    `timeout` seconds. The token itself never crosses the connection."""
+    nonce = os.urandom(32)
+    sent = inter.Isend(nonce, dest=0, tag=P.TAG_JOIN_PROOF)
+    got = bytearray(32)
+    deadline = time.monotonic() + timeout
+    if not (_wait(sent, deadline) and _wait(inter.Irecv(got, source=0, tag=P.TAG_JOIN_PROOF), deadline)):
+        return False
+    expected = hmac.new(token.encode(), nonce + rid.encode(), hashlib.sha256).digest()
+    return hmac.compare_digest(bytes(got), expected)
+
+
+def answer_challenge(inter, token: str, rid: str, timeout: float) -> None:
+    """Joiner side, on its rank 0 (the servers talk to remote rank 0): answer a server's challenge."""
+    nonce = bytearray(32)
+    deadline = time.monotonic() + timeout
+    if not _wait(inter.Irecv(nonce, source=0, tag=P.TAG_JOIN_PROOF), deadline):
+        raise TimeoutError(f"the run's server sent no challenge within {timeout:g} s")
+    mac = hmac.new(token.encode(), bytes(nonce) + rid.encode(), hashlib.sha256).digest()
+    if not _wait(inter.Isend(mac, dest=0, tag=P.TAG_JOIN_PROOF), deadline):
+        raise TimeoutError(f"the run's server took no answer within {timeout:g} s")
 
 
 class JoinRefused(RuntimeError):

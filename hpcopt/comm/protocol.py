@@ -42,7 +42,7 @@ from __future__ import annotations
 import numpy as np
 
 # bumped on any change of the messages below; a joiner of another version is refused
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: joins answer a challenge over the intercommunicator
 
 TAG_HEADER = 11
 TAG_PARAMS = 12
@@ -53,6 +53,7 @@ TAG_LAYER_NORMS = 16
 TAG_VERDICT = 17
 TAG_DONE_SHARED = 18
 TAG_CONTROL_ACK = 19  # a server took server 0's flush message: it is alive
+TAG_JOIN_PROOF = 20  # a join's challenge (server -> joiner rank 0) and its answer
 
 # header kinds
 EXCHANGE = 1.0

@@ -28,7 +28,7 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
     from hpcopt import config as C
     from hpcopt.comm import protocol as P
     from hpcopt.comm.client import CenterClient
-    from hpcopt.comm.joins import JoinRefused, connect, joins_possible, not_running, request_join
+    from hpcopt.comm.joins import JoinRefused, answer_challenge, connect, joins_possible, not_running, request_join
     from hpcopt.comm.protocol import shard_bounds
     from hpcopt.launch.env import install_abort_on_error
 
@@ -58,16 +58,24 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
     flat = FlatModel(build_model(cfg.model.name, cfg.model.kwargs))
     hosts, pids = world.gather(env.host, root=0), world.gather(os.getpid(), root=0)
 
+    secret = {}  # the token, on rank 0 only: it answers the servers' challenges
+
     def ask():
+        secret["token"] = token or run.read_token()
         try:
-            return request_join(run, token=token or run.read_token(), hosts=hosts, pids=pids,
+            return request_join(run, token=secret["token"], hosts=hosts, pids=pids,
                                 n_params=flat.numel, timeout=cfg.comm.timeout, stale_seconds=_stale_seconds(cfg))
         except JoinRefused as e:
             raise UsageError(str(e)) from None
 
     answer = _on_root(world, ask)
     t0 = time.monotonic()  # the servers said yes
-    links = [(connect(world, port if world.rank == 0 else None, cfg.comm.timeout), 0) for port in answer["ports"]]
+    links = []
+    for port in answer["ports"]:  # each server challenges the new connection: rank 0 proves the token
+        inter = connect(world, port if world.rank == 0 else None, cfg.comm.timeout)
+        if world.rank == 0:
+            answer_challenge(inter, secret["token"], answer["request"], cfg.comm.timeout)
+        links.append((inter, 0))
     bounds = shard_bounds(flat.numel, len(links))
     wid = answer["first_worker_id"] + world.rank
     ready = prepare(cfg, wid, flat, data, log=log_all)

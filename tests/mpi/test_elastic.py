@@ -19,6 +19,8 @@ import pytest
 
 from conftest import hpcopt, mpi_env, mpirun
 
+from hpcopt.comm.protocol import PROTOCOL_VERSION
+
 pytestmark = pytest.mark.mpi
 
 QUAD = ["--model.name", "quadratic:model", "--data.name", "quadratic:data", "--train.lr", "0.05",
@@ -180,9 +182,35 @@ def test_wrong_token_is_refused_and_changes_nothing(tmp_path):
     assert oct((run / "token").stat().st_mode & 0o777) == "0o600"
 
 
+def test_a_connection_that_cannot_prove_the_token_is_not_admitted(tmp_path):
+    """Issue 12, item 3: whoever reaches a join's port (here: an MPI job that read the port of a
+    valid request) is challenged over the connection and refused without the token's answer."""
+    from hpcopt.comm.joins import proof
+
+    with running(tmp_path, 3, min_exchanges=10) as (run, proc, log):
+        rid = "impostor-test"
+        req = {"n": 1, "hosts": ["h"], "pids": [1], "n_parameters": 20, "time": time.time(),
+               "protocol": PROTOCOL_VERSION}
+        req["proof"] = proof((run / "token").read_text().strip(), rid, req)
+        (run / "joins" / ".imp.tmp").write_text(json.dumps(req))
+        (run / "joins" / ".imp.tmp").rename(run / "joins" / f"{rid}.req")
+        port = run / "joins" / f"{rid}.port-0"
+        wait_for("the request's port", port.exists, proc, log=log)
+        script = Path(__file__).resolve().parent / "scripts" / "impostor.py"
+        p = subprocess.run(["mpirun", "-n", "1", sys.executable, str(script), port.read_text().strip()],
+                           env=mpi_env({"OMPI_MCA_pmix_server_uri": f"file:{run / 'ompi-server.uri'}"}),
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "answered" in p.stdout, p.stdout + p.stderr
+        wait_for("the refusal", lambda: any(e[0] == "refused" and "no proof" in e[2] for e in events(run / "trajectory.h5")),
+                 proc, log=log)
+        n0 = status(run)["exchanges"]
+        wait_for("more exchanges", lambda: status(run).get("exchanges", 0) > n0 + 20, proc, log=log)
+        assert len(status(run)["workers"]) == 2
+
+
 def test_malformed_join_requests_are_refused_and_the_run_goes_on(tmp_path):
     with running(tmp_path, 3, min_exchanges=10) as (run, proc, log):
-        good = {"proof": "0" * 64, "protocol": 2, "n": 1, "hosts": ["h"], "pids": [1], "n_parameters": 20,
+        good = {"proof": "0" * 64, "protocol": PROTOCOL_VERSION, "n": 1, "hosts": ["h"], "pids": [1], "n_parameters": 20,
                 "time": time.time()}  # now: older requests are left-overs of an earlier start
         bad = {"old-protocol": json.dumps({**good, "protocol": 1}), "token-not-proof": json.dumps({"token": "x", **good}),
                "array": "[1, 2]", "garbage": "{not json", "string-time": json.dumps({**good, "time": "now"}),
