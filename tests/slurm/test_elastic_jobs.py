@@ -4,6 +4,9 @@ and preemptible.sbatch survives `scontrol requeue` by resuming the same trajecto
 
 from __future__ import annotations
 
+import os
+import signal
+
 import h5py
 import numpy as np
 import pytest
@@ -58,11 +61,8 @@ def test_join_then_scancel_the_joiners(slurm, tmp_path):
     assert s["events"].get("crash", 0) == 0, s["events"]  # the joiners left cleanly
 
 
-@pytest.mark.parametrize("stop", ["requeue", "signal"])
-def test_preemptible_job_resumes_the_same_file_after_requeue(slurm, tmp_path, stop):
-    if not (has_command("status") and "--resume" in slurm.run("bash", "-c", '"$HPCOPT" train --help').stdout):
-        pytest.skip("`hpcopt train --resume` / `hpcopt status` are not there yet (issue 4)")
-    run, out = tmp_path / "run", tmp_path / "job.out"
+def _preemptible_mid_run(slurm, run, out) -> str:
+    """preemptible.sbatch on two nodes, waited for until it is mid-run with a checkpoint."""
     epochs = ["--train.epochs", "40", "--record.flush_seconds", "0.5", "--record.eval_seconds", "1",
               "--record.center_every", "10", "--record.checkpoint_seconds", "1"]
     job = slurm.sbatch("-N", "2", "--ntasks-per-node=1", f"--output={out}", "jobscripts/preemptible.sbatch",
@@ -70,6 +70,15 @@ def test_preemptible_job_resumes_the_same_file_after_requeue(slurm, tmp_path, st
     log = lambda: out.read_text()[-3000:] if out.exists() else ""
     wait_for("mid-run, with a checkpoint", lambda: read_status(run).get("exchanges", 0) >= 40
              and (run / "checkpoint.h5").exists(), 240, log)
+    return job
+
+
+@pytest.mark.parametrize("stop", ["requeue", "signal"])
+def test_preemptible_job_resumes_the_same_file_after_requeue(slurm, tmp_path, stop):
+    if not (has_command("status") and "--resume" in slurm.run("bash", "-c", '"$HPCOPT" train --help').stdout):
+        pytest.skip("`hpcopt train --resume` / `hpcopt status` are not there yet (issue 4)")
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    job = _preemptible_mid_run(slurm, run, out)
     if stop == "requeue":
         slurm.run("scontrol", "requeue", job)  # as an admin or a preempting job would: SIGTERM to all
     else:
@@ -91,3 +100,19 @@ def test_preemptible_job_resumes_the_same_file_after_requeue(slurm, tmp_path, st
     assert snapshots[0] == 0 and len(snapshots) > 2
     # the file goes on from the checkpoint: no hole wider than one snapshot interval
     assert np.diff(snapshots).max() <= 10, snapshots
+
+
+def test_a_server_killed_in_a_preemptible_job_is_resumed_after_a_requeue(slurm, tmp_path):
+    """Issue 12: server 0 SIGKILLed mid-run (as by the OOM killer): every rank ends, the job
+    script sees the failure and requeues itself, and the requeued job resumes the run to the end."""
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    job = _preemptible_mid_run(slurm, run, out)
+    os.kill(int(read_status(run)["pid"]), signal.SIGKILL)  # the nodes are simulated on this host
+    slurm.wait(job, lambda i: i.get("Restarts", "0") != "0", 180, "requeued", out)
+    info = slurm.wait_done(job, timeout=400, log=out)
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}\n{slurm.controller_log(job)}"
+    assert "the training failed" in text and "resuming" in text, text
+    assert (run / "failed-starts").read_text().strip() == "1"
+    s = inspect(run / "trajectory.h5")
+    assert s["status"] == "complete" and s["events"].get("resume", 0) >= 1, s
