@@ -2,6 +2,7 @@
 # the .sbatch file you copy (they look for it next to themselves, or in $HPCOPT_JOBSCRIPTS).
 #
 # What it gives a batch script:
+#   per_node_ranks                         one per GPU of a node (however they were asked for), else per task
 #   place_ranks SERVERS WORKERS_PER_NODE   rank placement: servers first, on the first node
 #   launch ARGS...                         start the MPI job (srun or mpirun) in the background
 #   start_ompi_server RUN / stop_ompi_server   the rendezvous that lets other jobs join
@@ -22,6 +23,22 @@ export PYTHONUNBUFFERED=1  # progress lines reach the log as they are printed
 export OMPI_MCA_odls_base_sigkill_timeout=${OMPI_MCA_odls_base_sigkill_timeout:-20}
 
 log() { echo "[$(date +%H:%M:%S) ${SLURM_JOB_ID:-}] $*"; }
+
+# per_node_ranks: one rank per GPU of a node when the job has GPUs, else one per task. Slurm says
+# how many GPUs a node has in different variables for --gpus-per-node ("a100:4" -> 4), --gres=gpu:N
+# and --gpus-per-task (SLURM_GPUS_ON_NODE), or only as a list of ids (SLURM_JOB_GPUS="0,1,2,3").
+per_node_ranks() {
+    local gpus=${SLURM_GPUS_PER_NODE:-}
+    gpus=${gpus##*:}
+    [ -n "$gpus" ] || gpus=${SLURM_GPUS_ON_NODE:-}
+    if [ -z "$gpus" ] && [ -n "${SLURM_JOB_GPUS:-}" ]; then
+        local ids
+        IFS=, read -ra ids <<<"$SLURM_JOB_GPUS"
+        gpus=${#ids[@]}
+    fi
+    [ "${gpus:-0}" -gt 0 ] 2>/dev/null || gpus=${SLURM_NTASKS_PER_NODE:-1}
+    echo "$gpus"
+}
 
 # place_ranks SERVERS WORKERS_PER_NODE
 # Ranks 0..SERVERS-1 are the servers (hpcopt's rule) and go to the first node; then every node
