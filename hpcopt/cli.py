@@ -57,6 +57,7 @@ def _cmd_train(args) -> int:
 
     from hpcopt import config as C
     from hpcopt.launch.env import install_abort_on_error
+    from hpcopt.io.recorder import RecordingError
     from hpcopt.roles.train import UsageError, train
 
     rank = MPI.COMM_WORLD.rank
@@ -88,6 +89,12 @@ def _cmd_train(args) -> int:
         if rank == 0:
             print(f"hpcopt train: error: {e}", file=sys.stderr)
         return 2
+    except RecordingError as e:  # on the recording rank(s): one clear line, then the whole job ends
+        from hpcopt.launch.env import abort_job, record_outcome
+
+        print(f"hpcopt train: error: {e}", file=sys.stderr, flush=True)
+        record_outcome(1)  # (may fail too, on the same full disk: the launcher then says "killed?")
+        abort_job(MPI.COMM_WORLD)
     finally:
         if rank == 0:
             from hpcopt.io.rundir import RunDir

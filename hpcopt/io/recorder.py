@@ -26,6 +26,23 @@ from . import checkpoint as ckpt
 from . import schema
 
 
+class RecordingError(RuntimeError):
+    """The run's files cannot be written (a full disk, a failing file system): the run ends."""
+
+
+def _cannot_write(path, error: Exception, run: RunDir | None) -> str:
+    import shutil
+
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        space = f"; {free / 2**20:.1f} MB free there" + (" (the disk is full)" if free < 2**20 else "")
+    except OSError:
+        space = ""
+    resume = f"; free some space, then `hpcopt train --resume {run.path}` goes on from the last checkpoint" \
+        if run is not None else ""
+    return f"cannot write {path}: {error}{space}{resume}"
+
+
 @dataclass(kw_only=True)
 class RunInfo:
     """What the checkpoint and the status file say about the run besides its numbers."""
@@ -173,9 +190,12 @@ class Recorder:
             self.rows, self.events, self.layer_rows = [], [], []
         attrs = {"exchanges_total": exchanges_total, "wall_seconds": self.now(),
                  "status": status or ("complete" if final else "running")}
-        self.writer.flush(center_rows=[s for _, _, s in snaps], center_meta=center_meta,
-                          worker_rows=[s for _, s in taken], worker_meta=worker_meta,
-                          tables=tables, attrs=attrs)
+        try:
+            self.writer.flush(center_rows=[s for _, _, s in snaps], center_meta=center_meta,
+                              worker_rows=[s for _, s in taken], worker_meta=worker_meta,
+                              tables=tables, attrs=attrs)
+        except (OSError, RuntimeError) as e:  # h5py says "file write failed" for ENOSPC and EIO
+            raise RecordingError(_cannot_write(self.writer.path, e, self.run)) from None
         if self.root and self.lock is not None:
             self.lock.touch_lock()  # the training is alive (a second one on this run is refused)
         self.last_flush = time.monotonic()
@@ -190,10 +210,13 @@ class Recorder:
         latest = {w: self.gather(held.get(w, center)) for w in keys}
         if self.root:
             info = self.info
-            ckpt.write(self.run.checkpoint, center=full, workers=workers, latest=latest, attrs={
-                "method": info.method, "model": info.model, "n_parameters": info.n_params,
-                "layout": info.layout, "exchanges": exchanges, "next_worker_id": next_worker_id,
-                "time": self.now(), "trajectory_sizes": self.writer.sizes()})
+            try:
+                ckpt.write(self.run.checkpoint, center=full, workers=workers, latest=latest, attrs={
+                    "method": info.method, "model": info.model, "n_parameters": info.n_params,
+                    "layout": info.layout, "exchanges": exchanges, "next_worker_id": next_worker_id,
+                    "time": self.now(), "trajectory_sizes": self.writer.sizes()})
+            except OSError as e:  # the old checkpoint stays (written aside, then renamed)
+                raise RecordingError(_cannot_write(self.run.checkpoint, e, self.run)) from None
         self.last_checkpoint = time.monotonic()
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ class TrajectoryWriter:
         """Collective over `comm` (the server ranks): create the file and its datasets; or, with
         `resume` (dataset sizes from a checkpoint), reopen it and cut every dataset back to the
         checkpoint, so the resumed run continues exactly where the checkpoint was taken."""
-        self.comm, self.lo, self.hi, self.n_params = comm, lo, hi, n_params
+        self.comm, self.lo, self.hi, self.n_params, self.path = comm, lo, hi, n_params, path
         self.leader = comm.rank == 0
         self.written: dict = {}  # attributes as last written by flush
         if resume is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import hpcopt, mpi_env, mpirun
+from conftest import ROOT, hpcopt, mpi_env, mpirun
 from test_elastic import QUAD, launch, status, wait_for
 
 pytestmark = pytest.mark.mpi
@@ -154,3 +154,45 @@ def test_a_killed_launcher_takes_its_ompi_server_and_job_along(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         _kill_run(run)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, small file system (tmpfs of 6 MB) to fill up; skipped where mounting is not allowed."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root in a machine that allows it)")
+    try:
+        yield where
+    finally:
+        _kill_run(where)
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_ends_the_run_with_one_clear_line_and_space_then_resume_goes_on(small_disk):
+    """Issue 12, item 17: the trajectory's disk fills up mid-run. One line says what and where (no
+    traceback), the job ends non-zero at once (not after comm.timeout), and once there is space
+    again --resume continues from the last checkpoint."""
+    run = small_disk / "r"
+    args = ["--config", "configs/mnist1d_easgd.toml", "--train.epochs", "100000", "--record.center_every", "1",
+            "--record.flush_seconds", "0.3", "--record.checkpoint_seconds", "0.3"]
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "hpcopt", "train", "-n", "3", "--out", str(run), *args],
+                       env=mpi_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1 and "cannot write" in out and "the disk is full" in out, out
+    assert "Traceback" not in out and time.monotonic() - t0 < 60, out
+    subprocess.run(["mount", "-o", "remount,size=200M", str(small_disk)], check=True)  # space again
+    log = small_disk.parent / "resume.log"
+    proc = launch("train", "-n", "3", "--resume", str(run), log=log)
+    try:
+        wait_for("the resumed run", lambda: status(run).get("exchanges", 0) > 0
+                 and status(run).get("state") == "running" and status(run).get("resumed_from_exchange", 0) > 0,
+                 proc, log=log)
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        _kill_run(small_disk)
+    assert proc.returncode == 0, log.read_text()
+    assert json.loads(hpcopt("inspect", "--json", str(run)).stdout)["status"] == "stopped"
