@@ -411,6 +411,14 @@ def test_labels_the_model_cannot_predict_are_a_clear_error(tmp_path):
         f["x_test"], f["y_test"] = rng.standard_normal((50, 40)).astype(np.float32), np.zeros(50, np.int64)
     p = mpirun(3, "train", "--out", str(tmp_path / "r"), "--data.name", str(data), check=False)
     assert p.returncode == 2 and "y_train has labels 12..12" in p.stderr and "10 classes" in p.stderr, p.stderr
+    # a model that cannot take the data at all: one line naming both, no traceback from a worker
+    narrow = tmp_path / "narrow.h5"
+    with h.File(narrow, "w") as f:
+        f["x_train"], f["y_train"] = rng.standard_normal((200, 7)).astype(np.float32), np.zeros(200, np.int64)
+        f["x_test"], f["y_test"] = rng.standard_normal((50, 7)).astype(np.float32), np.zeros(50, np.int64)
+    p = mpirun(3, "train", "--out", str(tmp_path / "r2"), "--data.name", str(narrow), "--model.name", "cnn1d",
+               check=False)
+    assert p.returncode == 2 and "model cnn1d cannot take data" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize("args", [["--data.name", "/nope.h5"], ["--model.name", "no_such_module:f"]])
