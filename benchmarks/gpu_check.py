@@ -143,24 +143,31 @@ def reset_and_resume(table: Table, base: Path, device: str) -> None:
                             env=env(device), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if json.loads((run / "status.json").read_text()).get("exchanges", 0) > 300:
-                break
-        except (OSError, ValueError):
-            pass
+    while time.monotonic() < deadline and proc.poll() is None and _exchanges(run) <= 300:
         time.sleep(0.5)
-    os.kill(proc.pid, signal.SIGINT)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGINT)
     stopped = proc.wait(timeout=120) == 0
+    before = _exchanges(run)
     p = subprocess.Popen([PY, "-m", "hpcopt", "train", "-n", "3", "--resume", str(run)], env=env(device), cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    time.sleep(20)
-    os.kill(p.pid, signal.SIGINT)
+    deadline = time.monotonic() + 300  # the resumed run moving (its signal handlers are in place by then)
+    while time.monotonic() < deadline and p.poll() is None and _exchanges(run) <= before + 50:
+        time.sleep(0.5)
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGINT)
     out, _ = p.communicate(timeout=120)
     ok = stopped and p.returncode == 0 and "no saved state" not in out
     table.add("stop, then resume", "continued" if ok else "FAILED", "-", ok)
     if not ok:
         print("\n".join("    | " + line for line in out.strip().splitlines()[-15:]))
+
+
+def _exchanges(run: Path) -> int:
+    try:
+        return int(json.loads((run / "status.json").read_text()).get("exchanges", 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def copies_and_steps(table: Table, device: str) -> None:

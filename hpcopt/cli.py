@@ -94,6 +94,10 @@ def _cmd_train(args) -> int:
 
         print(f"hpcopt train: error: {e}", file=sys.stderr, flush=True)
         record_outcome(1)  # (may fail too, on the same full disk: the launcher then says "killed?")
+        if rank == 0:
+            from hpcopt.io.rundir import RunDir
+
+            RunDir(cfg.run.out).unlock()  # abort_job does not return: the finally below would not run
         abort_job(MPI.COMM_WORLD)
     finally:
         if rank == 0:

@@ -116,7 +116,7 @@ class TrainConfig:
     precision: str = "fp32"
     """fp32, or bf16: forward pass and loss under bfloat16 autocast (parameters, gradients, exchanges and the center stay float32)"""
     diverge_factor: float = 10.0
-    """asynchronous methods: a worker whose training loss is NaN/Inf, or above this many times its first loss for 3 steps in a row or on average since its last exchange, or whose parameters are not finite, is reset to the center (nothing of it is mixed in); the first loss survives a resume"""
+    """asynchronous methods: a worker whose training loss is NaN/Inf, or above this many times the run's untrained loss (the seed's initial model on the first batch, the same for every worker) for 3 steps in a row or on average since its last exchange, or whose parameters are not finite, is reset to the center (nothing of it is mixed in)"""
     max_resets: int = 3
     """a worker reset more often than this leaves the run"""
 

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 
 def _parse(spec: str) -> dict[str, int]:
     points = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
         name, _, nth = item.partition("@")
+        if not (nth or "1").isdigit():  # a typo must not break every command at import
+            print(f"hpcopt: ignoring HPCOPT_FAILPOINTS entry {item!r} (expected name@n)", file=sys.stderr)
+            continue
         points[name] = int(nth or 1)
     return points
 

@@ -87,6 +87,7 @@ class Joins:
             entry = self.accepting.pop(rid, None)
             if entry is None:  # it connected after it was given up on: its ids may be reused, never admit
                 self.log(f"join {rid}: the joiner connected after it was abandoned; not admitted")
+                inter.Free()
                 continue
             from mpi4py import MPI
 
@@ -179,12 +180,13 @@ class Joins:
         if answer is _UNPROVEN:
             self.log(f"[{server.now():7.1f}s] join {rid}: the connection did not prove the token; not admitted")
             server.event("refused", detail=f"join {rid}: no proof of the token over the connection")
-            inter.Disconnect()
+            inter.Free()  # never Disconnect: collective, it would wait for the other side
             return
         if inter.Get_remote_size() != n:  # its ids were reserved for n ranks: refuse, never guess
             self.log(f"[{server.now():7.1f}s] join {rid}: the joining job has {inter.Get_remote_size()} "
                      f"rank(s), its request said {n}; not admitted")
             server.event("refused", detail=f"join {rid}: {inter.Get_remote_size()} ranks, the request said {n}")
+            inter.Free()
             return
         if answer is None:  # not the leader: server 0's answer is in the run directory by now
             answer = read_json(self.run.joins / f"{rid}.ok")
@@ -246,6 +248,7 @@ def _wait(request, deadline: float) -> bool:
     while not request.Test():
         if time.monotonic() > deadline:
             request.Cancel()
+            request.Free()  # (a cancelled request must still be completed or freed)
             return False
         time.sleep(backoff)
         backoff = min(0.05, 2 * backoff)

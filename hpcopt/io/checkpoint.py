@@ -38,6 +38,16 @@ class CheckpointError(ValueError):
 def write(path, *, center: np.ndarray, workers: list[tuple], latest: dict[int, np.ndarray], attrs: dict) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        _write(tmp, center=center, workers=workers, latest=latest, attrs=attrs)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (a full disk: what was written of it must not stay)
+        raise
+    failpoint("checkpoint.written")
+    os.replace(tmp, path)
+
+
+def _write(tmp: Path, *, center, workers, latest, attrs) -> None:
     with h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["version"] = VERSION
@@ -56,8 +66,6 @@ def write(path, *, center: np.ndarray, workers: list[tuple], latest: dict[int, n
         os.fsync(fd)
     finally:
         os.close(fd)
-    failpoint("checkpoint.written")
-    os.replace(tmp, path)
 
 
 def read(path, *, n_parameters: int, layout: dict, method: str) -> dict:

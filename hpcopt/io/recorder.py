@@ -215,7 +215,7 @@ class Recorder:
                     "method": info.method, "model": info.model, "n_parameters": info.n_params,
                     "layout": info.layout, "exchanges": exchanges, "next_worker_id": next_worker_id,
                     "time": self.now(), "trajectory_sizes": self.writer.sizes()})
-            except OSError as e:  # the old checkpoint stays (written aside, then renamed)
+            except (OSError, RuntimeError) as e:  # the old checkpoint stays (written aside, then renamed)
                 raise RecordingError(_cannot_write(self.run.checkpoint, e, self.run)) from None
         self.last_checkpoint = time.monotonic()
 

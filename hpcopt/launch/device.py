@@ -188,6 +188,21 @@ def select_device(role: str, *, node_rank: int | None = None, comm=None, environ
     return choice
 
 
+def _clear_cuda_error() -> None:
+    """A failed cudaHostRegister stays CUDA's "last error" until someone reads it, and torch's
+    check after the next kernel launch would raise it as that kernel's: read it, through the
+    CUDA runtime library torch loaded (found in this process's memory map)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if "libcudart" in line})
+        if libs:
+            ctypes.CDLL(libs[0]).cudaGetLastError()
+    except (OSError, AttributeError):
+        pass
+
+
 class HostMirror:
     """A host copy of a (flat, contiguous) tensor for MPI, or the tensor itself when it is on the CPU.
 
@@ -214,6 +229,8 @@ class HostMirror:
             self.host = host
             nbytes = host.numel() * host.element_size()
             self.pinned = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 0) == 0
+            if not self.pinned:
+                _clear_cuda_error()
         self.host.copy_(tensor)
 
     def pull(self):

@@ -57,6 +57,10 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
     t_data = time.monotonic()
     flat = FlatModel(build_model(cfg.model.name, cfg.model.kwargs))
     hosts, pids = world.gather(env.host, root=0), world.gather(os.getpid(), root=0)
+    # device, data on it and a first pass before asking: once admitted, the servers' clock runs
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    ready = prepare(cfg, 0, flat, data, node_rank=node.rank, log=log_all)
+    node.Free()
 
     secret = {}  # the token, on rank 0 only: it answers the servers' challenges
 
@@ -78,7 +82,7 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
         links.append((inter, 0))
     bounds = shard_bounds(flat.numel, len(links))
     wid = answer["first_worker_id"] + world.rank
-    ready = prepare(cfg, wid, flat, data, log=log_all)
+    ready.trainer.assign(wid)
     flat = ready.trainer.flat
     client = CenterClient(links, bounds, ready.mirror.host, chunk=_chunk(cfg), timeout=cfg.comm.timeout,
                           layer_norms=_layer_norms(cfg, flat), leaders=cfg.run.method == "lsgd")

@@ -46,21 +46,28 @@ class LocalTrainer:
         self.steps_per_epoch = n // self.batch  # full batches only
         self.total = max(1, round(cfg.train.epochs * self.steps_per_epoch))
         self.warmup = round(cfg.train.warmup_epochs * self.steps_per_epoch)
-        self.gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + worker_id)
         self.local = make_local_step(cfg, flat.params, layer_bounds(flat.layout()))
         self.module = flat.module
         self.module.train()
         self.perm = None
-        t = cfg.train
-        self.entropy = EntropySGD(langevin_steps=t.langevin_steps, langevin_lr=t.langevin_lr, gamma0=t.gamma0,
-                                  gamma1=t.gamma1, noise=t.langevin_noise, seed=cfg.run.seed * 7919 + worker_id,
-                                  device=device) \
-            if t.local == "entropy-sgd" else None
+        self.assign(worker_id)
         self.step_index = 0  # the local step whose gradient flat.grads holds
         # LGRAWA reports per-layer gradient norms: taken at the same steps as the worker's
         # whole-model gradient norm (the last step before each exchange), before the local
         # step uses flat.grads as scratch
         self.layers = layer_bounds(flat.layout()) if cfg.run.method == "lgrawa" else None
+
+    def assign(self, worker_id: int) -> None:
+        """This worker's id, and what follows from it: its data order and its Langevin noise. A
+        joiner gets ready before it knows its id (its device and first pass must not count
+        against the servers' clock) and is assigned it once admitted."""
+        cfg, t = self.cfg, self.cfg.train
+        self.worker_id = worker_id
+        self.gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + worker_id)
+        self.entropy = EntropySGD(langevin_steps=t.langevin_steps, langevin_lr=t.langevin_lr, gamma0=t.gamma0,
+                                  gamma1=t.gamma1, noise=t.langevin_noise, seed=cfg.run.seed * 7919 + worker_id,
+                                  device=self.device) \
+            if t.local == "entropy-sgd" else None
 
     def lr(self, step: int) -> float:
         return learning_rate(step, self.total, self.cfg.train.lr, self.cfg.train.schedule, self.warmup)
@@ -113,11 +120,13 @@ class LocalTrainer:
         from hpcopt.models import build_model
 
         cfg = self.cfg
-        with torch.random.fork_rng(devices=[]):
+        # every random draw (the build, a user model's dropout) from the seed, and none of the
+        # training's: the RNG states, on the CPU and this GPU, are as they were afterwards
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.run.seed)
-            model = build_model(cfg.model.name, cfg.model.kwargs).to(self.x.device)
-        with torch.no_grad(), self._autocast():  # in the precision the training losses have
-            return float(_loss(model, self.x[:self.batch], self.y[:self.batch]))
+            model = build_model(cfg.model.name, cfg.model.kwargs).to(self.device).eval()
+            with torch.no_grad(), self._autocast():  # in the precision the training losses have
+                return float(_loss(model, self.x[:self.batch], self.y[:self.batch]))
 
     def _autocast(self):
         """train.precision bf16: the forward pass and the loss in bfloat16 where autocast deems

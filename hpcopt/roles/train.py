@@ -363,15 +363,18 @@ def _check_labels(cfg: Config, model, data: dict) -> None:
     with a raw torch error: say so before training (models with their own loss(x, y) define their
     targets themselves)."""
     x, y = torch.from_numpy(data["x_train"][:2]), torch.from_numpy(data["y_train"][:2])
+    model.eval()  # no batch statistics updated, no dropout drawn: the model stays as built
     try:
         with torch.no_grad():
             if hasattr(model, "loss"):
                 model.loss(x, y)
                 return
-            classes = model(x[:1]).shape[-1]
+            classes = model(x).shape[-1]
     except Exception as e:  # a user's model and data: any error is theirs to see, in one line
         raise UsageError(f"model {cfg.model.name} cannot take data {cfg.data.name} (inputs of shape "
                          f"{tuple(x.shape[1:])}): {type(e).__name__}: {e}") from None
+    finally:
+        model.train()
     for split in ("train", "test"):
         y = data[f"y_{split}"]
         if len(y) and (y.min() < 0 or y.max() >= classes):
