@@ -509,7 +509,7 @@ def test_resume_with_another_model_or_a_corrupt_checkpoint_is_a_clear_error(tmp_
     mpirun(3, "train", "--out", str(out), *QUAD, "--train.epochs", "2")
     with h5py.File(out / "trajectory.h5", "r+") as f:
         f.attrs["status"] = "running"  # as a run killed mid-training leaves it (a complete one is not resumed)
-    p = mpirun(3, "train", "--resume", str(out), "--model.kwargs", '{"dim": 7}', check=False)
+    p = mpirun(3, "train", "--resume", str(out), "--model.kwargs", '{"layers": 2}', check=False)
     assert p.returncode == 2 and "does not match the model" in p.stderr, p.stderr
     (out / "checkpoint.h5").write_bytes(b"garbage" * 100)
     p = mpirun(3, "train", "--resume", str(out), check=False)
