@@ -34,6 +34,7 @@ import uuid
 from hpcopt.io.rundir import RunDir, read_json, write_atomic, write_json
 
 from . import protocol as P
+from .wait import PeerTimeout, wait_all
 
 SCAN_SECONDS = 0.25  # how often servers look for join requests
 
@@ -242,28 +243,15 @@ def proof(token: str, rid: str, request: dict) -> str:
 _UNPROVEN = object()  # the answer slot of a join whose connection failed the challenge
 
 
-def _wait(request, deadline: float) -> bool:
-    """Test a request until it completes (True) or the deadline passes (False; it is cancelled)."""
-    backoff = 0.001
-    while not request.Test():
-        if time.monotonic() > deadline:
-            request.Cancel()
-            request.Free()  # (a cancelled request must still be completed or freed)
-            return False
-        time.sleep(backoff)
-        backoff = min(0.05, 2 * backoff)
-    return True
-
-
 def challenge(inter, token: str, rid: str, timeout: float) -> bool:
     """Server side, on a new join's intercommunicator: send a random challenge to the joiner's
     rank 0 and check its answer (the HMAC of challenge and request id under the token) within
     `timeout` seconds. The token itself never crosses the connection."""
-    nonce = os.urandom(32)
-    sent = inter.Isend(nonce, dest=0, tag=P.TAG_JOIN_PROOF)
-    got = bytearray(32)
-    deadline = time.monotonic() + timeout
-    if not (_wait(sent, deadline) and _wait(inter.Irecv(got, source=0, tag=P.TAG_JOIN_PROOF), deadline)):
+    nonce, got = os.urandom(32), bytearray(32)
+    try:
+        wait_all([inter.Isend(nonce, dest=0, tag=P.TAG_JOIN_PROOF),
+                  inter.Irecv(got, source=0, tag=P.TAG_JOIN_PROOF)], timeout, "a joiner's answer to its challenge")
+    except PeerTimeout:
         return False
     expected = hmac.new(token.encode(), nonce + rid.encode(), hashlib.sha256).digest()
     return hmac.compare_digest(bytes(got), expected)
@@ -272,12 +260,9 @@ def challenge(inter, token: str, rid: str, timeout: float) -> bool:
 def answer_challenge(inter, token: str, rid: str, timeout: float) -> None:
     """Joiner side, on its rank 0 (the servers talk to remote rank 0): answer a server's challenge."""
     nonce = bytearray(32)
-    deadline = time.monotonic() + timeout
-    if not _wait(inter.Irecv(nonce, source=0, tag=P.TAG_JOIN_PROOF), deadline):
-        raise TimeoutError(f"the run's server sent no challenge within {timeout:g} s")
+    wait_all([inter.Irecv(nonce, source=0, tag=P.TAG_JOIN_PROOF)], timeout, "the run's server's challenge")
     mac = hmac.new(token.encode(), bytes(nonce) + rid.encode(), hashlib.sha256).digest()
-    if not _wait(inter.Isend(mac, dest=0, tag=P.TAG_JOIN_PROOF), deadline):
-        raise TimeoutError(f"the run's server took no answer within {timeout:g} s")
+    wait_all([inter.Isend(mac, dest=0, tag=P.TAG_JOIN_PROOF)], timeout, "the run's server to take the answer")
 
 
 class JoinRefused(RuntimeError):
