@@ -251,7 +251,7 @@ class Recorder:
             return
         last = self.evaluator.last if self.evaluator is not None else None
         info = self.info
-        write_json(self.run.status, {
+        status = {
             "state": state, "method": info.method, "pid": os.getpid(), "host": socket.gethostname(),
             "updated": time.time(), "elapsed_seconds": round(self.now(), 3),
             "exchanges": exchanges, "exchanges_per_second": round(self.rate, 2),
@@ -260,7 +260,11 @@ class Recorder:
             "evaluated_at_exchange": None if last is None else int(last[0]),
             "servers": info.server_hosts, "joins_enabled": info.joins_enabled,
             "workers": members, "resumed_from_exchange": info.resumed_from,
-        })
+        }
+        try:
+            write_json(self.run.status, status)
+        except OSError as e:  # a full disk: the same clear end as a failed flush
+            raise RecordingError(_cannot_write(self.run.status, e, self.run)) from None
 
     @property
     def last_accuracy(self) -> float:

@@ -161,7 +161,7 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
     guard = DivergenceGuard(cfg.train.diverge_factor,
                             reference=ready.reference if math.isfinite(ready.reference) else None)
     resets, reason = 0, P.FINISHED
-    last_save = time.monotonic()
+    last_save, save_failed = time.monotonic(), False
     t0 = time.perf_counter()
 
     def header(kind, step, **kw):
@@ -175,9 +175,20 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
         through_host(client.exchange, header(P.EXCHANGE, step))
         loss_sum, loss_n = 0.0, 0
         if run is not None and time.monotonic() - last_save >= cfg.record.checkpoint_seconds:
+            save_state(step)
+            last_save = time.monotonic()
+
+    def save_state(step):
+        """The worker's own state, for a resume; losing it costs the resumed worker its local state
+        only (it restarts from the center), so a failed write (a full disk) is said once, not fatal."""
+        nonlocal save_failed
+        try:
             save_worker_state(run.worker_state(worker_id), step=step, exchange=k, params=flat.params,
                               trainer_state=trainer.state_dict())
-            last_save = time.monotonic()
+        except OSError as e:
+            if not save_failed:
+                log(f"worker {worker_id}: cannot save its state ({e.strerror or e}); training goes on without it")
+            save_failed = True
 
     def finite() -> bool:
         """The parameters the next exchange sends: a step with a finite loss can still produce
@@ -242,8 +253,7 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
         elif not reset(why, step, loss_sum / loss_n if loss_n else math.nan):
             reason = P.GAVE_UP
     if run is not None and reason in (P.SIGNALLED, P.STOPPED):
-        save_worker_state(run.worker_state(worker_id), step=step, exchange=k, params=flat.params,
-                          trainer_state=trainer.state_dict())
+        save_state(step)
     client.done(worker_id, step, reason)
     ignore_leave_signals()
     if flags:
