@@ -246,6 +246,9 @@ class RecordConfig:
             raise ConfigError(f"record.checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
 
 
+COMPRESS_FORMATS = ("none", "bf16", "int8", "int4")  # hpcopt.comm.codec
+
+
 @dataclass(kw_only=True)
 class CommConfig:
     timeout: float = 120.0
@@ -256,6 +259,8 @@ class CommConfig:
     """parameters travel in chunks of this many MB so the server computes while the rest arrives"""
     shared_memory: bool = True
     """a worker on a server's node keeps its parameters in shared memory and that server updates them in place (no copies); false: always messages. LSGD and joined workers use messages"""
+    compress: str = "none"
+    """exchanges over messages send the change since the last one in this format: none (float32 parameters), bf16, int8 or int4 (per-block scales), with error feedback; not LSGD, not in place"""
 
     def __post_init__(self):
         if not self.timeout > 0:
@@ -264,6 +269,8 @@ class CommConfig:
             raise ConfigError(f"comm.worker_timeout must be > 0 seconds, got {self.worker_timeout}")
         if not self.chunk_mb > 0:
             raise ConfigError(f"comm.chunk_mb must be > 0, got {self.chunk_mb}")
+        if self.compress not in COMPRESS_FORMATS:
+            raise ConfigError(f"comm.compress must be one of {', '.join(COMPRESS_FORMATS)}, got {self.compress!r}")
 
 
 @dataclass(kw_only=True)
@@ -277,6 +284,11 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+
+    def __post_init__(self):
+        if self.comm.compress != "none" and self.run.method == "lsgd":
+            raise ConfigError("comm.compress does not apply to lsgd (only the leaders' parameters travel); "
+                              "leave it \"none\"")
 
     @property
     def synchronous(self) -> bool:

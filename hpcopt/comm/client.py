@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from . import codec
 from . import protocol as P
 from hpcopt.launch.env import JobFatal
 from hpcopt.optim.lsgd import pull_
@@ -33,12 +34,16 @@ class CenterClient:
     them on MPI.COMM_WORLD, a joined worker on the intercommunicators of its join. Every wait has
     `timeout`. A server in `shared` (indices) is on this worker's node and updates `params`, which
     then live in a shared-memory window, in place (hpcopt.comm.shared): the exchange with it is
-    the header and a DONE_SHARED answer; `sync` is the window's memory barrier."""
+    the header and a DONE_SHARED answer; `sync` is the window's memory barrier.
+    `compress` (comm.compress, not LSGD): exchanges over messages send the change since the
+    reference both sides keep, in that codec, except the first (and after a fetch nothing is
+    needed) and every `exact_every`-th (record.worker_every: its snapshot is recorded exactly)."""
 
     def __init__(self, links: list[tuple[MPI.Comm, int]], bounds: list[tuple[int, int]],
                  params: torch.Tensor, *, chunk: int, timeout: float,
                  layer_norms: np.ndarray | None = None, leaders: bool = False,
-                 shared: set[int] = frozenset(), sync=lambda: None):
+                 shared: set[int] = frozenset(), sync=lambda: None, compress: str = "none",
+                 exact_every: int = 0):
         if params.device.type != "cpu" or not params.is_contiguous():
             raise ValueError("exchanges need a contiguous CPU parameter buffer")
         self.links, self.bounds, self.timeout = links, bounds, timeout
@@ -62,6 +67,17 @@ class CenterClient:
             raise ValueError("LSGD exchanges go over messages only")
         self.shared, self.sync = set(shared), sync
         self._done = np.zeros(len(links))
+        # compressed exchanges: the reference (whole vector; the shards over messages count), the
+        # payload buffers per server and chunk, and whether the servers share the reference yet
+        self.codec = compress if compress != "none" and not leaders and len(self.shared) < len(links) else None
+        self.exact_every = exact_every
+        self.synced = False
+        if self.codec:
+            self.ref = np.zeros_like(self.x)
+            self.offsets = [np.concatenate([[0], np.cumsum([codec.payload_size(self.codec, b - a) for a, b in c])])
+                            .astype(int) for c in self.chunks]
+            self.up = [np.empty(int(o[-1]), dtype=np.uint8) for o in self.offsets]
+            self.down = [np.empty(int(o[-1]), dtype=np.uint8) for o in self.offsets]
 
     # ------------------------------------------------------------------ notices
     def poll_notices(self) -> bool:
@@ -96,13 +112,83 @@ class CenterClient:
         see protocol.py); each reply chunk lands in place as soon as that chunk's send is done."""
         if self.leaders:
             self._lead_exchange(header)
+        elif self.codec and self.synced and not (
+                self.exact_every and int(header[P.EXCHANGE_INDEX]) % self.exact_every == 0):
+            self._compressed_exchange(header)
         else:
             self._transfer(header, send=True)
+            self._synced()
 
     def fetch(self, header: np.ndarray) -> None:
         """x <- center (a FETCH when joining, a RESET after divergence): the servers send the
         center and do not move it."""
         self._transfer(header, send=False)
+        self._synced()
+
+    def _synced(self) -> None:
+        """After a plain exchange or a fetch the servers hold exactly what this worker holds."""
+        if self.codec:
+            self.ref[:] = self.x
+            self.synced = True
+
+    def _compressed_exchange(self, header: np.ndarray) -> None:
+        """protocol.py, compressed: per chunk, the change x - ref goes up in the codec's format
+        (ref += its decoded value, as on the server) and the move comes back (x and ref -= its
+        decoded value). Servers in `shared` exchange in place as in _transfer."""
+        header = header.copy()
+        header[P.KIND] = P.EXCHANGE_Q
+        fmt, x, ref = self.codec, self.x, self.ref
+        in_place = sorted(self.shared)
+        recvs = []
+        if in_place:
+            self.sync()
+            recvs = [(self.links[s][0].Irecv(self._done[s:s + 1], source=self.links[s][1], tag=P.TAG_DONE_SHARED),
+                      None) for s in in_place]
+        headers = [comm.Isend(header, dest=rank, tag=P.TAG_HEADER) for comm, rank in self.links]
+        if self.layer_norms is not None:
+            headers += [comm.Isend(self.layer_norms, dest=rank, tag=P.TAG_LAYER_NORMS) for comm, rank in self.links]
+        over = [s for s in range(len(self.links)) if s not in self.shared]
+        to_send = {s: list(enumerate(self.chunks[s])) for s in over}
+        flying: dict[int, list] = {s: [] for s in over}
+        for s in over:  # the moves land in their own buffers: every receive can wait from the start
+            comm, rank = self.links[s]
+            o = self.offsets[s]
+            recvs += [(comm.Irecv(self.down[s][o[i]:o[i + 1]], source=rank, tag=P.TAG_REPLY_Q), (s, i, a, b))
+                      for i, (a, b) in enumerate(self.chunks[s])]
+
+        def send_more(s):
+            comm, rank = self.links[s]
+            flying[s] = [r for r in flying[s] if not r.Test()]
+            while to_send[s] and len(flying[s]) < SEND_WINDOW:
+                i, (a, b) = to_send[s].pop(0)
+                o, p = self.offsets[s][i], self.offsets[s][i + 1]
+                codec.encode(fmt, x[a:b] - ref[a:b], self.up[s][o:p])
+                ref[a:b] += codec.decode(fmt, self.up[s][o:p], b - a)
+                flying[s].append(comm.Isend(self.up[s][o:p], dest=rank, tag=P.TAG_PARAMS_Q))
+
+        deadline, backoff = time.monotonic() + self.timeout, Backoff(cap=BUSY_CAP)
+        pending = list(range(len(recvs)))
+        while pending or any(flying.values()) or any(to_send.values()):
+            progress = False
+            for s in over:
+                before = (len(to_send[s]), len(flying[s]))
+                send_more(s)
+                progress |= (len(to_send[s]), len(flying[s])) != before
+            for j in [j for j in pending if recvs[j][0].Test()]:
+                pending.remove(j)
+                progress = True
+                if recvs[j][1] is not None:
+                    s, i, a, b = recvs[j][1]
+                    o, p = self.offsets[s][i], self.offsets[s][i + 1]
+                    move = codec.decode(fmt, self.down[s][o:p], b - a)
+                    x[a:b] -= move
+                    ref[a:b] -= move
+            self._pace(progress, deadline, backoff,
+                       lambda: [recvs[j][0] for j in pending] + [r for f in flying.values() for r in f])
+        self._wait(headers, "the servers to take the exchange header")
+        if in_place:
+            self.sync()
+        self.last_sent = time.monotonic()
 
     def _transfer(self, header: np.ndarray, *, send: bool) -> None:
         in_place = self.shared if send else set()
@@ -145,17 +231,8 @@ class CenterClient:
                 post(s)
             while done < len(recvs) and recvs[done].Test():
                 done += 1
-            if (done, len(recvs), sum(len(f) for f in flying.values())) != before:
-                backoff.reset()
-            elif time.monotonic() > deadline:
-                cancel(recvs[done:] + [r for f in flying.values() for r, _ in f])
-                self.poll_notices()  # a server that dropped us says so: a clearer error
-                raise CenterLost(f"no reply from the center (servers {list(servers)}) "
-                                 f"within {self.timeout:g} s (comm.timeout)")
-            else:
-                if any(r is not None for r in self._notice_reqs):
-                    self.poll_notices()
-                backoff.idle()
+            self._pace((done, len(recvs), sum(len(f) for f in flying.values())) != before, deadline, backoff,
+                       lambda: recvs[done:] + [r for f in flying.values() for r, _ in f])
         self._wait(headers, "the servers to take the exchange header")
         if in_place:
             self.sync()  # see what the servers wrote
@@ -203,15 +280,23 @@ class CenterClient:
                     pull_(self.params[a:b], torch.from_numpy(self.target[a:b]), w["rate"])
                 pending.remove(i)
                 progress = True
-            if progress:
-                backoff.reset()
-            elif time.monotonic() > deadline:
-                cancel([w["send"] for w in flying] + [w["recv"] for w in work])
-                self.poll_notices()
-                raise CenterLost(f"no reply from the center within {self.timeout:g} s (comm.timeout)")
-            else:
-                backoff.idle()
+            self._pace(progress, deadline, backoff, lambda: [w["send"] for w in flying] + [w["recv"] for w in work])
         self.last_sent = time.monotonic()
+
+    def _pace(self, progress: bool, deadline: float, backoff: Backoff, outstanding) -> None:
+        """One turn of an exchange's wait loop: go on at once after progress, else back off; past
+        the deadline cancel `outstanding()` and end the job (CenterLost), unless a server has
+        dropped this worker (poll_notices raises Dropped: a clearer error)."""
+        if progress:
+            backoff.reset()
+        elif time.monotonic() > deadline:
+            cancel(outstanding())
+            self.poll_notices()
+            raise CenterLost(f"no reply from the center within {self.timeout:g} s (comm.timeout)")
+        else:
+            if any(r is not None for r in self._notice_reqs):
+                self.poll_notices()
+            backoff.idle()
 
     def _wait(self, requests: list, what: str) -> None:
         """wait_all with comm.timeout; a server that dropped this worker says so (Dropped), any

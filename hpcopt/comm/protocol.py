@@ -19,6 +19,15 @@ verdict (VERDICT_SIZE float64, tag TAG_VERDICT): [send, rate, leader, global lea
 with rate > 0 the server sends a pull target m (the held leader's parameters, or with two levels
 hpcopt.optim.lsgd.pull_target of both) in the same chunks, tag TAG_REPLY, and the worker moves
 x <- x + rate (m - x) itself, each chunk once its own send (if any) is complete.
+Compressed (comm.compress, not LSGD, over messages only): a worker that has a reference r of its
+parameters in common with the server (after a plain exchange, a FETCH or a RESET) may send
+EXCHANGE_Q instead: step 3 carries, per chunk, the change x - r in the codec's format
+(hpcopt.comm.codec; tag TAG_PARAMS_Q), and both sides add its decoded value to r (so r is the
+server's view of x); the server applies the rule to r and answers, per chunk, the move the worker
+must make, compressed with error feedback (tag TAG_REPLY_Q); both sides subtract its decoded value
+from r, and the worker from x. Both decode the same bytes with the same code: r stays identical
+on both sides, and what rounding loses stays in x - r and travels with the next exchange. A
+plain EXCHANGE (a worker's first, or one sampled into /workers, exactly) sets r to the reply.
 In place (hpcopt.comm.shared; not LSGD): a worker and a server on the same node, started in the
 same job, share the worker's parameters through a shared-memory window. Steps 3 and the replies
 are then replaced by the server updating that server's shard of the worker's parameters where
@@ -42,7 +51,7 @@ from __future__ import annotations
 import numpy as np
 
 # bumped on any change of the messages below; a joiner of another version is refused
-PROTOCOL_VERSION = 3  # 3: joins answer a challenge over the intercommunicator
+PROTOCOL_VERSION = 4  # 3: joins answer a challenge over the intercommunicator; 4: EXCHANGE_Q
 
 TAG_HEADER = 11
 TAG_PARAMS = 12
@@ -54,6 +63,8 @@ TAG_VERDICT = 17
 TAG_DONE_SHARED = 18
 TAG_CONTROL_ACK = 19  # a server took server 0's flush message: it is alive
 TAG_JOIN_PROOF = 20  # a join's challenge (server -> joiner rank 0) and its answer
+TAG_PARAMS_Q = 21  # a compressed change of a worker's parameters, per chunk
+TAG_REPLY_Q = 22  # the compressed move back, per chunk
 
 # header kinds
 EXCHANGE = 1.0
@@ -61,6 +72,7 @@ DONE = 2.0
 FETCH = 3.0
 RESET = 4.0
 HEARTBEAT = 5.0
+EXCHANGE_Q = 6.0  # an exchange whose parameters travel as a compressed change (comm.compress)
 
 # why a worker sent DONE (header field REASON)
 FINISHED, SIGNALLED, GAVE_UP, STOPPED = 0, 1, 2, 3
@@ -91,7 +103,8 @@ def make_header(kind: float, worker_id: int, step: int = 0, exchange_index: int 
     return h
 
 
-KINDS = (EXCHANGE, DONE, FETCH, RESET, HEARTBEAT)
+KINDS = (EXCHANGE, DONE, FETCH, RESET, HEARTBEAT, EXCHANGE_Q)
+EXCHANGES = (EXCHANGE, EXCHANGE_Q)
 
 
 def header_problem(h: np.ndarray) -> str | None:

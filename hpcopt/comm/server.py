@@ -37,6 +37,7 @@ from mpi4py import MPI
 from hpcopt.config import CommConfig
 from hpcopt.optim.center import CenterRule, Verdict
 
+from . import codec
 from . import protocol as P
 from .flushes import Flushes
 from .wait import BUSY_CAP, IDLE_CAP, Backoff, PeerTimeout, cancel, wait_all
@@ -95,6 +96,26 @@ class Peer:
     world_rank: int = -1  # for the records: its rank in the job it was started in
     pid: int = -1
     shared: bool = False  # `recv` is the worker's own parameters (shared memory): exchanges in place
+    ref: _Reference | None = None  # compressed exchanges: what this server and the worker share
+
+
+class _Reference:
+    """Compressed exchanges with one worker (protocol.py): the reference `x` both sides keep of
+    its parameters (this shard), the move the worker still owes after rounding (`err`, error
+    feedback), and the payload buffers of one exchange, up and down. `synced` once a plain
+    exchange or a fetch set `x`: only then may the worker send changes."""
+
+    def __init__(self, n: int, sizes: list[int]):
+        self.x = np.zeros(n, dtype=np.float32)
+        self.err = np.zeros(n, dtype=np.float32)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self.up = np.empty(int(self.offsets[-1]), dtype=np.uint8)
+        self.down = np.empty(int(self.offsets[-1]), dtype=np.uint8)
+        self.synced = False
+
+    def set(self, a: int, b: int, values: np.ndarray) -> None:
+        self.x[a:b] = values
+        self.err[a:b] = 0
 
 
 @dataclass
@@ -121,10 +142,15 @@ class _Exchange:
     verdict: Verdict | None = None  # LSGD: what the exchange does, once decided
     rejected: bool = False  # it carried non-finite parameters: none of them reached the center
     upload: np.ndarray | None = None  # LSGD: where the worker's parameters go, when it sends them
+    counted_compressed: bool = False  # sent as EXCHANGE_Q, served in place here
 
     @property
     def kind(self) -> float:
         return self.header[P.KIND]
+
+    @property
+    def compressed(self) -> bool:
+        return self.header[P.KIND] == P.EXCHANGE_Q
 
     @property
     def k(self) -> int:
@@ -170,6 +196,13 @@ class CenterServer:
         self.chunks = P.chunk_bounds(0, self.hi - self.lo, max(1, int(comm.chunk_mb * 1e6 / 4)))
         n_params, S = bounds[-1][1], len(bounds)
         self.bytes_per_exchange = 2 * 4 * n_params + S * P.HEADER_SIZE * 8 + S * 8 * n_layers
+        # compressed exchanges over messages (comm.compress): the format, and (server 0, for the
+        # records) the bytes of one, all shards cut into chunks as each server cuts its own
+        self.codec = comm.compress if comm.compress != "none" and rule.carries_params else None
+        if self.codec:
+            step = max(1, int(comm.chunk_mb * 1e6 / 4))
+            self.q_bytes = self.bytes_per_exchange - 2 * 4 * n_params + 2 * sum(
+                codec.payload_size(self.codec, b - a) for lo, hi in bounds for a, b in P.chunk_bounds(0, hi - lo, step))
 
         self.peers: dict[int, Peer] = {}
         self.links: list[_Link] = []
@@ -413,14 +446,26 @@ class CenterServer:
         ex = _Exchange(wid, header, arrived=time.monotonic())
         if ex.kind == P.HEARTBEAT:
             return
-        if ex.kind == P.EXCHANGE:
-            if peer.posted is None:
+        if ex.compressed and peer.shared:  # nothing travels in place: a plain exchange here, but the
+            ex.header[P.KIND] = P.EXCHANGE  # worker's other shards went compressed (the records count them so)
+            ex.counted_compressed = True
+        if ex.compressed and not (peer.ref is not None and peer.ref.synced):
+            self.drop(wid, "sent a compressed exchange without a reference in common "
+                           "(none yet, or comm.compress differs)")
+            return
+        if ex.kind in P.EXCHANGES:
+            if peer.posted is None or wid in self.replies:
                 self._settle(wid)
             if self.n_layers:  # LGRAWA, protocol step 2: sent right after the header
                 ex.layer_norms = np.empty(self.n_layers, dtype=np.float64)
                 ex.norms_req = peer.comm.Irecv(ex.layer_norms, source=peer.rank, tag=P.TAG_LAYER_NORMS)
-            ex.requests = peer.posted
-            peer.posted = None
+            if ex.compressed:  # every chunk's receive at once (small); the plain ones stay posted
+                ref = peer.ref
+                ex.requests = [peer.comm.Irecv(ref.up[ref.offsets[i]:ref.offsets[i + 1]], source=peer.rank,
+                                               tag=P.TAG_PARAMS_Q) for i in range(len(self.chunks))]
+            else:
+                ex.requests = peer.posted
+                peer.posted = None
             if self.rule.carries_params and self.recorder.wants_worker(ex.k):
                 ex.snapshot = np.empty(self.hi - self.lo, dtype=np.float32)
         elif ex.kind in (P.FETCH, P.RESET):
@@ -437,6 +482,9 @@ class CenterServer:
         peer = self.peers[ex.wid]
         snap = self.center.copy()
         reqs = [peer.comm.Isend(snap[a:b], dest=peer.rank, tag=P.TAG_REPLY) for a, b in self.chunks]
+        if self._reference(peer) is not None:  # what the worker takes as its parameters
+            peer.ref.set(0, snap.size, snap)
+            peer.ref.synced = True
         self.fetches.append((reqs, snap, ex.wid, time.monotonic()))
 
     def _poll_exchanges(self) -> bool:
@@ -445,7 +493,7 @@ class CenterServer:
         if self.deterministic:
             expected = self.order[self.turn] if self.order else None
             todo = [ex for ex in self.pending if ex.wid == expected][:1]
-            todo += [ex for ex in self.pending if ex.kind != P.EXCHANGE and ex not in todo]
+            todo += [ex for ex in self.pending if ex.kind not in P.EXCHANGES and ex not in todo]
         else:
             todo = list(self.pending)
         progress = False
@@ -468,7 +516,17 @@ class CenterServer:
             return True
         if not self.rule.carries_params:
             return self._advance_lead(ex)
+        if ex.compressed:
+            return self._advance_compressed(ex)
         return self._advance_params(ex)
+
+    def _reference(self, peer: Peer) -> _Reference | None:
+        """The worker's compressed-exchange state, made on first use (None: none over this link)."""
+        if not self.codec or peer.shared:
+            return None
+        if peer.ref is None:
+            peer.ref = _Reference(self.hi - self.lo, [codec.payload_size(self.codec, b - a) for a, b in self.chunks])
+        return peer.ref
 
     def _leave(self, ex: _Exchange) -> None:
         self.pending.remove(ex)
@@ -515,6 +573,9 @@ class CenterServer:
             else:  # never into the center: the worker gets the center's chunk instead (a reset)
                 x.copy_(self.rule.center[a:b])
                 ex.rejected = True
+            if self._reference(peer) is not None:  # the worker's parameters, exactly: in common now
+                peer.ref.set(a, b, peer.recv[a:b])
+                peer.ref.synced = i == n - 1 or peer.ref.synced
             if not peer.shared:
                 ex.replies.append(peer.comm.Isend(peer.recv[a:b], dest=peer.rank, tag=P.TAG_REPLY))
             ex.next_chunk += 1
@@ -527,10 +588,48 @@ class CenterServer:
             self._served(ex)
         return progress
 
-    def _chunk_in(self, ex: _Exchange) -> bool:
+    def _advance_compressed(self, ex: _Exchange) -> bool:
+        """A compressed exchange (protocol.py), chunk by chunk as the changes arrive: the
+        reference becomes the server's view of the worker's parameters, the rule moves the center
+        and says where the worker goes, and the move (plus what rounding withheld from the last
+        ones) goes back compressed; the reference follows the decoded move, as the worker's does."""
+        peer, ref, fmt = self.peers[ex.wid], self.peers[ex.wid].ref, self.codec
+        progress = False
+        while ex.next_chunk < len(self.chunks) and self._norms_in(ex) and self._chunk_in(ex, compressed=True):
+            i = ex.next_chunk
+            a, b = self.chunks[i]
+            o, p = ref.offsets[i], ref.offsets[i + 1]
+            if i == 0:
+                self._report(ex)
+            view = ref.x[a:b]
+            view += codec.decode(fmt, ref.up[o:p], b - a)  # the worker's parameters, as this server knows them
+            if not np.isfinite(view).all():  # its own values were checked before it sent: a broken sender
+                raise _Malformed("sent a compressed change that decodes to non-finite parameters")
+            if ex.snapshot is not None:
+                ex.snapshot[a:b] = view
+            new = torch.from_numpy(view.copy())
+            self.rule.exchange_(ex.wid, new, a, b)
+            move = view - new.numpy()
+            move += ref.err[a:b]
+            codec.encode(fmt, move, ref.down[o:p])
+            sent = codec.decode(fmt, ref.down[o:p], b - a)
+            np.subtract(move, sent, out=ref.err[a:b])
+            view -= sent
+            ex.replies.append(peer.comm.Isend(ref.down[o:p], dest=peer.rank, tag=P.TAG_REPLY_Q))
+            ex.next_chunk += 1
+            progress = True
+        if ex.next_chunk == len(self.chunks):
+            self._served(ex)
+        return progress
+
+    def _chunk_in(self, ex: _Exchange, compressed: bool = False) -> bool:
         """Whether the exchange's next chunk has arrived (whole); progress restarts its deadline."""
         a, b = self.chunks[ex.next_chunk]
-        if not _arrived(ex.requests[ex.next_chunk], b - a, MPI.FLOAT):
+        if compressed:
+            n, dtype = codec.payload_size(self.codec, b - a), MPI.BYTE
+        else:
+            n, dtype = b - a, MPI.FLOAT
+        if not _arrived(ex.requests[ex.next_chunk], n, dtype):
             return False
         ex.arrived = time.monotonic()  # a slow but healthy worker is not dropped as dead
         return True
@@ -608,7 +707,7 @@ class CenterServer:
         self.peers[ex.wid].exchanges += 1
         rec = self.recorder
         if self.coordinator:
-            sent, lead, glob = self.bytes_per_exchange, -1, -1
+            sent, lead, glob = self.q_bytes if ex.compressed or ex.counted_compressed else self.bytes_per_exchange, -1, -1
             if ex.verdict is not None:  # LSGD: header, verdict, and the parameters that travelled (as seen here)
                 v = ex.verdict
                 sent = len(self.bounds) * 8 * (P.HEADER_SIZE + P.VERDICT_SIZE) \
@@ -632,7 +731,7 @@ class CenterServer:
         done = [wid for wid, (reqs, _) in self.replies.items() if MPI.Request.Testall(reqs)]
         for wid in done:
             del self.replies[wid]
-            if wid in self.active:
+            if wid in self.active and self.peers[wid].posted is None:  # (a compressed one left them posted)
                 self._post(wid)
         return bool(done)
 
@@ -658,7 +757,7 @@ class CenterServer:
         now = time.monotonic()
         limit = self.worker_timeout
         for ex in list(self.pending):
-            if ex.kind == P.EXCHANGE and (ex.next_chunk < len(self.chunks) or ex.norms_req is not None) \
+            if ex.kind in P.EXCHANGES and (ex.next_chunk < len(self.chunks) or ex.norms_req is not None) \
                     and now - ex.arrived > limit:
                 self.drop(ex.wid, f"sent an exchange header but not its parameters within {limit:g} s")
         for wid, (_, since) in list(self.replies.items()):

@@ -343,7 +343,8 @@ def _work(s: Setup) -> WorkerSummary:
     flat = s.ready.trainer.flat
     client = CenterClient([(world, r) for r in range(cfg.run.servers)], s.bounds, s.ready.mirror.host,
                           chunk=_chunk(cfg), timeout=cfg.comm.timeout, layer_norms=_layer_norms(cfg, flat),
-                          leaders=cfg.run.method == "lsgd", shared=s.share.servers, sync=s.share.sync)
+                          leaders=cfg.run.method == "lsgd", shared=s.share.servers, sync=s.share.sync,
+                          compress=cfg.comm.compress, exact_every=cfg.record.worker_every)
     state, first = None, 0
     if s.ckpt is not None:
         state = load_worker_state(s.run.worker_state(wid), flat.numel, log=log_all)

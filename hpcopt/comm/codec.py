@@ -1,0 +1,102 @@
+"""Lossy codecs for the changes that compressed exchanges send (comm.compress).
+
+What travels is a change of float32 parameters (hpcopt.comm.client / server): the worker's
+parameters minus the reference both sides keep, and the server's move back. Each codec turns a
+float32 vector into one fixed-size byte payload and back:
+
+  bf16  16 bits per value (float32 rounded to nearest even, NaN kept NaN): 2x smaller
+  int8  8 bits per value, one float32 scale per block of BLOCK values (absmax / 127): ~3.9x
+  int4  4 bits per value (two per byte), one float32 scale per block (absmax / 7): ~7.5x
+
+Both sides decode with this same code on the same bytes, so their references stay bit-identical
+(what the tests check). The rounding error is not lost: it stays in the difference between the
+worker's parameters and the reference, and the next exchange sends it (error feedback).
+Non-finite input gives non-finite output (a NaN scale), never a plausible finite value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpcopt.config import COMPRESS_FORMATS as FORMATS  # (config checks the name without numpy)
+BLOCK = 256  # values per scale: a small share of the payload (4 bytes per 128 or 256)
+_LEVELS = {"int8": 127, "int4": 7}
+
+
+def payload_size(fmt: str, n: int) -> int:
+    """Bytes of the payload that carries n values."""
+    if fmt == "bf16":
+        return 2 * n
+    blocks = -(-n // BLOCK)
+    if fmt == "int8":
+        return 4 * blocks + n
+    if fmt == "int4":
+        return 4 * blocks + (n + 1) // 2
+    raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS[1:])})")
+
+
+def _scales(x: np.ndarray, levels: int) -> np.ndarray:
+    """absmax / levels per block (the last block may be short)."""
+    n = x.size
+    full = n // BLOCK * BLOCK
+    amax = np.abs(x[:full]).reshape(-1, BLOCK).max(axis=1) if full else np.empty(0, np.float32)
+    if full < n:
+        amax = np.append(amax, np.abs(x[full:]).max())
+    # max() propagates NaN, so a NaN in a block makes its scale (and its decoded values) NaN
+    return (amax / np.float32(levels)).astype(np.float32)
+
+
+def _per_value(scales: np.ndarray, n: int) -> np.ndarray:
+    return np.repeat(scales, BLOCK)[:n]
+
+
+def encode(fmt: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """x (float32) -> out (uint8, payload_size(fmt, x.size) bytes). Returns out."""
+    n = x.size
+    if fmt == "bf16":
+        u = x.view(np.uint32)
+        rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+        rounded[np.isnan(x)] = 0x7FC0  # rounding could carry a NaN's mantissa into the sign
+        out.view(np.uint16)[:] = rounded
+        return out
+    levels = _LEVELS[fmt]
+    scales = _scales(x, levels)
+    nb = scales.size
+    out[:4 * nb].view(np.float32)[:] = scales
+    s = _per_value(scales, n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s > 0, x / np.where(s > 0, s, 1), 0)  # an all-zero block: zeros
+    q = np.rint(q)
+    q[~np.isfinite(q)] = 0  # (its scale is NaN/Inf: decoding gives NaN/Inf anyway)
+    q = np.clip(q, -levels, levels).astype(np.int8)
+    values = out[4 * nb:]
+    if fmt == "int8":
+        values.view(np.int8)[:] = q
+    else:  # two values per byte, low nibble first, each as q + 8 in 1..15
+        nib = (q + 8).astype(np.uint8)
+        if n % 2:
+            nib = np.append(nib, np.uint8(8))
+        values[:] = nib[0::2] | (nib[1::2] << np.uint8(4))
+    return out
+
+
+def decode(fmt: str, payload: np.ndarray, n: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The float32 values a payload carries (into `out` if given)."""
+    if out is None:
+        out = np.empty(n, dtype=np.float32)
+    if fmt == "bf16":
+        out.view(np.uint32)[:] = payload.view(np.uint16).astype(np.uint32) << np.uint32(16)
+        return out
+    nb = -(-n // BLOCK)
+    scales = payload[:4 * nb].view(np.float32)
+    values = payload[4 * nb:]
+    if fmt == "int8":
+        q = values.view(np.int8)[:n]
+    else:
+        q = np.empty(2 * values.size, dtype=np.int8)
+        q[0::2] = (values & np.uint8(0x0F)).astype(np.int8) - 8
+        q[1::2] = (values >> np.uint8(4)).astype(np.int8) - 8
+        q = q[:n]
+    with np.errstate(invalid="ignore"):  # 0 x Inf scale: NaN, as it should be
+        np.multiply(q, _per_value(scales, n), out=out, dtype=np.float32)
+    return out

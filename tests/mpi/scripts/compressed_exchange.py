@@ -1,0 +1,95 @@
+"""Run under `mpirun -n 3`: ranks 0 and 1 are servers, rank 2 a worker, exchanges compressed in
+the format argv[2] (comm.compress). Server 0 exchanges with the worker in place (shared memory),
+server 1 over messages, so one exchange mixes both paths. The worker replays every exchange in
+NumPy (the codec's encode/decode, the elastic move, error feedback) and checks its parameters
+against the replay exactly; every EXACT_EVERY-th exchange goes plain. At the end each side saves
+its reference (worker_ref.npy, server1_ref.npy) and the replayed one (replay_ref.npy), the
+centers (server{0,1}_center.npy, replay_center.npy) into argv[1], and the worker prints OK."""
+
+import sys
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hpcopt.comm import codec
+from hpcopt.comm.client import CenterClient
+from hpcopt.comm.protocol import EXCHANGE, make_header, shard_bounds
+from hpcopt.comm.server import CenterServer
+from hpcopt.comm.shared import share_node
+from hpcopt.config import CommConfig, RecordConfig
+from hpcopt.io.recorder import Recorder
+from hpcopt.io.trajectory import TrajectoryWriter
+from hpcopt.optim.center import ElasticRule
+from hpcopt.optim.easgd import elastic_exchange_
+
+N, ALPHA, CHUNK, EXCHANGES, EXACT_EVERY = 1003, 0.3, 50, 40, 7
+
+
+def main():
+    out, fmt = sys.argv[1], sys.argv[2]
+    world = MPI.COMM_WORLD
+    assert world.size == 3, "run with mpirun -n 3"
+    share = share_node(world, 2, N)
+    bounds = shard_bounds(N, 2)
+    center0 = np.linspace(-1, 1, N, dtype=np.float32)
+    servers = world.Split(0 if world.rank < 2 else 1, world.rank)
+    if world.rank < 2:
+        lo, hi = bounds[world.rank]
+        writer = TrajectoryWriter(f"{out}/compressed.h5", servers, n_params=N, lo=lo, hi=hi,
+                                  shard_width=bounds[0][1] - bounds[0][0], attrs={}, model_attrs={})
+        start = time.monotonic()
+        rule = ElasticRule(torch.from_numpy(center0[lo:hi].copy()), ALPHA)
+        recorder = Recorder(servers, writer, RecordConfig(center_every=1, worker_every=EXACT_EVERY,
+                                                          flush_seconds=3600, eval_seconds=3600),
+                            bounds=bounds, start=start, center=rule.center.numpy())
+        server = CenterServer(world=world, servers=servers, workers={0: (2, "")}, bounds=bounds, rule=rule,
+                              recorder=recorder, comm=CommConfig(timeout=60, chunk_mb=CHUNK * 4 / 1e6, compress=fmt),
+                              start=start, shared=share.workers if world.rank == 0 else None, sync=share.sync)
+        server.serve()
+        np.save(f"{out}/server{world.rank}_center.npy", rule.center.numpy())
+        if world.rank == 1:
+            np.save(f"{out}/server1_ref.npy", server.peers[0].ref.x)
+        return
+    params = share.params
+    rng = np.random.default_rng(0)
+    client = CenterClient([(world, 0), (world, 1)], bounds, params, chunk=CHUNK, timeout=60, shared={0},
+                          sync=share.sync, compress=fmt, exact_every=EXACT_EVERY)
+    lo, hi = bounds[1]  # the shard over messages
+    pieces = [(a, min(a + CHUNK, hi)) for a in range(lo, hi, CHUNK)]
+    center = torch.from_numpy(center0.copy())
+    x = params.numpy()
+    x[:] = center0 + rng.standard_normal(N).astype(np.float32)
+    ref, err = np.zeros(N, np.float32), np.zeros(N, np.float32)
+    for k in range(1, EXCHANGES + 1):
+        x += 0.1 * rng.standard_normal(N).astype(np.float32)  # "local steps"
+        want = torch.from_numpy(x.copy())
+        plain = k == 1 or k % EXACT_EVERY == 0
+        if plain:
+            elastic_exchange_(center, want, ALPHA)
+            ref[:], err[:] = want.numpy(), 0
+        else:  # in place on shard 0, the codec on shard 1 (per chunk, as the wire cuts it)
+            elastic_exchange_(center[:lo], want[:lo], ALPHA)
+            for a, b in pieces:
+                ref[a:b] += codec.decode(fmt, codec.encode(fmt, x[a:b] - ref[a:b], np.empty(
+                    codec.payload_size(fmt, b - a), np.uint8)), b - a)
+                new = torch.from_numpy(ref[a:b].copy())
+                elastic_exchange_(center[a:b], new, ALPHA)
+                move = ref[a:b] - new.numpy() + err[a:b]
+                sent = codec.decode(fmt, codec.encode(fmt, move, np.empty(codec.payload_size(fmt, b - a), np.uint8)),
+                                    b - a)
+                err[a:b] = move - sent
+                ref[a:b] -= sent
+                want[a:b] -= torch.from_numpy(sent)
+        client.exchange(make_header(EXCHANGE, 0, k, k))
+        np.testing.assert_array_equal(x, want.numpy(), err_msg=f"exchange {k} ({'plain' if plain else fmt})")
+    client.done(0, EXCHANGES)
+    np.save(f"{out}/worker_ref.npy", client.ref[lo:hi])
+    np.save(f"{out}/replay_ref.npy", ref[lo:hi])
+    np.save(f"{out}/replay_center.npy", center.numpy())
+    print("OK", flush=True)
+
+
+if __name__ == "__main__":
+    main()

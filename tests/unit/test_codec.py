@@ -1,0 +1,56 @@
+"""The codecs of compressed exchanges (hpcopt.comm.codec) against independent references."""
+
+import numpy as np
+import pytest
+import torch
+
+from hpcopt.comm import codec
+
+SIZES = [1, 2, 7, 255, 256, 257, 1000, 4099]
+
+
+def roundtrip(fmt, x):
+    payload = np.empty(codec.payload_size(fmt, x.size), dtype=np.uint8)
+    codec.encode(fmt, x, payload)
+    return codec.decode(fmt, payload, x.size)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_bf16_rounds_as_torch_does(n):
+    x = (np.random.default_rng(n).standard_normal(n) * 10.0 ** np.random.default_rng(1).integers(-30, 30, n)).astype(np.float32)
+    want = torch.from_numpy(x).to(torch.bfloat16).to(torch.float32).numpy()
+    np.testing.assert_array_equal(roundtrip("bf16", x), want)
+
+
+@pytest.mark.parametrize("fmt,levels", [("int8", 127), ("int4", 7)])
+@pytest.mark.parametrize("n", SIZES)
+def test_block_formats_match_a_plain_per_block_reference(fmt, levels, n):
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    x[: n // 3] *= 1e-3  # blocks of very different magnitude
+    want = np.empty(n, np.float32)
+    for a in range(0, n, codec.BLOCK):
+        block = x[a:a + codec.BLOCK]
+        scale = np.float32(np.abs(block).max()) / np.float32(levels)
+        want[a:a + codec.BLOCK] = np.clip(np.rint(block / scale), -levels, levels).astype(np.float32) * scale
+    got = roundtrip(fmt, x)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got - x).max() <= np.abs(x).max() / levels / 2 * 1.0001
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_sizes_zeros_and_non_finite(fmt):
+    assert codec.payload_size(fmt, 1000) < 4 * 1000
+    np.testing.assert_array_equal(roundtrip(fmt, np.zeros(300, np.float32)), 0)
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.ones(300, np.float32)
+        x[3] = bad
+        y = roundtrip(fmt, x)
+        assert not np.isfinite(y[3]), (fmt, bad)  # never a plausible finite value
+        assert np.isfinite(y[290:]).all()  # another block is untouched
+
+
+def test_ratios_and_unknown_format():
+    n = 10 ** 6
+    assert [round(4 * n / codec.payload_size(f, n), 2) for f in ("bf16", "int8", "int4")] == [2.0, 3.94, 7.76]
+    with pytest.raises(ValueError, match="unknown format"):
+        codec.payload_size("int3", 10)
