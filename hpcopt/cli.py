@@ -50,9 +50,10 @@ def _cmd_train(args) -> int:
 
     from hpcopt.comm.joins import joins_possible
 
-    # Only the main thread calls MPI, except the threads that accept joins (they need an
-    # ompi-server, so the stricter level is asked for only then).
-    mpi4py.rc.thread_level = "multiple" if joins_possible() else "funneled"
+    # One thread at a time calls MPI (a worker's overlapped exchange runs in a thread:
+    # comm.overlap), except the threads that accept joins (they need an ompi-server, so the
+    # stricter level is asked for only then).
+    mpi4py.rc.thread_level = "multiple" if joins_possible() else "serialized"
     from mpi4py import MPI
 
     from hpcopt import config as C

@@ -261,6 +261,8 @@ class CommConfig:
     """a worker on a server's node keeps its parameters in shared memory and that server updates them in place (no copies); false: always messages. LSGD and joined workers use messages"""
     compress: str = "none"
     """exchanges over messages send the change since the last one in this format: none (float32 parameters), bf16, int8 or int4 (per-block scales), with error feedback; not LSGD, not in place"""
+    overlap: bool = False
+    """a worker keeps stepping while its exchange travels (in a thread, on a copy of its parameters) and applies the exchange's move when it completes, at most one period late; not with run.deterministic"""
 
     def __post_init__(self):
         if not self.timeout > 0:
@@ -286,6 +288,9 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
 
     def __post_init__(self):
+        if self.comm.overlap and self.run.deterministic:
+            raise ConfigError("comm.overlap makes when a move lands depend on timing: it cannot be "
+                              "run.deterministic; set one of them false")
         if self.comm.compress != "none" and self.run.method == "lsgd":
             raise ConfigError("comm.compress does not apply to lsgd (only the leaders' parameters travel); "
                               "leave it \"none\"")

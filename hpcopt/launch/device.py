@@ -204,7 +204,8 @@ def _clear_cuda_error() -> None:
 
 
 class HostMirror:
-    """A host copy of a (flat, contiguous) tensor for MPI, or the tensor itself when it is on the CPU.
+    """A host copy of a (flat, contiguous) tensor for MPI, or the tensor itself when it is on the CPU
+    (unless `separate`: the overlapped exchanges of comm.overlap work on a copy).
 
     `pull()` brings the device's values to the host and waits for them (MPI reads host memory
     next); `push()` sends the host's values back asynchronously: the copy is queued on the current
@@ -213,24 +214,26 @@ class HostMirror:
     shared-memory window): it is page-locked in place (cudaHostRegister) so that both copies are
     asynchronous DMA; when that fails the copies are synchronous, and `pinned` says so."""
 
-    def __init__(self, tensor, host=None):
+    def __init__(self, tensor, host=None, separate: bool = False):
         import torch
 
         self.tensor = tensor
-        self.on_host = tensor.device.type == "cpu"
-        self.pinned = self.on_host
+        cpu = tensor.device.type == "cpu"
+        self.on_host = cpu and not separate  # the tensor is its own host copy
+        self.pinned = cpu
         if self.on_host:
             self.host = tensor
             return
-        if host is None:
-            self.host = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=True)
+        if host is None:  # (`separate` on the CPU: a copy the training does not touch, comm.overlap)
+            self.host = torch.empty(tensor.numel(), dtype=tensor.dtype, pin_memory=not cpu)
             self.pinned = True
         else:
             self.host = host
-            nbytes = host.numel() * host.element_size()
-            self.pinned = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 0) == 0
-            if not self.pinned:
-                _clear_cuda_error()
+            if not cpu:
+                nbytes = host.numel() * host.element_size()
+                self.pinned = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 0) == 0
+                if not self.pinned:
+                    _clear_cuda_error()
         self.host.copy_(tensor)
 
     def pull(self):
@@ -239,7 +242,8 @@ class HostMirror:
             import torch
 
             self.host.copy_(self.tensor, non_blocking=self.pinned)
-            torch.cuda.current_stream(self.tensor.device).synchronize()
+            if self.tensor.is_cuda:
+                torch.cuda.current_stream(self.tensor.device).synchronize()
         return self.host
 
     def push(self) -> None:

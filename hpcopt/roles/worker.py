@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -82,15 +83,18 @@ class DivergenceGuard:
 
 
 def on_device(flat: FlatModel, log, shared: torch.Tensor | None = None,
-              node_rank: int | None = None) -> tuple[FlatModel, HostMirror]:
+              node_rank: int | None = None, separate: bool = False) -> tuple[FlatModel, HostMirror]:
     """A worker moves to the GPU of its node-local rank, if it has one (hpcopt.launch.device).
     Returns the model there and the host mirror exchanges use (on the CPU, the parameters
     themselves). `shared`, when given, is the worker's shared-memory window (hpcopt.comm.shared):
-    the CPU parameters, or the GPU parameters' host copy, live there."""
+    the CPU parameters, or the GPU parameters' host copy, live there. `separate` (comm.overlap):
+    exchanges work on a host copy on the CPU too (the window, if any, holds that copy)."""
     from hpcopt.launch.device import select_device
 
     choice = select_device("worker", node_rank=node_rank, log=log if torch.cuda.is_available() else None)
     if choice.device == "cpu":
+        if separate:
+            return flat, HostMirror(flat.params, host=shared, separate=True)
         if shared is not None:
             flat.place(shared)
         return flat, HostMirror(flat.params)
@@ -121,7 +125,7 @@ def prepare(cfg: Config, worker_id: int, flat: FlatModel, data: dict, *, shared:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    flat, mirror = on_device(flat, log, shared, node_rank)
+    flat, mirror = on_device(flat, log, shared, node_rank, separate=cfg.comm.overlap and not cfg.synchronous)
     trainer = LocalTrainer(cfg, worker_id, flat, data)
     reference = trainer.initial_loss()
     if flat.params.is_cuda:
@@ -132,6 +136,53 @@ def prepare(cfg: Config, worker_id: int, flat: FlatModel, data: dict, *, shared:
             f"first forward pass); the servers wait for that before their clock (comm.worker_timeout = "
             f"{cfg.comm.worker_timeout:g} s) starts")
     return Prepared(trainer=trainer, mirror=mirror, reference=reference, seconds=seconds)
+
+
+class Overlap:
+    """comm.overlap: an exchange runs in a thread on the mirror's host copy (never on the
+    parameters being trained) while the worker keeps stepping; once it completes, the move it
+    made of that copy is applied to the parameters -- at the latest at the next exchange, so
+    the move is at most one period late (as in Streaming DiLoCo). While an exchange is in
+    flight only its thread calls the client (and MPI: thread level "serialized")."""
+
+    def __init__(self, client, mirror: HostMirror):
+        self.client, self.mirror = client, mirror
+        self.sent = torch.empty(mirror.host.numel(), dtype=mirror.host.dtype, pin_memory=mirror.tensor.is_cuda)
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.thread is not None
+
+    def start(self, header) -> None:
+        self.mirror.pull()
+        self.sent.copy_(self.mirror.host)
+        self.thread = threading.Thread(target=self._run, args=(header,), name="hpcopt-exchange", daemon=True)
+        self.thread.start()
+
+    def _run(self, header) -> None:
+        try:
+            self.client.exchange(header)  # (every wait in it has comm.timeout)
+        except BaseException as e:  # raised where the training is: in finish()
+            self.error = e
+
+    def poll(self) -> None:
+        """Apply a completed exchange's move now (less stale than at the next exchange)."""
+        if self.thread is not None and not self.thread.is_alive():
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the exchange in flight, if any, and apply its move to the parameters."""
+        if self.thread is None:
+            return
+        self.thread.join()
+        self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        move = self.sent.sub_(self.mirror.host)  # what the exchange did to the copy it sent
+        self.mirror.tensor.sub_(move.to(self.mirror.tensor.device, non_blocking=True))
 
 
 def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: float, *,
@@ -169,10 +220,17 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
         return P.make_header(kind, worker_id, step, k, loss_sum / loss_n if loss_n else math.nan, step * trainer.batch, lr,
                              time.monotonic() - start, grad_norm, **kw)
 
-    def exchange(step):
+    overlap = Overlap(client, mirror) if cfg.comm.overlap else None
+
+    def exchange(step, last: bool = False):
         nonlocal loss_sum, loss_n, k, last_save
         k += 1
-        through_host(client.exchange, header(P.EXCHANGE, step))
+        if overlap is not None:
+            overlap.finish()  # the previous exchange's move first: the next one sends it along
+        if overlap is not None and not last:
+            overlap.start(header(P.EXCHANGE, step))
+        else:
+            through_host(client.exchange, header(P.EXCHANGE, step))
         loss_sum, loss_n = 0.0, 0
         if run is not None and time.monotonic() - last_save >= cfg.record.checkpoint_seconds:
             save_state(step)
@@ -206,6 +264,8 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
         log(f"worker {worker_id}: {what} at step {step}: restarting from the center "
             f"(reset {resets} of at most {cfg.train.max_resets})")
         loss_sum, loss_n = bad_loss, 1  # the header carries the bad loss into the event
+        if overlap is not None:
+            overlap.finish()
         through_host(client.fetch, header(P.RESET, step), send=False)  # the center overwrites them
         loss_sum, loss_n = 0.0, 0
         trainer.reset_local_state()
@@ -224,7 +284,10 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
             elif not reset(why, step, loss_sum / loss_n if loss_n else math.nan):
                 reason = P.GAVE_UP
                 break
-        if flags or client.poll_notices():
+        if overlap is not None:
+            overlap.poll()
+        talk = overlap is None or not overlap.busy  # (else only the exchange's thread talks to the servers)
+        if flags or (talk and client.poll_notices()):
             reason = P.SIGNALLED if flags else P.STOPPED
             break
         lr = trainer.lr(step)
@@ -244,12 +307,15 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
         if (step + 1) % tau == 0 or step + 1 == total:  # the gradient the next exchange reports
             grad_norm = float(flat.grads.norm())
         trainer.apply(lr)
-        client.heartbeat(worker_id, step, heartbeat_every)
+        if talk:
+            client.heartbeat(worker_id, step, heartbeat_every)
         step += 1
+    if overlap is not None:
+        overlap.finish()
     if reason != P.GAVE_UP:
         why = why_not_exchange()
         if why is None:
-            exchange(step)  # the last exchange: what the worker learnt since the previous one counts
+            exchange(step, last=True)  # the last exchange: what the worker learnt since the previous one counts
         elif not reset(why, step, loss_sum / loss_n if loss_n else math.nan):
             reason = P.GAVE_UP
     if run is not None and reason in (P.SIGNALLED, P.STOPPED):
