@@ -2,6 +2,7 @@
 
     mpirun -n 5 hpcopt train --config configs/mnist1d_easgd.toml --out runs/mine
     hpcopt inspect runs/mine/trajectory.h5 [--json]
+    hpcopt export runs/mine -o model.pt
 """
 
 from __future__ import annotations
@@ -226,6 +227,47 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write a saved model of a run (the final center by default) as a PyTorch state_dict",
+        description="Write one saved model of RUN as a PyTorch state_dict of the run's model, which is\n"
+                    "rebuilt from the config the run recorded (a user's model factory must be importable).\n\n"
+                    "  hpcopt export runs/demo -o model.pt                  # the final center\n"
+                    "  hpcopt export runs/demo --at center:5 -o c5.pt       # center snapshot row 5\n"
+                    "  hpcopt export runs/demo --at worker:2 -o w2.safetensors\n\n"
+                    "Load it into the model the run trained: model.load_state_dict(torch.load('model.pt')),\n"
+                    "e.g. hpcopt.models.build_model('cnn1d', {}) for a built-in; or in Python get the module\n"
+                    "itself: hpcopt.load_model('runs/demo', at='center'). A finished training also leaves\n"
+                    "RUN/center.pt, the same file as --at center.",
+        epilog="A trajectory records the trainable parameters: buffers (BatchNorm statistics) and frozen\n"
+               "parameters keep the values the model is built with under the run's seed.")
+    p.add_argument("run", metavar="RUN", help="the run directory (or its trajectory.h5)")
+    p.add_argument("--at", default="center", metavar="MODEL",
+                   help="which saved model: center (the last center snapshot, the default: the final center of a "
+                        "finished training), center:I (center snapshot row I; negative counts from the end), "
+                        "worker:ID (worker ID's last recorded snapshot, see record.worker_every); also init "
+                        "(center row 0) and worker:ID:K (that worker's K-th snapshot)")
+    p.add_argument("-o", "--out", required=True, metavar="FILE",
+                   help="the file to write: FILE.safetensors in the safetensors format (needs `pip install "
+                        "safetensors`), any other name in torch.save's (.pt); written atomically")
+
+
+def _cmd_export(args) -> int:
+    from hpcopt.export import ExportError, export
+
+    try:
+        model = export(args.run, args.at, args.out)
+    except ExportError as e:
+        print(f"hpcopt export: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"hpcopt export: error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {args.at} of {args.run} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    return 0
+
+
 def _exit_without_fence(code: int) -> int:
     """In Open MPI's recovery mode (`hpcopt train -n`), a rank that is done exits right away
     instead of entering MPI_Finalize: its fence includes every rank the job ever had, and with a
@@ -288,6 +330,7 @@ def _main(argv: list[str] | None) -> int:
                                    "rewrites at every flush.")
     p.add_argument("run", metavar="RUN", help="the run directory")
     p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    _export_parser(sub)
     from hpcopt.analyze.cli import add_parser as _analyze_parser
 
     _analyze_parser(sub)
@@ -304,6 +347,8 @@ def _main(argv: list[str] | None) -> int:
         return _exit_without_fence(_cmd_join(args))
     if args.command == "status":
         return _cmd_status(args)
+    if args.command == "export":
+        return _cmd_export(args)
     parser.print_help()
     return 2
 

@@ -84,23 +84,34 @@ def label_of(path: str) -> str:
 def point(run: Run, spec: str) -> tuple[str, np.ndarray]:
     """A saved model of `run` by name: `center` (the last snapshot), `center:I` (row I, negative
     counts from the end), `init` (center row 0), `worker:ID` (that worker's last snapshot) or
-    `worker:ID:K` (its K-th snapshot). Returns (label, float32 vector)."""
+    `worker:ID:K` (its K-th snapshot). Returns (label, float32 vector). A name that is malformed,
+    out of range or of a worker never recorded is a ValueError saying what there is."""
     kind, *rest = spec.split(":")
     try:
-        if kind in ("center", "init"):
-            i = 0 if kind == "init" else (int(rest[0]) if rest else -1)
-            return (spec, run.center[i].copy())
-        if kind == "worker" and rest:
-            wid = int(rest[0])
-            rows = np.flatnonzero(run.workers_meta["worker_id"] == wid)
-            if len(rows) == 0:
-                raise ValueError(f"worker {wid} has no recorded snapshot (record.worker_every may be 0)")
-            k = int(rest[1]) if len(rest) > 1 else -1
-            return (spec, run.workers[rows[k]].copy())
-    except IndexError:
-        raise ValueError(f"model {spec!r}: index out of range in {run.path}") from None
-    raise ValueError(f"model {spec!r} must be center, center:I, init, worker:ID or worker:ID:K "
-                     f"(optionally FILE#... for another run)")
+        numbers = [int(r) for r in rest]
+    except ValueError:
+        numbers = None
+    if kind in ("center", "init") and numbers is not None and len(numbers) <= (1 if kind == "center" else 0):
+        i = numbers[0] if numbers else 0 if kind == "init" else -1
+        n = len(run.center)
+        return (spec, run.center[_row(spec, i, n, f"{run.path} has {n} center snapshots")].copy())
+    if kind == "worker" and numbers is not None and 1 <= len(numbers) <= 2:
+        wid = numbers[0]
+        rows = np.flatnonzero(run.workers_meta["worker_id"] == wid)
+        if len(rows) == 0:
+            recorded = sorted({int(w) for w in run.workers_meta["worker_id"]})
+            raise ValueError(f"worker {wid} has no recorded snapshot in {run.path} ("
+                             + (f"workers with snapshots: {', '.join(map(str, recorded))})" if recorded else
+                                "no worker has one: record.worker_every may be 0)"))
+        k = numbers[1] if len(numbers) > 1 else -1
+        return (spec, run.workers[rows[_row(spec, k, len(rows), f"worker {wid} has {len(rows)} snapshots")]].copy())
+    raise ValueError(f"model {spec!r} must be center, center:I, init, worker:ID or worker:ID:K")
+
+
+def _row(spec: str, i: int, n: int, what: str) -> int:
+    if not -n <= i < n:
+        raise ValueError(f"model {spec!r}: index {i} out of range: {what} (0..{n - 1}, or -{n}..-1 from the end)")
+    return i
 
 
 def resolve_point(run: Run, spec: str, runs: dict | None = None) -> tuple[str, np.ndarray]:

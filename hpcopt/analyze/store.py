@@ -1,4 +1,5 @@
-"""The analysis results file (OUT/analysis.h5), written by rank 0 alone with plain h5py.
+"""The analysis results file (OUT/analysis.h5), written by rank 0 alone with plain h5py, and
+read back as plain dicts by `read_results` (`hpcopt.load_analysis`).
 
 Results are a few numbers per grid point, so one writer is enough and keeps the file
 consistent without collective calls between ranks that work at different paces.
@@ -56,17 +57,70 @@ def open_results(path: str | Path, source: str):
             f = h5py.File(path, "a", locking=False)
         except OSError as e:
             raise ResultsError(f"{path} exists but is not a readable HDF5 file ({e}); remove it or pick another --out") from None
-        fmt, ver = f.attrs.get("format"), int(f.attrs.get("schema_version", -1))
-        if fmt != FORMAT or ver > SCHEMA_VERSION:
-            f.close()
-            raise ResultsError(f"{path} is not an hpcopt analysis file of schema <= {SCHEMA_VERSION} "
-                               f"(format={fmt!r}, schema_version={ver}); remove it or pick another --out")
+        _check_format(f, path, "remove it or pick another --out")
     else:
         f = h5py.File(path, "w", locking=False)
         f.attrs["format"] = FORMAT
         f.attrs["schema_version"] = SCHEMA_VERSION
     f.attrs["source"] = str(source)
     return f
+
+
+def _check_format(f, path, advice: str) -> None:
+    """Close `f` and raise ResultsError unless it is an analysis file of a schema this reads."""
+    fmt, ver = f.attrs.get("format"), int(f.attrs.get("schema_version", -1))
+    if fmt != FORMAT or ver > SCHEMA_VERSION:
+        f.close()
+        raise ResultsError(f"{path} is not an hpcopt analysis file of schema <= {SCHEMA_VERSION} "
+                           f"(format={fmt!r}, schema_version={ver}); {advice}")
+
+
+def read_results(path: str | Path) -> dict:
+    """What `hpcopt analyze` stored, as nested plain dicts: groups as dicts, datasets as NumPy
+    arrays, attributes as numbers and strings (the JSON ones, such as a grid's `spec`, decoded),
+    the file's own attributes at the top (`source`, `complete`, ...). `path`: analysis.h5, the
+    directory it is in (`--out`), or a run directory (its analysis/analysis.h5, the default).
+
+        res = hpcopt.load_analysis("runs/demo")
+        res["curvature"]["eigenvalues"], res["grids"]["random_2d"]["loss"], res["trajectory"]["spread"]
+    """
+    import h5py
+
+    path = Path(path)
+    if path.is_dir():
+        found = [p for p in (path / "analysis.h5", path / "analysis" / "analysis.h5") if p.is_file()]
+        if not found:
+            raise ResultsError(f"{path} holds no analysis.h5 (nor analysis/analysis.h5); run `hpcopt analyze "
+                               f"{path}` first")
+        path = found[0]
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except (OSError, ValueError) as e:  # missing, or not HDF5
+        raise ResultsError(f"cannot read {path}: {e}") from None
+    _check_format(f, path, "give the analysis.h5 that `hpcopt analyze` wrote")
+    with f:
+        return _read_tree(f)
+
+
+def _read_tree(group) -> dict:
+    import h5py
+
+    out = {k: _plain(v) for k, v in group.attrs.items()}
+    for k, v in group.items():
+        out[k] = _read_tree(v) if isinstance(v, h5py.Group) else v[()]
+    return out
+
+
+def _plain(value):
+    """An HDF5 attribute as a plain Python value: numbers and strings, JSON decoded."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value.startswith(("[", "{")):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def replace_group(f, name: str):

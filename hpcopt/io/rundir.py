@@ -10,6 +10,8 @@
     OUT/status.json       live status, rewritten atomically by server 0 (`hpcopt status`)
     OUT/checkpoint.h5     the servers' last checkpoint (atomic; `hpcopt train --resume`)
     OUT/workers/          each worker's own last state (local optimizer, data order), atomic
+    OUT/center.pt         the center when the training last ended, as a PyTorch state_dict of the
+                          run's model (server 0, atomic; hpcopt.export)
     OUT/logs/             one log per rank when launched by `hpcopt train -n` / `hpcopt join -n`
     OUT/lock              who trains this run now (host, pid), refreshed at every flush
 
@@ -42,6 +44,7 @@ class RunDir:
         self.joins = self.path / "joins"
         self.status = self.path / "status.json"
         self.checkpoint = self.path / "checkpoint.h5"
+        self.center_model = self.path / "center.pt"
         self.workers = self.path / "workers"
         self.logs = self.path / "logs"
         self.lock_file = self.path / "lock"

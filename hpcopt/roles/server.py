@@ -49,10 +49,17 @@ def serve(s, writer, evaluator) -> ServeSummary:
         _say_how(s, joins)
     server.stop_flag = SignalFlag()
     try:
-        return server.serve()
+        summary = server.serve()
     finally:
         joins.close()
         ignore_leave_signals()
+    # after the final flush: server 0 leaves the final center as OUT/center.pt
+    center = recorder.gather(rule.center.numpy())  # collective over the servers
+    if role.rank == 0:
+        from hpcopt.roles.train import write_center
+
+        write_center(s, center)
+    return summary
 
 
 def _say_how(s, joins) -> None:

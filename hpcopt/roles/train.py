@@ -62,7 +62,7 @@ def _prepare_run_dir(cfg: Config, force: bool) -> str:
     note = run.lock(_stale_seconds(cfg))  # before anything is deleted: a live run is never overwritten
     if note:
         print(f"hpcopt: {note}", flush=True)
-    for stale in (run.trajectory, run.checkpoint, run.status, run.join_info):
+    for stale in (run.trajectory, run.checkpoint, run.status, run.join_info, run.center_model):
         if stale.exists():
             stale.unlink()
     for d in (run.workers, run.joins):
@@ -325,9 +325,22 @@ def _train_sync(s: Setup, writer, evaluator) -> TrainResult:
     worker, rounds = train_sync(s.cfg, s.world, s.ready, recorder=recorder, log=s.log)
     run = None
     if recorder is not None:
+        write_center(s, s.ready.mirror.pull().numpy())  # the average of the last round, as recorded
         run = RunSummary(path=s.path, synchronous=True, exchanges=rounds, wall_seconds=recorder.now(),
                          final_accuracy=recorder.last_accuracy)
     return TrainResult(run=run, worker=worker)
+
+
+def write_center(s: Setup, center: np.ndarray) -> None:
+    """Server 0 (rank 0 of a synchronous run), after the final flush: OUT/center.pt, the final
+    center as a state_dict of the run's model (hpcopt.export), written atomically."""
+    from hpcopt.export import save_center
+    from hpcopt.io.recorder import RecordingError
+
+    try:
+        save_center(s.run.center_model, s.cfg, s.flat.layout(), center)
+    except OSError as e:
+        raise RecordingError(f"cannot write {s.run.center_model}: {e}") from None
 
 
 def _work(s: Setup) -> WorkerSummary:

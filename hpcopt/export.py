@@ -1,0 +1,125 @@
+"""The trained model out of a run: any saved model of its trajectory as the run's `nn.Module`, or
+as a PyTorch state_dict file (`hpcopt export`, and OUT/center.pt when a training ends).
+
+    hpcopt export runs/demo -o model.pt                     # the final center
+    hpcopt export runs/demo --at worker:2 -o w2.safetensors
+    model = hpcopt.load_model("runs/demo")                  # nn.Module in eval mode, ready for model(x)
+
+The model is rebuilt from the config the run recorded (as `hpcopt analyze` does: a user's factory
+must be importable) and takes the saved model's flat parameters (hpcopt.analyze.source.point
+names and reads them). A trajectory records trainable parameters only: buffers (BatchNorm's
+running statistics) and frozen parameters keep the values the model is built with under the
+run's seed, as in the center that training evaluates.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from pathlib import Path
+
+SAFETENSORS = ".safetensors"
+
+
+class ExportError(ValueError):
+    """The saved model cannot be exported as asked; the message says why and what there is."""
+
+
+def load_model(run, at: str = "center"):
+    """The run's model with the parameters of its saved model `at`, on the CPU in eval mode.
+
+    `run`: a run directory or its trajectory.h5. `at`: `center` (the last center snapshot: after
+    a finished training, the final center), `center:I` (center snapshot row I, negative from the
+    end), `worker:ID` (that worker's last recorded snapshot), also `init` and `worker:ID:K`."""
+    from hpcopt.analyze.source import load_run, point
+
+    if "#" in at:
+        raise ExportError(f"model {at!r} names a model of another run: export from that run instead")
+    try:
+        recorded = load_run(run)
+        _, vector = point(recorded, at)
+    except ValueError as e:  # TrajectoryError too: missing, foreign or damaged file
+        raise ExportError(str(e)) from None
+    return module_at(recorded.config, recorded.layout, vector)
+
+
+def module_at(config, layout: dict, vector):
+    """The model of `config` (hpcopt.config.Config), float32 on the CPU in eval mode, with the flat
+    `vector` as its trainable parameters, laid out as `layout` (names, shapes, offsets, as
+    hpcopt.models.FlatModel.layout gives them). A model that is built differently now (its factory
+    changed) is an ExportError naming both."""
+    import torch
+
+    from hpcopt.models import build_model
+
+    try:
+        with torch.random.fork_rng(devices=[]):  # the caller's random numbers stay as they were
+            torch.manual_seed(config.run.seed)  # as training seeds it before building the model
+            model = build_model(config.model.name, config.model.kwargs).to(torch.float32)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    built = [(n, list(p.shape)) for n, p in params.items()]
+    recorded = [(n, list(s)) for n, s in zip(layout["names"], layout["shapes"])]
+    if built != recorded or sum(p.numel() for p in params.values()) != len(vector):
+        raise ExportError(f"model {config.model.name} is built now with the parameters {_names(built)}, but the "
+                          f"run recorded {_names(recorded)} ({len(vector):,} numbers): has the model changed since?")
+    with torch.no_grad():
+        for p, offset in zip(params.values(), layout["offsets"]):
+            p.copy_(torch.from_numpy(vector[offset:offset + p.numel()]).view_as(p))
+    return model.eval()
+
+
+def _names(layout: list) -> str:
+    shown = ", ".join(f"{n} {tuple(s)}" for n, s in layout[:4])
+    return shown + (f" and {len(layout) - 4} more" if len(layout) > 4 else "")
+
+
+def state_dict_of(model) -> dict:
+    """The module's state_dict as tensors of their own (CPU, contiguous), as safetensors wants
+    them (tied weights become two equal tensors; load_state_dict ties them again)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def check_writable(path) -> None:
+    """Before any work: the file's folder must exist, and a .safetensors name needs the
+    safetensors package."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise ExportError(f"cannot write {path}: no such directory {folder}")
+    if Path(path).suffix == SAFETENSORS and importlib.util.find_spec("safetensors") is None:
+        raise ExportError(f"{path}: writing safetensors needs the safetensors package, which is not installed: "
+                          f"`pip install safetensors` (into this Python's environment), or write a .pt file")
+
+
+def save_state_dict(state: dict, path) -> None:
+    """Write `state` to `path` atomically (never half a file): the safetensors format for a
+    .safetensors name, torch.save's for any other."""
+    from hpcopt.io.rundir import write_atomic
+
+    check_writable(path)
+    if Path(path).suffix == SAFETENSORS:
+        from safetensors.torch import save
+
+        data = save(state, metadata={"format": "pt"})
+    else:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    write_atomic(Path(path), data)
+
+
+def export(run, at: str, out):
+    """`hpcopt export`: the saved model `at` of `run` as a state_dict file `out`. Returns the model."""
+    check_writable(out)
+    model = load_model(run, at)
+    save_state_dict(state_dict_of(model), out)
+    return model
+
+
+def save_center(path, config, layout: dict, center) -> None:
+    """OUT/center.pt when a training ends: the final center as a state_dict, the same file
+    `hpcopt export OUT --at center` writes then."""
+    save_state_dict(state_dict_of(module_at(config, layout, center)), path)
