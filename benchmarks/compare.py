@@ -18,6 +18,12 @@ The table: final center (or average) test accuracy, wall seconds of training, se
 accuracy, MB sent + received per worker, and whether it reached the MNIST-1D paper's 94% (setting
 1) -- or, in setting 2, the seconds each method took to reach the accuracy DDP ended its budget with.
 Timings on a shared machine are noisy: run it more than once.
+
+--variants runs every asynchronous method in each variant: "plain", a codec of comm.compress
+("bf16", "int8", "int4"), "overlap" (comm.overlap), or both joined by "+" ("int4+overlap"); the
+synchronous methods run plain. With --utilisation a first run measures the workers' compute
+alone (EAMSGD with one exchange at the end), and the table gets each run's worker compute
+utilisation: its workers' samples per second over that run's (1.0: communication costs nothing).
 """
 
 import argparse
@@ -100,8 +106,35 @@ def time_to(curve, target):
     return None
 
 
-def run_hpcopt(method, workers, epochs, budget, out, wide):
+def variant_flags(variant):
+    """--comm flags of a variant: "plain", a codec, "overlap", or "int4+overlap"."""
+    flags = []
+    for part in variant.split("+"):
+        if part == "overlap":
+            flags += ["--comm.overlap", "true"]
+        elif part == "alone":  # one exchange, at the end
+            flags += ["--easgd.tau", str(10 ** 9)]
+        elif part in ("bf16", "int8", "int4"):
+            flags += ["--comm.compress", part]
+        elif part not in ("plain", "none"):
+            raise SystemExit(f"unknown variant part {part!r} (plain, bf16, int8, int4, overlap)")
+    return flags
+
+
+def samples_per_second(exchanges):
+    """Mean over workers of (samples at its last recorded exchange) / (that exchange's time)."""
+    rates = []
+    for w in set(exchanges["worker_id"].tolist()):
+        mine = exchanges[exchanges["worker_id"] == w]
+        last = mine[mine["samples"].argmax()]
+        if last["time"] > 0:
+            rates.append(float(last["samples"]) / float(last["time"]))
+    return sum(rates) / len(rates) if rates else float("nan")
+
+
+def run_hpcopt(method, workers, epochs, budget, out, wide, variant="plain"):
     config, extra = METHODS[method]
+    extra = [*extra, *variant_flags(variant)]
     ranks = workers + (0 if method in SYNC else 1)
     if wide:  # plain EASGD has no momentum: 10x the lr, as for the CNN (0.2 with momentum 0.9, 1.0 without)
         lr = 10 * WIDE_LR if method == "easgd" else WIDE_LR
@@ -116,7 +149,8 @@ def run_hpcopt(method, workers, epochs, budget, out, wide):
         ev, ex = f["evals"][()], f["exchanges"][()]
         curve = [(float(t), float(l), float(a)) for _, t, l, a in ev if t <= budget + 5]
         return {"wall_seconds": min(float(f.attrs["wall_seconds"]), budget), "curve": curve, "rc": rc,
-                "bytes_per_worker": float(ex["bytes"][ex["time"] <= budget].sum()) / workers}
+                "bytes_per_worker": float(ex["bytes"][ex["time"] <= budget].sum()) / workers,
+                "samples_per_second": samples_per_second(ex)}
 
 
 def run_ddp(workers, epochs, budget, out, wide):
@@ -140,6 +174,11 @@ def main():
     ap.add_argument("--setting", choices=("cnn", "wide"), default="cnn")
     ap.add_argument("--rate", default="1gbit", help="wide: the emulated link's rate (tc tbf)")
     ap.add_argument("--methods", default=None, help="comma-separated (default: all; wide: easgd,eamsgd,lsgd,mgrawa)")
+    ap.add_argument("--variants", default="plain",
+                    help="comma-separated: plain, bf16, int8, int4, overlap, or joined by + (int4+overlap)")
+    ap.add_argument("--utilisation", action="store_true",
+                    help="first measure the workers' compute alone, then report each run's utilisation")
+    ap.add_argument("--no-ddp", action="store_true", help="skip the torch DDP row")
     args = ap.parse_args()
     wide = args.setting == "wide"
     epochs = args.epochs or (50 if wide else 30)
@@ -148,35 +187,50 @@ def main():
         setup_netns(args.rate)
     tmp = Path(tempfile.mkdtemp(prefix="hpcopt-compare-"))
     rows = []
+    alone = None
+    if args.utilisation:  # one exchange, at the end: the workers' compute with no communication
+        print("running eamsgd without communication (compute alone) ...", flush=True)
+        alone = run_hpcopt("eamsgd", args.workers, epochs, args.budget, tmp / "alone", wide, "alone")
+        rows.append(("compute alone", alone))
+    variants = args.variants.split(",")
     for method in methods:
-        print(f"running {method} ...", flush=True)
-        rows.append((method, run_hpcopt(method, args.workers, epochs, args.budget, tmp / method, wide)))
-    print("running torch DDP (gloo) ...", flush=True)
-    ddp = run_ddp(args.workers, epochs, args.budget, tmp / "ddp.json", wide)
-    rows.append(("torch DDP (gloo)", ddp))
+        for variant in (["plain"] if method in SYNC else variants):
+            name = method if variant == "plain" else f"{method} [{variant}]"
+            print(f"running {name} ...", flush=True)
+            rows.append((name, run_hpcopt(method, args.workers, epochs, args.budget,
+                                          tmp / name.replace(" ", "_").replace("[", "").replace("]", ""), wide,
+                                          variant)))
+    ddp = None
+    if not args.no_ddp:
+        print("running torch DDP (gloo) ...", flush=True)
+        ddp = run_ddp(args.workers, epochs, args.budget, tmp / "ddp.json", wide)
+        rows.append(("torch DDP (gloo)", ddp))
     what = (f"MLP 40-3000-3000-10 (9.2M parameters), all traffic over an emulated {args.rate}/s link" if wide
             else "CNN (5,210 parameters)")
     print(f"\nMNIST-1D {what}, {args.workers} workers, budget {args.budget:g} s, at most {epochs:g} epochs "
           f"per worker, batch 100 per worker (logs in {tmp})")
-    ddp_final = ddp["curve"][-1][2] if ddp["curve"] else float("nan")
+    ddp_final = ddp["curve"][-1][2] if ddp and ddp["curve"] else float("nan")
     last = f"s to {100 * ddp_final:.1f}%" if wide else "reached 94%"
-    print(f"{'method':18s} {'final acc':>9s} {'wall s':>7s} {'s to 90%':>9s} {'MB/worker':>10s}  {last}")
+    util = alone["samples_per_second"] if alone else None
+    print(f"{'method':26s} {'final acc':>9s} {'wall s':>7s} {'s to 90%':>9s} {'MB/worker':>10s}"
+          + (f" {'util':>5s}" if util else "") + f"  {last}")
     for name, r in rows:
         acc = r["curve"][-1][2] if r["curve"] else float("nan")
         t90 = time_to(r["curve"], 0.90)
         if wide:
             t = time_to(r["curve"], ddp_final)
-            ratio = time_to(ddp["curve"], ddp_final)
+            ratio = time_to(ddp["curve"], ddp_final) if ddp else None
             note = f"{t:.1f} ({ratio / t:.1f}x sooner than DDP)" if t is not None and ratio else "never"
         else:
             t94 = time_to(r["curve"], 0.94)
             cut = r["wall_seconds"] >= args.budget - 0.5  # stopped by the budget, not by its epochs
             note = (f"yes ({t94:.1f} s)" if t94 is not None
                     else f"no (budget {args.budget:g} s)" if cut else f"no ({epochs:g} epochs)")
-        print(f"{name:18s} {100 * acc:8.2f}% {r['wall_seconds']:7.1f} "
-              f"{(f'{t90:9.1f}' if t90 is not None else '    never'):>9s} {r['bytes_per_worker'] / 1e6:10.1f}  {note}"
+        u = r.get("samples_per_second")
+        print(f"{name:26s} {100 * acc:8.2f}% {r['wall_seconds']:7.1f} "
+              f"{(f'{t90:9.1f}' if t90 is not None else '    never'):>9s} {r['bytes_per_worker'] / 1e6:10.1f}"
+              + ((f" {u / util:5.2f}" if u else "     -") if util else "") + f"  {note}"
               + (f"  (exit {r['rc']})" if r.get("rc") not in (0, None) else ""))
-
 
 if __name__ == "__main__":
     main()

@@ -260,7 +260,7 @@ class CommConfig:
     shared_memory: bool = True
     """a worker on a server's node keeps its parameters in shared memory and that server updates them in place (no copies); false: always messages. LSGD and joined workers use messages"""
     compress: str = "none"
-    """exchanges over messages send the change since the last one in this format: none (float32 parameters), bf16, int8 or int4 (per-block scales), with error feedback; not LSGD, not in place"""
+    """exchanges over messages (and Local SGD's and DiLoCo's averages) send the change since the last one in this format: none (float32 parameters), bf16, int8 or int4 (per-block scales), with error feedback; not LSGD or DP-SGD, not in place"""
     overlap: bool = False
     """a worker keeps stepping while its exchange travels (in a thread, on a copy of its parameters) and applies the exchange's move when it completes, at most one period late; not with run.deterministic"""
 
@@ -291,6 +291,9 @@ class Config:
         if self.comm.overlap and self.run.deterministic:
             raise ConfigError("comm.overlap makes when a move lands depend on timing: it cannot be "
                               "run.deterministic; set one of them false")
+        if self.comm.compress != "none" and self.run.method == "dp-sgd":
+            raise ConfigError("comm.compress applies to parameter averages (local-sgd, diloco) and exchanges; "
+                              "dp-sgd's gradients go plain: leave it \"none\"")
         if self.comm.compress != "none" and self.run.method == "lsgd":
             raise ConfigError("comm.compress does not apply to lsgd (only the leaders' parameters travel); "
                               "leave it \"none\"")

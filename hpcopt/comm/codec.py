@@ -43,7 +43,11 @@ def _scales(x: np.ndarray, levels: int) -> np.ndarray:
     if full < n:
         amax = np.append(amax, np.abs(x[full:]).max())
     # max() propagates NaN, so a NaN in a block makes its scale (and its decoded values) NaN
-    return (amax / np.float32(levels)).astype(np.float32)
+    scales = (amax / np.float32(levels)).astype(np.float32)
+    with np.errstate(over="ignore"):  # near float32's max, levels x scale may round up to Inf:
+        over = np.isinf(scales * np.float32(levels)) & np.isfinite(amax)  # a finite block decodes finite
+    scales[over] = np.nextafter(scales[over], np.float32(0))
+    return scales
 
 
 def _per_value(scales: np.ndarray, n: int) -> np.ndarray:

@@ -315,6 +315,7 @@ class CenterServer:
         # state follows the live run, not its history: the departed worker's receive buffer (a
         # shard of the model) goes, and a join whose workers have all left is no longer polled
         peer = self.peers[wid]
+        peer.ref = None
         if not peer.shared:
             peer.recv = np.empty(0, dtype=np.float32)
             peer.recv_t = torch.from_numpy(peer.recv)
@@ -445,6 +446,11 @@ class CenterServer:
         peer.step = int(header[P.STEP])
         ex = _Exchange(wid, header, arrived=time.monotonic())
         if ex.kind == P.HEARTBEAT:
+            return
+        if self.rule.carries_params and any(e.wid == wid for e in self.pending):
+            # its exchange is not complete (the worker waits for every reply before it sends
+            # again): two at once would share its buffers, a DONE would leave one half served
+            self.drop(wid, "sent a new message before its exchange was complete")
             return
         if ex.compressed and peer.shared:  # nothing travels in place: a plain exchange here, but the
             ex.header[P.KIND] = P.EXCHANGE  # worker's other shards went compressed (the records count them so)
@@ -603,8 +609,8 @@ class CenterServer:
                 self._report(ex)
             view = ref.x[a:b]
             view += codec.decode(fmt, ref.up[o:p], b - a)  # the worker's parameters, as this server knows them
-            if not np.isfinite(view).all():  # its own values were checked before it sent: a broken sender
-                raise _Malformed("sent a compressed change that decodes to non-finite parameters")
+            if not _finite(torch.from_numpy(view)):  # its own values were checked before it sent: a broken sender
+                raise _Malformed("sent a compressed change that decodes to non-finite (or overflowing) parameters")
             if ex.snapshot is not None:
                 ex.snapshot[a:b] = view
             new = torch.from_numpy(view.copy())

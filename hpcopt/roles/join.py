@@ -21,7 +21,7 @@ from hpcopt.roles.train import UsageError, _chunk, _layer_norms, _load_data, _on
 from hpcopt.roles.worker import WorkerSummary, prepare, run_worker
 
 
-def join(run_path: str, *, token: str | None = None, overrides: dict | None = None, log=print) -> WorkerSummary:
+def join(run_path: str, *, token: str | None = None, log=print) -> WorkerSummary:
     """Collective over MPI.COMM_WORLD of the joining job."""
     from mpi4py import MPI
 
@@ -45,8 +45,8 @@ def join(run_path: str, *, token: str | None = None, overrides: dict | None = No
                 "this job cannot connect to the training: it was started without the run's ompi-server. "
                 f"Run `hpcopt join {run.path} -n N`, or set OMPI_MCA_pmix_server_uri=file:{run.server_uri} "
                 "for mpirun")
-        try:
-            return C.load(str(run.config), overrides or {})
+        try:  # the run's own config, unchanged: the servers expect its exchanges (format, chunks)
+            return C.load(str(run.config))
         except C.ConfigError as e:
             raise UsageError(f"{run.config}: {e}") from None
 

@@ -67,7 +67,9 @@ def _say_how(s, joins) -> None:
     local, n = len(s.share.workers), len(s.workers)
     if local:
         s.log("exchanges: " + (f"all {n} worker(s)" if local == n else f"{local} of {n} worker(s)")
-              + " in place through shared memory" + ("" if local == n else ", the others over messages"))
+              + " in place through shared memory" + ("" if local == n else ", the others over messages")
+              + (f" (comm.compress = {s.cfg.comm.compress} applies to messages only)"
+                 if s.cfg.comm.compress != "none" else ""))
     else:
         s.log("exchanges: over messages" + ("" if s.cfg.comm.shared_memory else " (comm.shared_memory = false)")
               + (f" (no shared memory: {s.share.why_not})" if s.share.why_not else ""))

@@ -6,6 +6,12 @@ Every rank is a worker; there are no servers. A *round* is one synchronization: 
 DP-SGD (gradient allreduce, what DDP/Horovod do), every H = sync.period steps for Local SGD
 and DiLoCo (parameter allreduce). World rank 0 also records the trajectory (the average is the
 "center") into the same file format as the asynchronous methods, and evaluates it.
+
+With comm.compress, Local SGD's and DiLoCo's averages travel compressed, as the asynchronous
+exchanges do (a fair comparison): every rank holds the same reference (the parameters all ranks
+restarted from after the last round), sends its change since it in the codec's format, with
+error feedback, through an allgather, and every rank adds the mean of the decoded changes to the
+reference in the same order, so all get the same average. DP-SGD's gradients go plain.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hpcopt.comm import codec
 from hpcopt.comm.wait import wait_all
 from hpcopt.config import Config
 from hpcopt.io.recorder import Recorder
@@ -34,6 +41,42 @@ def allreduce_mean_(comm: MPI.Comm, buf: HostMirror, timeout: float, what: str) 
     buf.push()
 
 
+class CompressedAverage:
+    """The mean over `comm` of the ranks' parameters, with each rank's change since the common
+    reference in the codec's format (error feedback keeps what rounding withheld for the next
+    round). Collective; every rank gets the same bits."""
+
+    def __init__(self, comm: MPI.Comm, fmt: str, start: np.ndarray):
+        self.comm, self.fmt = comm, fmt
+        self.ref = start.copy()
+        self.err = np.zeros_like(self.ref)
+        self.mine = np.empty(codec.payload_size(fmt, start.size), dtype=np.uint8)
+        self.all = np.empty((comm.size, self.mine.size), dtype=np.uint8)
+
+    @property
+    def bytes_per_round(self) -> int:
+        """Sent + received per rank by a ring allgather of the payloads."""
+        return 2 * (self.comm.size - 1) * self.mine.size
+
+    def mean_(self, buf: HostMirror, timeout: float, what: str) -> None:
+        x = buf.pull().numpy()
+        change = x - self.ref
+        change += self.err
+        codec.encode(self.fmt, change, self.mine)
+        np.subtract(change, codec.decode(self.fmt, self.mine, x.size), out=self.err)
+        req = self.comm.Iallgather(self.mine, self.all)
+        wait_all([req], timeout, what)
+        total = np.zeros_like(x)
+        for payload in self.all:  # rank order on every rank: the same sum
+            total += codec.decode(self.fmt, payload, x.size)
+        np.add(self.ref, total / np.float32(self.comm.size), out=x)
+        buf.push()
+
+    def restarted(self, buf: HostMirror) -> None:
+        """After the round: what every rank continues from is the next reference."""
+        self.ref[:] = buf.pull().numpy()
+
+
 def train_sync(cfg: Config, world: MPI.Comm, ready: Prepared, *, recorder: Recorder | None,
                log) -> tuple[WorkerSummary, int]:
     """Collective over `world` (all ranks are workers, each on its device: `ready`); `recorder` on
@@ -48,6 +91,10 @@ def train_sync(cfg: Config, world: MPI.Comm, ready: Prepared, *, recorder: Recor
     outer = DiLoCoOuter(params, lr=cfg.sync.outer_lr, momentum=cfg.sync.outer_momentum) if method == "diloco" else None
     theta = params.clone() if outer else None  # DiLoCo's global parameters
     ring_bytes = int(2 * 2 * (p - 1) / p * params.numel() * 4)  # ring allreduce, sent + received
+    compressed = None
+    if cfg.comm.compress != "none" and method != "dp-sgd":
+        compressed = CompressedAverage(world, cfg.comm.compress, host_params.pull().numpy())
+        ring_bytes = compressed.bytes_per_round
     rec = recorder
     if rec is not None:
         rec.event("start", detail=f"{p} workers, synchronous {method}")
@@ -81,10 +128,15 @@ def train_sync(cfg: Config, world: MPI.Comm, ready: Prepared, *, recorder: Recor
             req = world.Igather(host_params.pull().numpy(), gathered, root=0)
             wait_all([req], timeout, "the workers' parameters for the trajectory")
         if method != "dp-sgd":
-            allreduce_mean_(world, host_params, timeout, "the parameter allreduce")
+            if compressed is not None:
+                compressed.mean_(host_params, timeout, "the compressed parameter average")
+            else:
+                allreduce_mean_(world, host_params, timeout, "the parameter allreduce")
             if outer is not None:
                 outer.step(theta, params)  # outer Nesterov step on Delta = theta - mean(x_i)
                 params.copy_(theta)
+            if compressed is not None:
+                compressed.restarted(host_params)
         losses[:] = 0
         req = world.Igather(np.array([loss_sum / loss_n]), losses, root=0)
         wait_all([req], timeout, "the workers' losses")

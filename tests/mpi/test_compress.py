@@ -38,11 +38,13 @@ def test_references_stay_identical_and_match_a_numpy_replay(tmp_path, fmt):
 
 
 def test_hostile_compressed_messages_cost_only_their_sender(tmp_path):
-    """A compressed exchange without a reference in common, and one whose scale is NaN: both
-    senders are dropped, the center stays finite, the server ends normally."""
-    _mpirun(3, "bad_compressed.py", tmp_path)
+    """A compressed exchange without a reference in common, one whose scale is NaN, a DONE in
+    the middle of an exchange (the server used to wait for it forever), two exchange headers at
+    once (it used to abort the job): each sender is dropped, the center stays finite, the server
+    ends normally."""
+    _mpirun(5, "bad_compressed.py", tmp_path)
     kinds = [e[0] for e in events(tmp_path / "bad-compressed.h5")]
-    assert kinds.count("crash") == 2
+    assert kinds.count("crash") == 4
 
 
 @pytest.mark.parametrize("overlap", ["false", "true"])
@@ -93,13 +95,35 @@ def test_a_joined_worker_exchanges_compressed_and_the_run_stops_cleanly(tmp_path
     assert len(set(joined["bytes"].tolist())) == 2  # compressed rows, and plain (exact, sampled) ones
 
 
-def test_lsgd_refuses_compression():
-    p = hpcopt("train", "-n", "3", "--config", "configs/mnist1d_lsgd.toml", "--comm.compress", "int8", "--out",
-               "/nonexistent/never")
-    assert p.returncode == 2 and "comm.compress does not apply to lsgd" in p.stderr, p.stderr
+@pytest.mark.parametrize("method,says", [("lsgd", "does not apply to lsgd"), ("dp-sgd", "dp-sgd's gradients go plain")])
+def test_methods_without_compression_refuse_it(method, says):
+    p = hpcopt("train", "-n", "3", "--config", f"configs/mnist1d_{method.replace('-', '_')}.toml", "--comm.compress",
+               "int8", "--out", "/nonexistent/never")
+    assert p.returncode == 2 and says in p.stderr, p.stderr
 
 
 def test_overlap_is_refused_with_a_deterministic_run():
     p = hpcopt("train", "-n", "3", "--config", "configs/mnist1d_easgd.toml", "--comm.overlap", "true",
                "--run.deterministic", "true", "--out", "/nonexistent/never")
     assert p.returncode == 2 and "comm.overlap" in p.stderr and "deterministic" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_compressed_averages_give_every_rank_the_same_bits(fmt):
+    """Local SGD / DiLoCo's compressed average: 30 rounds on 3 ranks, each checked against a
+    NumPy replay of every rank's codec and error feedback; all ranks end with the same bits."""
+    _mpirun(3, "compressed_average.py", fmt)
+
+
+def test_a_compressed_local_sgd_training_learns(tmp_path):
+    """int8 on 2 ranks (the plain run: 93.8% in these 20 epochs; int4 lost 17 points here)."""
+    run = tmp_path / "r"
+    p = hpcopt("train", "-n", "2", "--config", "configs/mnist1d_local_sgd.toml", "--out", str(run),
+               "--train.epochs", "20", "--comm.compress", "int8")
+    assert p.returncode == 0, p.stdout + p.stderr
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        acc = float(f["evals"]["test_accuracy"][-1])
+        sent = f["exchanges"]["bytes"][()]
+        n = int(f.attrs["n_parameters"])
+    assert acc > 0.9, acc
+    assert sent.max() < 2 * 4 * n / 3  # a ring allreduce of float32 on 2 ranks moves 2 x 4n bytes

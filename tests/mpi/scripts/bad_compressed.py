@@ -1,8 +1,9 @@
-"""Run under `mpirun -n 3`: rank 0 is a real server (EASGD rule, comm.compress int8, recorder,
-trajectory file); ranks 1 and 2 hostile workers that bypass the client. Worker 0 (rank 1) sends a
-compressed exchange before any plain one (no reference in common); worker 1 (rank 2) makes one
-plain exchange, then sends a compressed change whose block scale is NaN. The server must drop
-both, keep a finite center, and end normally. Prints OK on rank 0.
+"""Run under `mpirun -n 5`: rank 0 is a real server (EASGD rule, comm.compress int8, recorder,
+trajectory file); ranks 1-4 hostile workers that bypass the client. Worker 0 sends a compressed
+exchange before any plain one (no reference in common); worker 1 makes one plain exchange, then
+sends a compressed change whose block scale is NaN; worker 2 a compressed exchange header and,
+instead of its payload, DONE; worker 3 two plain exchange headers back to back. The server must
+drop all four, keep a finite center, and end normally (no hang, no abort). Prints OK on rank 0.
 Argument: the directory for the trajectory file."""
 
 import sys
@@ -26,7 +27,7 @@ N, ALPHA, FMT = 301, 0.25, "int8"
 
 def main():
     world = MPI.COMM_WORLD
-    assert world.size == 3, "run with mpirun -n 3"
+    assert world.size == 5, "run with mpirun -n 5"
     servers = world.Split(0 if world.rank == 0 else 1, world.rank)
     comm = CommConfig(timeout=30, worker_timeout=30, compress=FMT)
     if world.rank == 0:
@@ -37,21 +38,28 @@ def main():
         recorder = Recorder(servers, writer, RecordConfig(center_every=1, worker_every=0, flush_seconds=3600,
                                                           eval_seconds=3600), bounds=[(0, N)], start=start,
                             center=rule.center.numpy())
-        server = CenterServer(world=world, servers=servers, workers={0: (1, ""), 1: (2, "")}, bounds=[(0, N)],
+        server = CenterServer(world=world, servers=servers, workers={w: (w + 1, "") for w in range(4)}, bounds=[(0, N)],
                               rule=rule, recorder=recorder, comm=comm, start=start)
         server.serve()
-        assert server.crashed == 2 and np.isfinite(rule.center.numpy()).all(), server.crashed
+        assert server.crashed == 4 and np.isfinite(rule.center.numpy()).all(), server.crashed
         print("OK", flush=True)
         return
     wid = world.rank - 1
     payload = np.zeros(codec.payload_size(FMT, N), dtype=np.uint8)
-    if wid == 1:  # a plain exchange first: the server now shares a reference with it
+    if wid in (1, 2):  # a plain exchange first: the server now shares a reference with it
         client = CenterClient([(world, 0)], [(0, N)], torch.ones(N), chunk=N, timeout=30, compress=FMT)
         client.exchange(P.make_header(P.EXCHANGE, wid, 1, 1))
         payload[:4] = np.array([np.nan], dtype=np.float32).view(np.uint8)  # block 0's scale
-    world.Send(P.make_header(P.EXCHANGE_Q, wid, 2, 2), dest=0, tag=P.TAG_HEADER)
-    world.Send(payload, dest=0, tag=P.TAG_PARAMS_Q)
-    if wid == 1:  # its client's standing receive takes the notice
+    if wid == 3:
+        world.Send(P.make_header(P.EXCHANGE, wid, 1, 1), dest=0, tag=P.TAG_HEADER)
+        world.Send(P.make_header(P.EXCHANGE, wid, 2, 2), dest=0, tag=P.TAG_HEADER)
+    else:
+        world.Send(P.make_header(P.EXCHANGE_Q, wid, 2, 2), dest=0, tag=P.TAG_HEADER)
+        if wid == 2:
+            world.Send(P.make_header(P.DONE, wid, 2), dest=0, tag=P.TAG_HEADER)
+        else:
+            world.Send(payload, dest=0, tag=P.TAG_PARAMS_Q)
+    if wid in (1, 2):  # its client's standing receive takes the notice
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -59,7 +67,7 @@ def main():
             except Dropped:
                 return
             time.sleep(0.01)
-        raise AssertionError("worker 1 was not dropped")
+        raise AssertionError(f"worker {wid} was not dropped")
     notice = np.zeros(P.NOTICE_SIZE)
     world.Recv(notice, source=0, tag=P.TAG_NOTICE)
     assert notice[0] == P.DROPPED, notice

@@ -47,10 +47,18 @@ def main():
         server = CenterServer(world=world, servers=servers, workers={0: (2, "")}, bounds=bounds, rule=rule,
                               recorder=recorder, comm=CommConfig(timeout=60, chunk_mb=CHUNK * 4 / 1e6, compress=fmt),
                               start=start, shared=share.workers if world.rank == 0 else None, sync=share.sync)
+        kept, remove = [], server._remove
+
+        def keep_reference(wid, forget=True):  # (the server frees it when the worker leaves)
+            if server.peers[wid].ref is not None:
+                kept.append(server.peers[wid].ref.x.copy())
+            remove(wid, forget)
+
+        server._remove = keep_reference
         server.serve()
         np.save(f"{out}/server{world.rank}_center.npy", rule.center.numpy())
         if world.rank == 1:
-            np.save(f"{out}/server1_ref.npy", server.peers[0].ref.x)
+            np.save(f"{out}/server1_ref.npy", kept[0])
         return
     params = share.params
     rng = np.random.default_rng(0)
