@@ -19,6 +19,9 @@ accuracy, MB sent + received per worker, and whether it reached the MNIST-1D pap
 1) -- or, in setting 2, the seconds each method took to reach the accuracy DDP ended its budget with.
 Timings on a shared machine are noisy: run it more than once.
 
+--torchft diloco,localsgd adds torchft 0.2.0's fault-tolerant DiLoCo and LocalSGD
+(benchmarks/torchft_peer.py; `pip install -e .[bench]`) on the same model, data, workers and link.
+
 --variants runs every asynchronous method in each variant: "plain", a codec of comm.compress
 ("bf16", "int8", "int4"), "overlap" (comm.overlap), or both joined by "+" ("int4+overlap"); the
 synchronous methods run plain. With --utilisation a first run measures the workers' compute
@@ -153,8 +156,11 @@ def run_hpcopt(method, workers, epochs, budget, out, wide, variant="plain"):
                 "samples_per_second": samples_per_second(ex)}
 
 
-def run_ddp(workers, epochs, budget, out, wide):
-    cmd = ["mpirun", "-n", str(workers), sys.executable, str(ROOT / "benchmarks" / "ddp_baseline.py"),
+def run_ddp(workers, epochs, budget, out, wide, peer=None):
+    """torch DDP (benchmarks/ddp_baseline.py), or with `peer` torchft's DiLoCo or LocalSGD
+    (benchmarks/torchft_peer.py --algo PEER): same model, data, batch and local optimizer."""
+    script = ["ddp_baseline.py"] if peer is None else ["torchft_peer.py", "--algo", peer]
+    cmd = ["mpirun", "-n", str(workers), sys.executable, str(ROOT / "benchmarks" / script[0]), *script[1:],
            "--epochs", str(epochs), "--budget", str(budget), "--eval-seconds", "1", "--out", str(out)]
     if wide:
         cmd += ["--hidden", ",".join(map(str, WIDE["hidden"])), "--lr", str(WIDE_LR)]
@@ -179,6 +185,8 @@ def main():
     ap.add_argument("--utilisation", action="store_true",
                     help="first measure the workers' compute alone, then report each run's utilisation")
     ap.add_argument("--no-ddp", action="store_true", help="skip the torch DDP row")
+    ap.add_argument("--torchft", default="",
+                    help="comma-separated torchft peers to add as rows: diloco, localsgd (needs the bench extra)")
     args = ap.parse_args()
     wide = args.setting == "wide"
     epochs = args.epochs or (50 if wide else 30)
@@ -205,6 +213,10 @@ def main():
         print("running torch DDP (gloo) ...", flush=True)
         ddp = run_ddp(args.workers, epochs, args.budget, tmp / "ddp.json", wide)
         rows.append(("torch DDP (gloo)", ddp))
+    for peer in filter(None, args.torchft.split(",")):
+        print(f"running torchft {peer} ...", flush=True)
+        rows.append((f"torchft {peer}", run_ddp(args.workers, epochs, args.budget, tmp / f"torchft-{peer}.json",
+                                                wide, peer)))
     what = (f"MLP 40-3000-3000-10 (9.2M parameters), all traffic over an emulated {args.rate}/s link" if wide
             else "CNN (5,210 parameters)")
     print(f"\nMNIST-1D {what}, {args.workers} workers, budget {args.budget:g} s, at most {epochs:g} epochs "
@@ -231,6 +243,13 @@ def main():
               f"{(f'{t90:9.1f}' if t90 is not None else '    never'):>9s} {r['bytes_per_worker'] / 1e6:10.1f}"
               + ((f" {u / util:5.2f}" if u else "     -") if util else "") + f"  {note}"
               + (f"  (exit {r['rc']})" if r.get("rc") not in (0, None) else ""))
+    for name, ref in rows:  # the goal against an external peer: its final accuracy, sooner
+        if name.startswith("torchft") and ref["curve"]:
+            target = ref["curve"][-1][2]
+            print(f"\nseconds to {name}'s final accuracy ({100 * target:.1f}%):")
+            for other, r in rows:
+                t = time_to(r["curve"], target)
+                print(f"  {other:26s} {'never' if t is None else f'{t:.1f}'}")
 
 if __name__ == "__main__":
     main()
