@@ -12,8 +12,9 @@ limit (DESIGN.md), MPI and gloo over TCP on it, and no exchange in place through
 
 Every run (one after the other on this machine) trains for at most --budget seconds on its own
 training clock: evaluations and traffic after that are not counted, and the run is asked to stop
-(SIGTERM: hpcopt's workers make a last exchange and leave, the file is completed) soon after; it
-ends earlier when its epochs (--epochs, the same for every method) are done.
+(SIGUSR1, which mpirun forwards to every rank: hpcopt's workers make a last exchange and leave,
+the file is completed; mpirun would answer a SIGTERM by killing the ranks) soon after; it ends
+earlier when its epochs (--epochs, the same for every method) are done.
 The table: final center (or average) test accuracy, wall seconds of training, seconds to 90% test
 accuracy, MB sent + received per worker, and whether it reached the MNIST-1D paper's 94% (setting
 1) -- or, in setting 2, the seconds each method took to reach the accuracy DDP ended its budget with.
@@ -80,8 +81,8 @@ def setup_netns(rate: str) -> None:
 
 
 def launch(cmd, wide, seconds, log, started=lambda: True):
-    """Run cmd (in the namespace for the wide setting); SIGTERM `seconds` after `started()` first
-    holds (startup is not training time), SIGKILL 60 s later."""
+    """Run cmd (in the namespace for the wide setting); SIGUSR1 (a graceful stop) `seconds` after
+    `started()` first holds (startup is not training time), SIGKILL 60 s later."""
     if wide:
         cmd = ["ip", "netns", "exec", NETNS, *cmd]
     with open(log, "w") as out:
@@ -93,7 +94,7 @@ def launch(cmd, wide, seconds, log, started=lambda: True):
             time.sleep(0.2)
         stopped = p.poll() is None
         if stopped:
-            p.send_signal(signal.SIGTERM)  # mpirun forwards it; hpcopt's workers leave, the file completes
+            p.send_signal(signal.SIGUSR1)  # mpirun forwards it; hpcopt's workers leave, the file completes
             try:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,207 @@
+"""Capacity of the server tier: how many exchanges per second S server shards sustain, and a
+sizing rule fitted to it.
+
+    .venv/bin/python benchmarks/capacity.py                  # the default sweep (about 5 minutes)
+    .venv/bin/python benchmarks/capacity.py --quick          # a smoke run
+
+Each point is one `mpirun -n S+W` job of this script (--inner): ranks 0..S-1 are real hpcopt
+servers (CenterServer, EASGD rule, a trajectory file, P parameters sharded S ways), the other W
+ranks real worker clients that exchange as fast as they can for --seconds (a tiny compute step:
+none), in place through shared memory, over messages, or over messages compressed (int4). The
+servers serve every exchange (each exchange touches every shard), so a point's rate R is the
+number of exchanges the tier completed per second, and its cost per exchange on one server is
+1/R when the server is the bottleneck.
+
+The fit: the time one server spends on one exchange of its shard is
+    t(P, S) = a_path + b_path x bytes(P / S)
+with bytes = 2 x 4 P/S plain (up and back) or twice the codec's payload compressed, a and b
+per path (in place: b is the cost of the in-place update per byte; messages: transfer + update),
+least squares over all points. The rule it gives: W workers, each exchanging every tau steps of
+t_step seconds, make x = W / (tau x t_step) exchanges per second, and every one of them visits
+every shard, so each server must keep up with all of them:
+    x x (a + b x bytes(P / S)) <= 1
+Sharding divides only the per-byte part: S >= x b bytes(P) / (1 - x a), and when x a >= 1 no
+number of shards suffices (the fixed cost per exchange alone fills a server: a longer tau, or
+fewer workers per server tier). Over a link of L bytes/s into each server node, the per-byte
+part also needs x bytes(P / S) <= L. The table prints every measured point beside the rule's
+prediction, and what the rule predicts for 1,024 workers.
+
+On this machine every rank shares 2 cores: W oversubscribed workers take CPU from the servers,
+so these rates are a lower bound for a cluster node where each server has its own core.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def inner(args):
+    """One point, under mpirun: S servers + W workers; prints the servers' JSON result on rank 0."""
+    import mpi4py
+
+    mpi4py.rc.thread_level = "serialized"
+    import torch
+    from mpi4py import MPI
+
+    from hpcopt.comm.client import CenterClient
+    from hpcopt.comm.protocol import EXCHANGE, make_header, shard_bounds
+    from hpcopt.comm.server import CenterServer
+    from hpcopt.comm.shared import share_node
+    from hpcopt.config import CommConfig, RecordConfig
+    from hpcopt.io.recorder import Recorder
+    from hpcopt.io.trajectory import TrajectoryWriter
+    from hpcopt.optim.center import ElasticRule
+
+    world = MPI.COMM_WORLD
+    S, n = args.servers, int(args.params)
+    bounds = shard_bounds(n, S)
+    share = share_node(world, S, n, enabled=args.path == "inplace")
+    servers = world.Split(0 if world.rank < S else 1, world.rank)
+    compress = "int4" if args.path == "int4" else "none"
+    comm = CommConfig(timeout=120, worker_timeout=120, compress=compress)
+    tmp = world.bcast(tempfile.mkdtemp() if world.rank == 0 else None)
+    world.Barrier()
+    if world.rank < S:
+        lo, hi = bounds[world.rank]
+        writer = TrajectoryWriter(f"{tmp}/capacity.h5", servers, n_params=n, lo=lo, hi=hi,
+                                  shard_width=bounds[0][1] - bounds[0][0], attrs={}, model_attrs={})
+        start = time.monotonic()
+        rule = ElasticRule(torch.zeros(hi - lo), 0.1)
+        recorder = Recorder(servers, writer, RecordConfig(center_every=10 ** 9, worker_every=0, flush_seconds=3600,
+                                                          eval_seconds=3600), bounds=bounds, start=start)
+        workers = {r - S: (r, "") for r in range(S, world.size)}
+        server = CenterServer(world=world, servers=servers, workers=workers, bounds=bounds, rule=rule,
+                              recorder=recorder, comm=comm, start=start, shared=share.workers or None,
+                              sync=share.sync, log=lambda *a: None)
+        summary = server.serve()
+        writer.close()
+        result = {"exchanges": summary.exchanges, "seconds": summary.wall_seconds,
+                  "cpu_seconds": summary.cpu_seconds, "in_place": bool(share.workers)}
+        results = servers.gather(result, root=0)
+        if world.rank == 0:
+            print("RESULT " + json.dumps(results), flush=True)
+    else:
+        wid = world.rank - S
+        params = share.params if share.params is not None else torch.zeros(n)
+        client = CenterClient([(world, r) for r in range(S)], bounds, params, chunk=int(1e6 / 4), timeout=120,
+                              shared=share.servers, sync=share.sync, compress=compress)
+        k, t_end = 0, time.monotonic() + args.seconds
+        rng = np.random.default_rng(wid)
+        noise = torch.from_numpy(rng.standard_normal(min(n, 4096)).astype(np.float32) * 1e-3)
+        while time.monotonic() < t_end:
+            k += 1
+            params[:noise.numel()] += noise  # a change to send (the compressed path encodes it)
+            client.exchange(make_header(EXCHANGE, wid, k, k))
+        client.done(wid, k)
+    servers.Free()
+
+
+def point(S, W, P, path, seconds):
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1")
+    cmd = ["mpirun", "-n", str(S + W), sys.executable, __file__, "--inner", "--servers", str(S), "--params", str(P),
+           "--path", path, "--seconds", str(seconds)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        raise SystemExit(f"point S={S} W={W} P={P} {path} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    res = json.loads(line[0][7:])
+    return {"S": S, "W": W, "P": P, "path": path, "rate": res[0]["exchanges"] / res[0]["seconds"],
+            "cpu_per_exchange": max(r["cpu_seconds"] / max(r["exchanges"], 1) for r in res)}
+
+
+def shard_bytes(P, S, path):
+    from hpcopt.comm import codec
+    from hpcopt.comm.protocol import chunk_bounds, shard_bounds
+
+    lo, hi = shard_bounds(P, S)[0]
+    if path == "int4":
+        return 2 * sum(codec.payload_size("int4", b - a) for a, b in chunk_bounds(0, hi - lo, int(1e6 / 4)))
+    return 2 * 4 * (hi - lo)
+
+
+def fit(points):
+    """t = a + b x bytes per path, from 1/rate of each point, least squares in relative error
+    (the rule is judged by its relative error at every point, small and large)."""
+    model = {}
+    for path in sorted({p["path"] for p in points}):
+        mine = [p for p in points if p["path"] == path]
+        x = np.array([shard_bytes(p["P"], p["S"], path) for p in mine], dtype=float)
+        t = np.array([1 / p["rate"] for p in mine])
+        A = np.stack([np.ones_like(x), x], axis=1) / t[:, None]
+        (a, b), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
+        model[path] = (max(a, 0.0), max(b, 0.0))
+    return model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--servers", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--params", type=float, default=1e6, help=argparse.SUPPRESS)
+    ap.add_argument("--path", default="messages", help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, default=4.0, help="seconds of exchanges per point")
+    ap.add_argument("--quick", action="store_true", help="three small points only")
+    ap.add_argument("--paths", default="inplace,messages,int4")
+    ap.add_argument("--check", default="", help="S,W,P of a point to predict and then measure (not in the fit)")
+    args = ap.parse_args()
+    if args.inner:
+        return inner(args)
+    # the sweep: model size at W=8, S=1; workers at P=1e6, S=1; shards at P=1e7, W=8. Enough
+    # workers to keep a server busy (W=4 points would measure the workers' round trips too)
+    grid = ([(1, 8, P) for P in (5e3, 1e5, 1e6, 1e7)] + [(1, W, 1e6) for W in (16, 64)]
+            + [(S, 8, 1e7) for S in (2, 4)])
+    if args.quick:
+        grid = [(1, 4, 5e3), (1, 4, 1e6), (2, 4, 1e6)]
+    points = []
+    for path in args.paths.split(","):
+        for S, W, P in grid:
+            pt = point(S, W, int(P), path, args.seconds)
+            points.append(pt)
+            print(f"measured S={S} W={W:3d} P={int(P):>10,} {path:9s} {pt['rate']:9.1f} exchanges/s", flush=True)
+    model = fit(points)
+    print("\nfitted time per exchange on one server: t = a + b x bytes of its shard (up and back)")
+    for path, (a, b) in model.items():
+        bw = f"{1 / b / 1e9:.2f} GB/s" if b > 0 else "inf"
+        print(f"  {path:9s} a = {1e6 * a:8.1f} us   b = {1e9 * b:7.3f} ns/byte ({bw})")
+    print(f"\n{'S':>2} {'W':>3} {'P':>11} {'path':9s} {'measured/s':>11} {'rule/s':>9} {'error':>7}")
+    worst = 0.0
+    for p in points:
+        a, b = model[p["path"]]
+        pred = 1 / (a + b * shard_bytes(p["P"], p["S"], p["path"]))
+        err = pred / p["rate"] - 1
+        worst = max(worst, abs(err))
+        print(f"{p['S']:>2} {p['W']:>3} {p['P']:>11,} {p['path']:9s} {p['rate']:>11.1f} {pred:>9.1f} {100 * err:>6.1f}%")
+    print(f"worst error: {100 * worst:.1f}%")
+    if args.check:
+        S, W, P = (int(float(v)) for v in args.check.split(","))
+        for path in args.paths.split(","):
+            a, b = model[path]
+            pred = 1 / (a + b * shard_bytes(P, S, path))
+            pt = point(S, W, P, path, args.seconds)
+            print(f"unseen point S={S} W={W} P={P:,} {path}: rule {pred:.1f}/s, measured {pt['rate']:.1f}/s "
+                  f"({100 * (pred / pt['rate'] - 1):+.1f}%)")
+    x = 1024 / (8 * 0.05)
+    print(f"\nserver shards needed for 1,024 workers at tau 8 and 50 ms steps ({x:.0f} exchanges/s), by the rule:")
+    for P in (5e3, 1e6, 1e7, 1e8):
+        need = []
+        for path, (a, b) in model.items():
+            if x * a >= 1:
+                need.append(f"{path} none suffices (fixed cost {1e6 * a:.0f} us x {x:.0f}/s > 1)")
+                continue
+            S = max(1, int(np.ceil(x * b * shard_bytes(int(P), 1, path) / (1 - x * a))))
+            need.append(f"{path} {S}")
+        print(f"  P={int(P):>11,}: " + "; ".join(need))
+
+
+if __name__ == "__main__":
+    main()
