@@ -50,10 +50,6 @@ def _scales(x: np.ndarray, levels: int) -> np.ndarray:
     return scales
 
 
-def _per_value(scales: np.ndarray, n: int) -> np.ndarray:
-    return np.repeat(scales, BLOCK)[:n]
-
-
 def encode(fmt: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """x (float32) -> out (uint8, payload_size(fmt, x.size) bytes). Returns out."""
     n = x.size
@@ -67,20 +63,28 @@ def encode(fmt: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     scales = _scales(x, levels)
     nb = scales.size
     out[:4 * nb].view(np.float32)[:] = scales
-    s = _per_value(scales, n)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(s > 0, x / np.where(s > 0, s, 1), 0)  # an all-zero block: zeros
-    q = np.rint(q)
-    q[~np.isfinite(q)] = 0  # (its scale is NaN/Inf: decoding gives NaN/Inf anyway)
-    q = np.clip(q, -levels, levels).astype(np.int8)
+    safe = np.where(scales > 0, scales, np.float32(1))  # an all-zero block: zeros
+    v = np.empty(n, dtype=np.float32)
+
+    full = n // BLOCK * BLOCK
+    with np.errstate(invalid="ignore"):  # Inf / Inf in a block whose scale is Inf: zeroed below
+        if full:  # per block, the scale broadcast (never a per-value copy of the scales)
+            np.divide(x[:full].reshape(-1, BLOCK), safe[:full // BLOCK, None], out=v[:full].reshape(-1, BLOCK))
+        if full < n:
+            np.divide(x[full:], safe[-1], out=v[full:])
+    np.nan_to_num(v, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # (its scale is NaN/Inf: decodes so anyway)
+    np.rint(v, out=v)
+    np.clip(v, -levels, levels, out=v)
+    q = v.astype(np.int8)
     values = out[4 * nb:]
     if fmt == "int8":
         values.view(np.int8)[:] = q
     else:  # two values per byte, low nibble first, each as q + 8 in 1..15
-        nib = (q + 8).astype(np.uint8)
+        nib = q.view(np.uint8) + np.uint8(8)  # (two's complement: -7..7 -> 1..15 mod 256)
         if n % 2:
             nib = np.append(nib, np.uint8(8))
-        values[:] = nib[0::2] | (nib[1::2] << np.uint8(4))
+        pairs = nib.reshape(-1, 2)
+        np.bitwise_or(pairs[:, 0], pairs[:, 1] << np.uint8(4), out=values)
     return out
 
 
@@ -95,12 +99,18 @@ def decode(fmt: str, payload: np.ndarray, n: int, out: np.ndarray | None = None)
     scales = payload[:4 * nb].view(np.float32)
     values = payload[4 * nb:]
     if fmt == "int8":
-        q = values.view(np.int8)[:n]
+        out[:] = values.view(np.int8)[:n]
     else:
-        q = np.empty(2 * values.size, dtype=np.int8)
-        q[0::2] = (values & np.uint8(0x0F)).astype(np.int8) - 8
-        q[1::2] = (values >> np.uint8(4)).astype(np.int8) - 8
-        q = q[:n]
+        pairs = np.empty((values.size, 2), dtype=np.int8)
+        np.bitwise_and(values, np.uint8(0x0F), out=pairs[:, 0].view(np.uint8))
+        np.right_shift(values, np.uint8(4), out=pairs[:, 1].view(np.uint8))
+        pairs -= np.int8(8)
+        out[:] = pairs.reshape(-1)[:n]
+    full = n // BLOCK * BLOCK
     with np.errstate(invalid="ignore"):  # 0 x Inf scale: NaN, as it should be
-        np.multiply(q, _per_value(scales, n), out=out, dtype=np.float32)
+        if full:
+            blocks = out[:full].reshape(-1, BLOCK)
+            np.multiply(blocks, scales[:full // BLOCK, None], out=blocks)
+        if full < n:
+            np.multiply(out[full:], scales[-1], out=out[full:])
     return out

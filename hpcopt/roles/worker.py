@@ -150,6 +150,7 @@ class Overlap:
         self.sent = torch.empty(mirror.host.numel(), dtype=mirror.host.dtype, pin_memory=mirror.tensor.is_cuda)
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.waited = 0.0  # seconds the training waited for exchanges in flight (the link, or the servers)
 
     @property
     def busy(self) -> bool:
@@ -176,7 +177,10 @@ class Overlap:
         """Wait for the exchange in flight, if any, and apply its move to the parameters."""
         if self.thread is None:
             return
-        self.thread.join()
+        if self.thread.is_alive():
+            t = time.perf_counter()
+            self.thread.join()
+            self.waited += time.perf_counter() - t
         self.thread = None
         if self.error is not None:
             error, self.error = self.error, None
@@ -322,6 +326,9 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
         save_state(step)
     client.done(worker_id, step, reason)
     ignore_leave_signals()
+    if overlap is not None:
+        spent = time.perf_counter() - t0
+        log(f"worker {worker_id}: waited {overlap.waited:.1f} s of {spent:.1f} s for overlapped exchanges to complete")
     if flags:
         log(f"worker {worker_id}: left on signal {signal.Signals(flags.received).name} at step {step}")
     return WorkerSummary(worker_id=worker_id, steps=step - first_step, samples=(step - first_step) * trainer.batch,
