@@ -6,7 +6,9 @@ float32 vector into one fixed-size byte payload and back:
 
   bf16  16 bits per value (float32 rounded to nearest even, NaN kept NaN): 2x smaller
   int8  8 bits per value, one float32 scale per block of BLOCK values (absmax / 127): ~3.9x
-  int4  4 bits per value (two per byte), one float32 scale per block (absmax / 7): ~7.5x
+  int4  4 bits per value (two per byte), one float32 scale per block (absmax / 7): ~7.8x
+  int2  2 bits per value (four per byte), one float32 scale per block (absmax / 1: -s, 0 or s,
+        ternary): ~15x; most values round to 0 and travel later, through the error feedback
 
 Both sides decode with this same code on the same bytes, so their references stay bit-identical
 (what the tests check). The rounding error is not lost: it stays in the difference between the
@@ -20,7 +22,8 @@ import numpy as np
 
 from hpcopt.config import COMPRESS_FORMATS as FORMATS  # (config checks the name without numpy)
 BLOCK = 256  # values per scale: a small share of the payload (4 bytes per 128 or 256)
-_LEVELS = {"int8": 127, "int4": 7}
+_LEVELS = {"int8": 127, "int4": 7, "int2": 1}
+_BITS = {"int8": 8, "int4": 4, "int2": 2}
 
 
 def payload_size(fmt: str, n: int) -> int:
@@ -28,10 +31,9 @@ def payload_size(fmt: str, n: int) -> int:
     if fmt == "bf16":
         return 2 * n
     blocks = -(-n // BLOCK)
-    if fmt == "int8":
-        return 4 * blocks + n
-    if fmt == "int4":
-        return 4 * blocks + (n + 1) // 2
+    if fmt in _BITS:
+        per_byte = 8 // _BITS[fmt]
+        return 4 * blocks + -(-n // per_byte)
     raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS[1:])})")
 
 
@@ -72,19 +74,23 @@ def encode(fmt: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
             np.divide(x[:full].reshape(-1, BLOCK), safe[:full // BLOCK, None], out=v[:full].reshape(-1, BLOCK))
         if full < n:
             np.divide(x[full:], safe[-1], out=v[full:])
-    np.nan_to_num(v, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # (its scale is NaN/Inf: decodes so anyway)
     np.rint(v, out=v)
     np.clip(v, -levels, levels, out=v)
-    q = v.astype(np.int8)
+    with np.errstate(invalid="ignore"):  # NaN only in a block whose scale is NaN/Inf: it decodes
+        q = v.astype(np.int8)  # non-finite whatever its values (and pairs of values never span blocks)
     values = out[4 * nb:]
     if fmt == "int8":
         values.view(np.int8)[:] = q
-    else:  # two values per byte, low nibble first, each as q + 8 in 1..15
-        nib = q.view(np.uint8) + np.uint8(8)  # (two's complement: -7..7 -> 1..15 mod 256)
-        if n % 2:
-            nib = np.append(nib, np.uint8(8))
-        pairs = nib.reshape(-1, 2)
-        np.bitwise_or(pairs[:, 0], pairs[:, 1] << np.uint8(4), out=values)
+    else:  # 8 / bits values per byte, lowest bits first, each as q + levels + 1 (int4: 1..15)
+        bits = _BITS[fmt]
+        per_byte = 8 // bits
+        field = q.view(np.uint8) + np.uint8(levels + 1)  # (two's complement wraps -levels.. to 1..)
+        if n % per_byte:
+            field = np.append(field, np.full(per_byte - n % per_byte, levels + 1, np.uint8))
+        group = field.reshape(-1, per_byte)
+        np.copyto(values, group[:, 0])
+        for i in range(1, per_byte):
+            values |= group[:, i] << np.uint8(bits * i)
     return out
 
 
@@ -101,11 +107,13 @@ def decode(fmt: str, payload: np.ndarray, n: int, out: np.ndarray | None = None)
     if fmt == "int8":
         out[:] = values.view(np.int8)[:n]
     else:
-        pairs = np.empty((values.size, 2), dtype=np.int8)
-        np.bitwise_and(values, np.uint8(0x0F), out=pairs[:, 0].view(np.uint8))
-        np.right_shift(values, np.uint8(4), out=pairs[:, 1].view(np.uint8))
-        pairs -= np.int8(8)
-        out[:] = pairs.reshape(-1)[:n]
+        bits, levels = _BITS[fmt], _LEVELS[fmt]
+        per_byte, mask = 8 // bits, np.uint8((1 << bits) - 1)
+        group = np.empty((values.size, per_byte), dtype=np.int8)
+        for i in range(per_byte):
+            np.bitwise_and(values >> np.uint8(bits * i), mask, out=group[:, i].view(np.uint8))
+        group -= np.int8(levels + 1)
+        out[:] = group.reshape(-1)[:n]
     full = n // BLOCK * BLOCK
     with np.errstate(invalid="ignore"):  # 0 x Inf scale: NaN, as it should be
         if full:

@@ -22,7 +22,7 @@ def test_bf16_rounds_as_torch_does(n):
     np.testing.assert_array_equal(roundtrip("bf16", x), want)
 
 
-@pytest.mark.parametrize("fmt,levels", [("int8", 127), ("int4", 7)])
+@pytest.mark.parametrize("fmt,levels", [("int8", 127), ("int4", 7), ("int2", 1)])
 @pytest.mark.parametrize("n", SIZES)
 def test_block_formats_match_a_plain_per_block_reference(fmt, levels, n):
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
@@ -37,7 +37,7 @@ def test_block_formats_match_a_plain_per_block_reference(fmt, levels, n):
     assert np.abs(got - x).max() <= np.abs(x).max() / levels / 2 * 1.0001
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int2"])
 def test_sizes_zeros_and_non_finite(fmt):
     assert codec.payload_size(fmt, 1000) < 4 * 1000
     np.testing.assert_array_equal(roundtrip(fmt, np.zeros(300, np.float32)), 0)
@@ -51,6 +51,7 @@ def test_sizes_zeros_and_non_finite(fmt):
 
 def test_ratios_and_unknown_format():
     n = 10 ** 6
-    assert [round(4 * n / codec.payload_size(f, n), 2) for f in ("bf16", "int8", "int4")] == [2.0, 3.94, 7.76]
+    assert [round(4 * n / codec.payload_size(f, n), 2) for f in ("bf16", "int8", "int4", "int2")] == [
+        2.0, 3.94, 7.76, 15.06]
     with pytest.raises(ValueError, match="unknown format"):
         codec.payload_size("int3", 10)
