@@ -288,6 +288,9 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
 
     def __post_init__(self):
+        if self.comm.overlap and self.synchronous:
+            raise ConfigError(f"comm.overlap applies to the asynchronous methods' exchanges; {self.run.method} "
+                              f"synchronizes every round: set it false")
         if self.comm.overlap and self.run.deterministic:
             raise ConfigError("comm.overlap makes when a move lands depend on timing: it cannot be "
                               "run.deterministic; set one of them false")

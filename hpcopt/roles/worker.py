@@ -147,6 +147,11 @@ class Overlap:
 
     def __init__(self, client, mirror: HostMirror):
         self.client, self.mirror = client, mirror
+        # LGRAWA: the trainer rewrites its layer norms while an exchange is in flight; the
+        # thread sends a copy taken at start() (MPI forbids changing a buffer being sent)
+        self.norms = client.layer_norms
+        if self.norms is not None:
+            client.layer_norms = self.norms.copy()
         self.sent = torch.empty(mirror.host.numel(), dtype=mirror.host.dtype, pin_memory=mirror.tensor.is_cuda)
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -159,6 +164,8 @@ class Overlap:
     def start(self, header) -> None:
         self.mirror.pull()
         self.sent.copy_(self.mirror.host)
+        if self.norms is not None:
+            self.client.layer_norms[:] = self.norms
         self.thread = threading.Thread(target=self._run, args=(header,), name="hpcopt-exchange", daemon=True)
         self.thread.start()
 
@@ -227,17 +234,20 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
     overlap = Overlap(client, mirror) if cfg.comm.overlap else None
 
     def exchange(step, last: bool = False):
+        """(With overlap the previous exchange's move is applied already: see the loop.)"""
         nonlocal loss_sum, loss_n, k, last_save
+        save = run is not None and time.monotonic() - last_save >= cfg.record.checkpoint_seconds
+        if save and overlap is not None:  # before the next exchange leaves: a state with every
+            save_state(step)  # move it has counted (after start() the one in flight would be missing)
         k += 1
-        if overlap is not None:
-            overlap.finish()  # the previous exchange's move first: the next one sends it along
         if overlap is not None and not last:
             overlap.start(header(P.EXCHANGE, step))
         else:
             through_host(client.exchange, header(P.EXCHANGE, step))
         loss_sum, loss_n = 0.0, 0
-        if run is not None and time.monotonic() - last_save >= cfg.record.checkpoint_seconds:
+        if save and overlap is None:
             save_state(step)
+        if save:
             last_save = time.monotonic()
 
     def save_state(step):
@@ -282,6 +292,8 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
     step = first_step
     while step < total:
         if step > first_step and (step - first_step) % tau == 0:
+            if overlap is not None:
+                overlap.finish()  # the previous move first: what is checked is what the next one sends
             why = why_not_exchange()
             if why is None:
                 exchange(step)
@@ -291,7 +303,9 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
         if overlap is not None:
             overlap.poll()
         talk = overlap is None or not overlap.busy  # (else only the exchange's thread talks to the servers)
-        if flags or (talk and client.poll_notices()):
+        # (a STOP the exchange's thread took is in client.stop_requested: with slow links an
+        # exchange is always in flight, and the worker must still see it)
+        if flags or client.stop_requested or (talk and client.poll_notices()):
             reason = P.SIGNALLED if flags else P.STOPPED
             break
         lr = trainer.lr(step)

@@ -1,6 +1,8 @@
 """Compressed exchanges (comm.compress): references that stay bit-identical on both sides and
 match a NumPy replay, hostile payloads that cost only their sender, and real trainings."""
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +129,30 @@ def test_a_compressed_local_sgd_training_learns(tmp_path):
         n = int(f.attrs["n_parameters"])
     assert acc > 0.9, acc
     assert sent.max() < 2 * 4 * n / 3  # a ring allreduce of float32 on 2 ranks moves 2 x 4n bytes
+
+
+def test_an_overlapped_worker_sees_a_stop_while_its_exchanges_are_always_in_flight(tmp_path):
+    """A stop that reaches only the servers (SIGUSR1 to server 0 alone, as a preemption signal
+    might) ends an overlapped run with tau = 1. The review that found the bug (a worker whose
+    exchange is always in flight never polled the servers itself, and ignored the STOP its
+    exchange thread had taken) showed it with a starved server; here the race is not forced, so
+    this test guards the path rather than reproducing the race every time."""
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "3", "--out", str(run), "--train.epochs", "100000", *QUAD, "--easgd.tau", "1",
+                  "--comm.overlap", "true", "--comm.shared_memory", "false", log=log)
+    try:
+        wait_for("exchanges", lambda: status(run).get("exchanges", 0) > 50, proc, log=log)
+        os.kill(status(run)["pid"], signal.SIGUSR1)  # server 0 only
+        out = finish(proc, log, timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    leaves = {e[1]: e[2] for e in events(run / "trajectory.h5") if e[0] == "leave"}
+    assert leaves == {0: "stopped by the server", 1: "stopped by the server"}, leaves
+
+
+def test_overlap_is_refused_with_a_synchronous_method():
+    p = hpcopt("train", "-n", "2", "--config", "configs/mnist1d_local_sgd.toml", "--comm.overlap", "true",
+               "--out", "/nonexistent/never")
+    assert p.returncode == 2 and "asynchronous methods" in p.stderr, p.stderr
