@@ -28,6 +28,23 @@ from hpcopt.models import CNN1D, build_model
 from hpcopt.optim.schedule import learning_rate
 
 
+def common(args, rank):
+    """The model, local optimizer, data and data order every peer here trains with (this script
+    and torchft_peer.py): one place, so the peers stay the same run."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)  # identical initial weights on every rank
+    net = build_model("mlp", {"hidden": [int(h) for h in args.hidden.split(",")]}) if args.hidden else CNN1D()
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    data = load_data("mnist1d")
+    x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
+    spe = len(x) // args.batch
+    return SimpleNamespace(net=net, opt=opt, x=x, y=y, xt=torch.from_numpy(data["x_test"]),
+                           yt=torch.from_numpy(data["y_test"]), spe=spe, total=round(args.epochs * spe),
+                           gen=torch.Generator().manual_seed(1_000_003 * 0 + rank),
+                           n_params=sum(p.numel() for p in net.parameters()))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=float, default=30)
@@ -43,17 +60,9 @@ def main():
     size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=size)
-    torch.manual_seed(0)
-    net = build_model("mlp", {"hidden": [int(h) for h in args.hidden.split(",")]}) if args.hidden else CNN1D()
-    model = DistributedDataParallel(net)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    data = load_data("mnist1d")
-    x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
-    xt, yt = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
-    spe = len(x) // args.batch
-    total = round(args.epochs * spe)
-    gen = torch.Generator().manual_seed(1_000_003 * 0 + rank)
-    n_params = sum(p.numel() for p in model.parameters())
+    c = common(args, rank)
+    model, opt = DistributedDataParallel(c.net), c.opt  # (DDP trains the same parameter tensors)
+    x, y, xt, yt, spe, total, gen, n_params = c.x, c.y, c.xt, c.yt, c.spe, c.total, c.gen, c.n_params
     curve, last_eval = [], -1e9
     dist.barrier()
     start = time.monotonic()

@@ -76,8 +76,6 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from hpcopt.data import load_data
-from hpcopt.models import CNN1D, build_model
 from hpcopt.models.evaluate import evaluate
 from hpcopt.optim.schedule import learning_rate
 
@@ -206,16 +204,11 @@ def train(args, comm, rank, size, held: dict) -> None:
     from torchft.manager import Manager
     from torchft.process_group import ProcessGroupGloo
 
-    torch.manual_seed(0)  # identical initial weights on every replica: no step-0 sync needed
-    model = build_model("mlp", {"hidden": [int(h) for h in args.hidden.split(",")]}) if args.hidden else CNN1D()
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    data = load_data("mnist1d")
-    x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
-    xt, yt = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
-    spe = len(x) // args.batch
-    total = round(args.epochs * spe)
-    gen = torch.Generator().manual_seed(1_000_003 * 0 + rank)
-    n_params = sum(p.numel() for p in model.parameters())
+    from ddp_baseline import common  # (this directory: the same model, data and order as DDP's)
+
+    c = common(args, rank)  # identical initial weights on every replica: no step-0 sync needed
+    model, opt = c.net, c.opt
+    x, y, xt, yt, spe, total, gen, n_params = c.x, c.y, c.xt, c.yt, c.spe, c.total, c.gen, c.n_params
     H = args.sync_every
 
     timeout = timedelta(seconds=args.timeout)
