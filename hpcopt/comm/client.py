@@ -37,7 +37,7 @@ class CenterClient:
     the header and a DONE_SHARED answer; `sync` is the window's memory barrier.
     `compress` (comm.compress, not LSGD): exchanges over messages send the change since the
     reference both sides keep, in that codec, except the first (and after a fetch nothing is
-    needed) and every `exact_every`-th (record.worker_every: its snapshot is recorded exactly)."""
+    needed, nor from the start of a fresh run: at_center) and every `exact_every`-th (record.worker_every: its snapshot is recorded exactly)."""
 
     def __init__(self, links: list[tuple[MPI.Comm, int]], bounds: list[tuple[int, int]],
                  params: torch.Tensor, *, chunk: int, timeout: float,
@@ -123,6 +123,11 @@ class CenterClient:
         """x <- center (a FETCH when joining, a RESET after divergence): the servers send the
         center and do not move it."""
         self._transfer(header, send=False)
+        self._synced()
+
+    def at_center(self) -> None:
+        """The worker starts from the center the servers start from (a fresh run): the reference
+        is shared already, and the first exchange may be compressed too."""
         self._synced()
 
     def _synced(self) -> None:

@@ -172,7 +172,8 @@ class CenterServer:
                  bounds: list[tuple[int, int]], rule: CenterRule, recorder, comm: CommConfig,
                  start: float, deterministic: bool = False, log=print, exchanges: int = 0,
                  next_worker_id: int | None = None, n_layers: int = 0, group_size: int = 0,
-                 shared: dict[int, np.ndarray] | None = None, sync=lambda: None, joins=None):
+                 shared: dict[int, np.ndarray] | None = None, sync=lambda: None, joins=None,
+                 at_center: bool = False):
         """`workers` maps worker id -> (its rank in `world`, host[, pid]) for the workers started with
         the run; `rule` owns this server's shard of the center (hpcopt.optim.center); `recorder`
         (hpcopt.io.recorder) what the trajectory file gets; `joins` (optional) admits workers
@@ -180,7 +181,9 @@ class CenterServer:
         `group_size`: two-level LSGD's node of a worker is worker id // group_size (0: its host).
         `shared` maps the world rank of a worker on this node to its parameters in a
         shared-memory window (hpcopt.comm.shared; `sync` is the window's memory barrier):
-        exchanges with it happen in place (rules that carry parameters only)."""
+        exchanges with it happen in place (rules that carry parameters only). `at_center`: the
+        workers in `workers` start from the center as it is now (a fresh run, not a resume), so
+        compressed exchanges need no plain first exchange to share a reference."""
         self.world, self.servers = world, servers
         self.coordinator = servers.rank == 0  # server 0 starts the flushes and keeps the tables
         self.bounds = bounds
@@ -220,7 +223,10 @@ class CenterServer:
         world_link = _Link(world, {})
         self.links.append(world_link)
         for wid, (rank, host, *pid) in sorted(workers.items()):
-            self.add_worker(wid, world_link, rank, host, world_rank=rank, pid=pid[0] if pid else -1)
+            peer = self.add_worker(wid, world_link, rank, host, world_rank=rank, pid=pid[0] if pid else -1)
+            if at_center and self._reference(peer) is not None:  # both sides hold the initial point
+                peer.ref.set(0, self.center.size, self.center)
+                peer.ref.synced = True
         self.left: dict[int, int] = {}  # how many workers left for each reason
         # workers that left on a signal or a stop, having saved their state: a resume continues
         # them (their checkpoint rows, kept from when they left)

@@ -37,7 +37,7 @@ def serve(s, writer, evaluator) -> ServeSummary:
         deterministic=cfg.run.deterministic, log=s.log, exchanges=resumed,
         next_worker_id=max(int(ckpt["attrs"]["next_worker_id"]), max(s.workers.values()) + 1) if ckpt else None,
         n_layers=len(layers) if rule.name == "lgrawa" else 0, group_size=cfg.lsgd.group_size,
-        shared=s.share.workers, sync=s.share.sync, joins=joins)
+        shared=s.share.workers, sync=s.share.sync, joins=joins, at_center=ckpt is None)
     if ckpt is not None:
         _restore(server, ckpt, lo, hi)
         server.event("resume", detail=f"from the checkpoint at exchange {resumed}, {len(s.workers)} workers")

@@ -359,7 +359,9 @@ def _work(s: Setup) -> WorkerSummary:
                           leaders=cfg.run.method == "lsgd", shared=s.share.servers, sync=s.share.sync,
                           compress=cfg.comm.compress, exact_every=cfg.record.worker_every)
     state, first = None, 0
-    if s.ckpt is not None:
+    if s.ckpt is None:  # every worker starts from the broadcast initial point, the servers' center
+        client.at_center()
+    else:
         state = load_worker_state(s.run.worker_state(wid), flat.numel, log=log_all)
         saved = [int(r["step"]) for r in s.ckpt["workers"]]
         first = int(sorted(saved)[len(saved) // 2]) if saved else 0
