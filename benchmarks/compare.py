@@ -118,10 +118,10 @@ def variant_flags(variant):
             flags += ["--comm.overlap", "true"]
         elif part == "alone":  # one exchange, at the end
             flags += ["--easgd.tau", str(10 ** 9)]
-        elif part in ("bf16", "int8", "int4", "int2"):
+        elif part in ("bf16", "int8", "int4", "int2", "top8"):
             flags += ["--comm.compress", part]
         elif part not in ("plain", "none"):
-            raise SystemExit(f"unknown variant part {part!r} (plain, bf16, int8, int4, int2, overlap)")
+            raise SystemExit(f"unknown variant part {part!r} (plain, bf16, int8, int4, int2, top8, overlap)")
     return flags
 
 
@@ -182,7 +182,7 @@ def main():
     ap.add_argument("--rate", default="1gbit", help="wide: the emulated link's rate (tc tbf)")
     ap.add_argument("--methods", default=None, help="comma-separated (default: all; wide: easgd,eamsgd,lsgd,mgrawa)")
     ap.add_argument("--variants", default="plain",
-                    help="comma-separated: plain, bf16, int8, int4, int2, overlap, or joined by + (int4+overlap)")
+                    help="comma-separated: plain, bf16, int8, int4, int2, top8, overlap, or joined by + (int4+overlap)")
     ap.add_argument("--utilisation", action="store_true",
                     help="first measure the workers' compute alone, then report each run's utilisation")
     ap.add_argument("--no-ddp", action="store_true", help="skip the torch DDP row")

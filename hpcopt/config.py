@@ -246,7 +246,7 @@ class RecordConfig:
             raise ConfigError(f"record.checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
 
 
-COMPRESS_FORMATS = ("none", "bf16", "int8", "int4", "int2")  # hpcopt.comm.codec
+COMPRESS_FORMATS = ("none", "bf16", "int8", "int4", "int2", "top8")  # hpcopt.comm.codec
 
 
 @dataclass(kw_only=True)
@@ -260,7 +260,7 @@ class CommConfig:
     shared_memory: bool = True
     """a worker on a server's node keeps its parameters in shared memory and that server updates them in place (no copies); false: always messages. LSGD and joined workers use messages"""
     compress: str = "none"
-    """exchanges over messages (and Local SGD's and DiLoCo's averages) send the change since the last one in this format: none (float32 parameters), bf16, int8, int4 or int2 (per-block scales), with error feedback; not LSGD or DP-SGD, not in place"""
+    """exchanges over messages (and Local SGD's and DiLoCo's averages) send the change since the last one in this format: none (float32 parameters), bf16, int8, int4 or int2 (per-block scales), or top8 (the 8 largest of every 256 values, int8), with error feedback; not LSGD or DP-SGD, not in place"""
     overlap: bool = False
     """a worker keeps stepping while its exchange travels (in a thread, on a copy of its parameters) and applies the exchange's move when it completes, at most one period late; not with run.deterministic"""
 

@@ -9,6 +9,9 @@ float32 vector into one fixed-size byte payload and back:
   int4  4 bits per value (two per byte), one float32 scale per block (absmax / 7): ~7.8x
   int2  2 bits per value (four per byte), one float32 scale per block (absmax / 1: -s, 0 or s,
         ternary): ~15x; most values round to 0 and travel later, through the error feedback
+  top8  sparse: in each block of BLOCK values only the TOPK largest in magnitude travel, as their
+        positions in the block (one byte each) and int8 values with one float32 scale: ~51x;
+        the rest waits in the error feedback (SparseLoCo's top-k, arXiv 2508.15706)
 
 Both sides decode with this same code on the same bytes, so their references stay bit-identical
 (what the tests check). The rounding error is not lost: it stays in the difference between the
@@ -24,6 +27,7 @@ from hpcopt.config import COMPRESS_FORMATS as FORMATS  # (config checks the name
 BLOCK = 256  # values per scale: a small share of the payload (4 bytes per 128 or 256)
 _LEVELS = {"int8": 127, "int4": 7, "int2": 1}
 _BITS = {"int8": 8, "int4": 4, "int2": 2}
+TOPK = 8  # top8: values sent per block (3% of 256)
 
 
 def payload_size(fmt: str, n: int) -> int:
@@ -34,6 +38,8 @@ def payload_size(fmt: str, n: int) -> int:
     if fmt in _BITS:
         per_byte = 8 // _BITS[fmt]
         return 4 * blocks + -(-n // per_byte)
+    if fmt == "top8":  # per block: scale, positions, values
+        return blocks * (4 + 2 * TOPK)
     raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS[1:])})")
 
 
@@ -44,6 +50,10 @@ def _scales(x: np.ndarray, levels: int) -> np.ndarray:
     amax = np.abs(x[:full]).reshape(-1, BLOCK).max(axis=1) if full else np.empty(0, np.float32)
     if full < n:
         amax = np.append(amax, np.abs(x[full:]).max())
+    return _scale_of(amax, levels)
+
+
+def _scale_of(amax: np.ndarray, levels: int) -> np.ndarray:
     # max() propagates NaN, so a NaN in a block makes its scale (and its decoded values) NaN
     scales = (amax / np.float32(levels)).astype(np.float32)
     with np.errstate(over="ignore"):  # near float32's max, levels x scale may round up to Inf:
@@ -61,6 +71,8 @@ def encode(fmt: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         rounded[np.isnan(x)] = 0x7FC0  # rounding could carry a NaN's mantissa into the sign
         out.view(np.uint16)[:] = rounded
         return out
+    if fmt == "top8":
+        return _encode_top(x, out)
     levels = _LEVELS[fmt]
     scales = _scales(x, levels)
     nb = scales.size
@@ -101,6 +113,8 @@ def decode(fmt: str, payload: np.ndarray, n: int, out: np.ndarray | None = None)
     if fmt == "bf16":
         out.view(np.uint32)[:] = payload.view(np.uint16).astype(np.uint32) << np.uint32(16)
         return out
+    if fmt == "top8":
+        return _decode_top(payload, n, out)
     nb = -(-n // BLOCK)
     scales = payload[:4 * nb].view(np.float32)
     values = payload[4 * nb:]
@@ -121,4 +135,55 @@ def decode(fmt: str, payload: np.ndarray, n: int, out: np.ndarray | None = None)
             np.multiply(blocks, scales[:full // BLOCK, None], out=blocks)
         if full < n:
             np.multiply(out[full:], scales[-1], out=out[full:])
+    return out
+
+
+def _blocks(x: np.ndarray) -> np.ndarray:
+    """x as (blocks, BLOCK) rows; a short last block is padded with zeros (a copy only then)."""
+    nb = -(-x.size // BLOCK)
+    if x.size == nb * BLOCK:
+        return x.reshape(nb, BLOCK)
+    padded = np.zeros(nb * BLOCK, dtype=np.float32)
+    padded[:x.size] = x
+    return padded.reshape(nb, BLOCK)
+
+
+def _top_layout(out: np.ndarray, nb: int):
+    """top8's payload as three views: scales (nb), positions (nb, TOPK), int8 values (nb, TOPK)."""
+    k = TOPK
+    return (out[:4 * nb].view(np.float32), out[4 * nb:(4 + k) * nb].reshape(nb, k),
+            out[(4 + k) * nb:(4 + 2 * k) * nb].view(np.int8).reshape(nb, k))
+
+
+def _encode_top(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    import torch  # topk over rows: torch's is several times faster than numpy's argpartition
+
+    rows = _blocks(x)
+    nb = rows.shape[0]
+    scales, where, values = _top_layout(out, nb)
+    # NaN ranks above every number in torch.topk, so a block with one travels (and decodes NaN)
+    idx = torch.from_numpy(rows).abs().topk(min(TOPK, BLOCK), dim=1, sorted=False).indices.numpy()
+    picked = np.take_along_axis(rows, idx, axis=1)
+    scales[:] = _scale_of(np.abs(picked).max(axis=1), 127)
+    safe = np.where(scales > 0, scales, np.float32(1))
+    with np.errstate(invalid="ignore"):
+        q = np.clip(np.rint(picked / safe[:, None]), -127, 127)
+        values[:] = q.astype(np.int8)
+    where[:] = idx.astype(np.uint8)
+    return out
+
+
+def _decode_top(payload: np.ndarray, n: int, out: np.ndarray | None) -> np.ndarray:
+    nb = -(-n // BLOCK)
+    scales, where, values = _top_layout(payload, nb)
+    full = nb * BLOCK == n and out is not None
+    rows = out.reshape(nb, BLOCK) if full else np.empty((nb, BLOCK), dtype=np.float32)
+    rows[:] = 0
+    with np.errstate(invalid="ignore"):  # 0 x Inf scale: NaN, as it should be
+        np.put_along_axis(rows, where.astype(np.intp), values.astype(np.float32) * scales[:, None], axis=1)
+    if full:
+        return out
+    if out is None:
+        return rows.reshape(-1)[:n].copy()
+    out[:] = rows.reshape(-1)[:n]
     return out

@@ -23,7 +23,7 @@ def _mpirun(n, script, *args):
     assert p.returncode == 0 and "OK" in p.stdout, p.stdout + p.stderr
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int2"])
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int2", "top8"])
 def test_references_stay_identical_and_match_a_numpy_replay(tmp_path, fmt):
     """40 exchanges, every 7th plain, one shard in place and one over messages: the worker's
     parameters equal the replay after every exchange (checked in the script), and at the end

@@ -37,7 +37,24 @@ def test_block_formats_match_a_plain_per_block_reference(fmt, levels, n):
     assert np.abs(got - x).max() <= np.abs(x).max() / levels / 2 * 1.0001
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int2"])
+@pytest.mark.parametrize("n", SIZES)
+def test_top8_sends_each_blocks_largest_values_in_int8(n):
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    x[: n // 3] *= 1e-3
+    want = np.zeros(n, np.float32)
+    for a in range(0, n, codec.BLOCK):
+        block = x[a:a + codec.BLOCK]
+        top = np.argsort(-np.abs(block), kind="stable")[:codec.TOPK]  # random data: no ties
+        scale = np.float32(np.abs(block[top]).max()) / np.float32(127)
+        want[a + top] = np.clip(np.rint(block[top] / scale), -127, 127).astype(np.float32) * scale
+    np.testing.assert_array_equal(roundtrip("top8", x), want)
+    out = np.full(n, 5.0, np.float32)  # decoding into a buffer overwrites every value
+    payload = np.empty(codec.payload_size("top8", n), np.uint8)
+    codec.decode("top8", codec.encode("top8", x, payload), n, out)
+    np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int2", "top8"])
 def test_sizes_zeros_and_non_finite(fmt):
     assert codec.payload_size(fmt, 1000) < 4 * 1000
     np.testing.assert_array_equal(roundtrip(fmt, np.zeros(300, np.float32)), 0)
@@ -51,7 +68,7 @@ def test_sizes_zeros_and_non_finite(fmt):
 
 def test_ratios_and_unknown_format():
     n = 10 ** 6
-    assert [round(4 * n / codec.payload_size(f, n), 2) for f in ("bf16", "int8", "int4", "int2")] == [
-        2.0, 3.94, 7.76, 15.06]
+    assert [round(4 * n / codec.payload_size(f, n), 2) for f in ("bf16", "int8", "int4", "int2", "top8")] == [
+        2.0, 3.94, 7.76, 15.06, 51.19]
     with pytest.raises(ValueError, match="unknown format"):
         codec.payload_size("int3", 10)
