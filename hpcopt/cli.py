@@ -3,6 +3,7 @@
     mpirun -n 5 hpcopt train --config configs/mnist1d_easgd.toml --out runs/mine
     hpcopt inspect runs/mine/trajectory.h5 [--json]
     hpcopt export runs/mine -o model.pt
+    hpcopt import ckpts/ --model cnn1d --data mnist1d -o runs/theirs
 """
 
 from __future__ import annotations
@@ -331,6 +332,9 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("run", metavar="RUN", help="the run directory")
     p.add_argument("--json", action="store_true", help="print the status as one JSON object")
     _export_parser(sub)
+    from hpcopt.importer import add_parser as _import_parser
+
+    _import_parser(sub)
     from hpcopt.analyze.cli import add_parser as _analyze_parser
 
     _analyze_parser(sub)
@@ -349,6 +353,10 @@ def _main(argv: list[str] | None) -> int:
         return _cmd_status(args)
     if args.command == "export":
         return _cmd_export(args)
+    if args.command == "import":
+        from hpcopt.importer import main as _import
+
+        return _import(args)
     parser.print_help()
     return 2
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
+NO_DATA = "none"  # [data] name of a run recorded (hpcopt.Recorder) or imported without a data set
 
 
 def mnist1d(seed: int = 42) -> dict:
@@ -45,6 +46,10 @@ def from_hdf5(path: Path) -> dict:
 def load_data(name: str, seed: int = 42) -> dict:
     if name == "mnist1d":
         data = mnist1d(seed)
+    elif name == NO_DATA:
+        raise ValueError("the run names no data set (it was recorded or imported without one: pass data= to "
+                         "hpcopt.Recorder, --data to hpcopt import); its trajectory alone can be analysed "
+                         "with --skip landscape,interpolation,hessian,sharpness")
     elif name.endswith((".h5", ".hdf5", ".hdf")) or Path(name).is_file():
         if not Path(name).is_file():
             raise ValueError(f"data file {name} does not exist")

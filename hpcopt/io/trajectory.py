@@ -6,33 +6,63 @@ every structural call (create, resize, attribute write, close) made by all ranks
 arguments, so all writing happens in `flush`, which all servers enter together; between two
 flushes records are buffered in memory. Few, large, collective writes are also what parallel
 HDF5 is fastest at.
+
+With `comm=None` one process writes the whole file with plain h5py and MPI is never touched
+(hpcopt.record: trajectories of a user's own PyTorch training, and `hpcopt import`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-from mpi4py import MPI
 
 from ..failpoints import failpoint
 from . import schema
 
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+
+def run_attributes(cfg, *, n_parameters: int, hosts: dict, bounds: list, n_servers: int, n_workers: int,
+                   alpha: float, tau: int, mpi_library: str = "") -> dict:
+    """The root attributes a new trajectory file starts with (docs/trajectory-schema.md); `cfg` is
+    the run's hpcopt.config.Config."""
+    import datetime
+
+    import torch
+
+    from hpcopt import __version__
+
+    return {
+        "method": cfg.run.method, "config": cfg.to_toml(), "hpcopt_version": __version__,
+        "torch_version": str(torch.__version__), "h5py_version": h5py.version.version,
+        "hdf5_version": h5py.version.hdf5_version, "mpi_library": mpi_library,
+        "hosts": json.dumps(hosts), "server_ranks": json.dumps(list(range(n_servers))),
+        "n_servers": n_servers, "n_workers": n_workers, "n_parameters": n_parameters,
+        "alpha": alpha, "beta": cfg.easgd.beta, "tau": tau, "seed": cfg.run.seed,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shard_bounds": json.dumps(bounds),
+    }
+
 
 class TrajectoryWriter:
-    def __init__(self, path: str, comm: MPI.Comm, *, n_params: int, lo: int, hi: int,
+    def __init__(self, path: str, comm: MPI.Comm | None, *, n_params: int, lo: int, hi: int,
                  shard_width: int, attrs: dict, model_attrs: dict, resume: dict | None = None):
         """Collective over `comm` (the server ranks): create the file and its datasets; or, with
         `resume` (dataset sizes from a checkpoint), reopen it and cut every dataset back to the
-        checkpoint, so the resumed run continues exactly where the checkpoint was taken."""
+        checkpoint, so the resumed run continues exactly where the checkpoint was taken. `comm`
+        None: this process alone, without MPI."""
         self.comm, self.lo, self.hi, self.n_params, self.path = comm, lo, hi, n_params, path
-        self.leader = comm.rank == 0
+        self.leader = comm is None or comm.rank == 0
         self.written: dict = {}  # attributes as last written by flush
         if resume is not None:
             self._reopen(path, resume, attrs)
             return
-        self.f = h5py.File(path, "w", driver="mpio", comm=comm)
+        self.f = h5py.File(path, "w", **self._driver())
         f = self.f
         for k, v in attrs.items():
             f.attrs[k] = str(v) if isinstance(v, str) else v
@@ -60,7 +90,7 @@ class TrajectoryWriter:
         f.flush()
 
     def _reopen(self, path: str, sizes: dict, attrs: dict) -> None:
-        self.f = f = h5py.File(path, "r+", driver="mpio", comm=self.comm)
+        self.f = f = h5py.File(path, "r+", **self._driver())
         if f.attrs.get("format") != schema.FORMAT or f["center/params"].shape[1] != self.n_params:
             raise ValueError(f"{path} is not this run's trajectory file")
         self.center, self.center_meta = f["center/params"], f["center/meta"]
@@ -78,6 +108,13 @@ class TrajectoryWriter:
             f.attrs[k] = v
         f.attrs["status"] = "running"
         f.flush()
+
+    def _driver(self) -> dict:
+        return {} if self.comm is None else {"driver": "mpio", "comm": self.comm}
+
+    def _bcast(self, obj):
+        """The leader's `obj` on every rank."""
+        return obj if self.comm is None else self.comm.bcast(obj, root=0)
 
     def _datasets(self) -> dict:
         return {"center/params": self.center, "center/meta": self.center_meta, "workers/params": self.workers,
@@ -97,7 +134,7 @@ class TrajectoryWriter:
         meta.resize(base + n, axis=0)
         failpoint("trajectory.flush.resized")
         block = np.stack(rows) if n > 1 else rows[0][None, :]
-        with dset.collective:
+        with dset.collective if self.comm is not None else contextlib.nullcontext():
             dset[base:base + n, self.lo:self.hi] = block
         failpoint("trajectory.flush.params")
         if self.leader:
@@ -113,7 +150,7 @@ class TrajectoryWriter:
         self._append_params(self.center, self.center_meta, center_rows, center_meta)
         self._append_params(self.workers, self.workers_meta, worker_rows, worker_meta)
         counts = {name: len(rows) for name, rows in (tables or {}).items()} if self.leader else None
-        counts = self.comm.bcast(counts, root=0)
+        counts = self._bcast(counts)
         for name, n in counts.items():
             if n == 0:
                 continue
@@ -123,7 +160,7 @@ class TrajectoryWriter:
             if self.leader:
                 dset[base:base + n] = np.array(tables[name], dtype=dset.dtype)
         failpoint("trajectory.flush.tables")
-        attrs = self.comm.bcast(attrs if self.leader else None, root=0)
+        attrs = self._bcast(attrs if self.leader else None)
         for k, v in (attrs or {}).items():
             if self.written.get(k, self) != v:  # a string attribute rewritten at every flush
                 self.f.attrs[k] = v             # would leave its old copy in the file's heap

@@ -54,8 +54,15 @@ class FlatModel:
 
     def layout(self) -> dict:
         """Names, shapes and offsets of the parameters inside the flat buffer."""
-        offsets, o = [], 0
-        for s in self.shapes:
-            offsets.append(o)
-            o += int(torch.Size(s).numel())
-        return {"names": self.names, "shapes": [list(s) for s in self.shapes], "offsets": offsets}
+        return parameter_layout(self.module)
+
+
+def parameter_layout(module: nn.Module) -> dict:
+    """Names, shapes and offsets of `module`'s trainable parameters laid end to end in the order
+    of `module.parameters()`: the flat vector a trajectory records (its /model attributes)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    offsets, o = [], 0
+    for _, p in named:
+        offsets.append(o)
+        o += p.numel()
+    return {"names": [n for n, _ in named], "shapes": [list(p.shape) for _, p in named], "offsets": offsets}

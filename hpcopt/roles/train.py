@@ -11,8 +11,6 @@ Nesterov local steps make it EAMSGD, Algorithm 2). Synchronous methods: every ra
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ import torch
 from hpcopt import __version__
 from hpcopt.config import Config
 from hpcopt.data import load_data
-from hpcopt.io.trajectory import TrajectoryWriter
+from hpcopt.io.trajectory import TrajectoryWriter, run_attributes
 from hpcopt.launch.env import Environment
 from hpcopt.models import FlatModel, build_model
 from hpcopt.io.rundir import RunDir, write_atomic
@@ -448,17 +446,8 @@ def _chunk(cfg: Config) -> int:
 
 
 def _attrs(cfg, flat, hosts, bounds, n_servers, n_workers, alpha, tau) -> dict:
-    import h5py
     from mpi4py import MPI
 
-    return {
-        "method": cfg.run.method, "config": cfg.to_toml(), "hpcopt_version": __version__,
-        "torch_version": str(torch.__version__), "h5py_version": h5py.version.version,
-        "hdf5_version": h5py.version.hdf5_version,
-        "mpi_library": MPI.Get_library_version().replace("\x00", "").strip(),
-        "hosts": json.dumps(hosts), "server_ranks": json.dumps(list(range(n_servers))),
-        "n_servers": n_servers, "n_workers": n_workers, "n_parameters": flat.numel,
-        "alpha": alpha, "beta": cfg.easgd.beta, "tau": tau, "seed": cfg.run.seed,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "shard_bounds": json.dumps(bounds),
-    }
+    return run_attributes(cfg, n_parameters=flat.numel, hosts=hosts, bounds=bounds, n_servers=n_servers,
+                          n_workers=n_workers, alpha=alpha, tau=tau,
+                          mpi_library=MPI.Get_library_version().replace("\x00", "").strip())
