@@ -120,6 +120,22 @@ def test_existing_run_and_wrong_factory(recorded, tmp_path):
     assert load_run(other).center.shape == (1, 5210)
 
 
+def test_exception_stops_the_run(tmp_path):
+    """An exception inside `with Recorder(...)` ends the run as stopped with the model as it was
+    then (its last steps included), and no center.pt; the exception goes on to the caller."""
+    torch.manual_seed(0)
+    model = build_model("cnn1d")
+    with pytest.raises(ZeroDivisionError):
+        with Recorder(tmp_path / "r", model, every=5, model_factory="cnn1d") as rec:
+            params, *_ = train(rec, model, 7)
+            1 / 0
+    run = load_run(tmp_path / "r")
+    assert run.status == "stopped" and list(run.center_meta["exchanges"]) == [0, 5, 7]
+    assert np.array_equal(run.center[-1], params[7]) and len(run.exchanges) == 7
+    assert b"ZeroDivisionError" in run.events["detail"][-2]  # the leave event says why
+    assert not (tmp_path / "r" / "center.pt").exists()
+
+
 KILLED = """
 import sys, time, torch, torch.nn.functional as F
 from hpcopt.models import build_model
