@@ -325,12 +325,13 @@ def choose_device(option: str, comm=None, timeout: float = 120.0, log=None) -> s
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     device, error, line = "cpu", None, "CPU (--device cpu)"
     if option != "cpu":
-        from hpcopt.launch.device import CUDA_AWARE_OVERRIDE, select_device
+        from hpcopt.launch.device import local_rank_by_split, select_device
 
-        # The launcher's variables pick the GPU. Whether MPI is CUDA-aware does not matter here
-        # (every sum is on host buffers): saying "no" spares the question, which would start MPI
-        # in a plain Python process of the API or run `ompi_info`.
-        choice = select_device("worker", environ={**os.environ, CUDA_AWARE_OVERRIDE: "0"})
+        # The launcher's variables pick the GPU, else the rank's place on its node (a split every
+        # rank makes, so none waits). Whether MPI is CUDA-aware does not matter here (every sum is
+        # on host buffers): not asking spares starting MPI in a plain Python process of the API.
+        node_rank = local_rank_by_split(comm) if comm is not None else None
+        choice = select_device("worker", node_rank=node_rank, ask_mpi=False)
         device = choice.device
         if device == "cpu":
             line = "CPU (no GPU available)"
@@ -365,15 +366,33 @@ def _on(device: str):
     if device == "cpu":
         yield
         return
+    with full_float32(), torch.cuda.device(torch.device(device)):
+        yield
+
+
+# torch >= 2.9 sets TF32 through fp32_precision; reading the legacy allow_tf32 flags after a
+# program used the new ones raises, so the new ones are used where they exist
+_PRECISION = [(torch.backends.cuda.matmul, "fp32_precision"), (torch.backends.cudnn.conv, "fp32_precision"),
+              (torch.backends.cudnn.rnn, "fp32_precision")] \
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision") else \
+    [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]
+
+
+@contextlib.contextmanager
+def full_float32():
+    """cuBLAS and cuDNN in full float32 (no TF32), deterministic cuDNN, no autotuning; the
+    previous settings come back afterwards."""
     cudnn = torch.backends.cudnn
-    saved = (cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
-    cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = False, True, False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    flags = [(cudnn, "deterministic", True), (cudnn, "benchmark", False)] + [
+        (owner, name, "ieee" if name == "fp32_precision" else False) for owner, name in _PRECISION]
+    saved = [getattr(owner, name) for owner, name, _ in flags]
+    for owner, name, value in flags:
+        setattr(owner, name, value)
     try:
-        with torch.cuda.device(torch.device(device)):
-            yield
+        yield
     finally:
-        cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
+        for (owner, name, _), value in zip(flags, saved):
+            setattr(owner, name, value)
 
 
 def _summary(run: Run) -> dict:

@@ -110,7 +110,7 @@ def save_worker_state(path, *, step: int, exchange: int, params, trainer_state: 
 
     from .rundir import write_atomic
 
-    state = {"step": step, "exchange": exchange, "params": params.detach().cpu().clone(), "trainer": trainer_state,
+    state = {"step": step, "exchange": exchange, "params": params.detach().to("cpu", copy=True), "trainer": trainer_state,
              "n_parameters": params.numel()}
     state["sha256"] = _digest(state)  # torch.load checks no checksum: a flipped bit would load
     buf = io.BytesIO()

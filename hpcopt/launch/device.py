@@ -119,8 +119,8 @@ def local_rank_by_split(comm) -> int:
 def mpi_cuda_support(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether the MPI library accepts GPU buffers. Asks, in order: HPCOPT_CUDA_AWARE_MPI, mpi4py
     (newer versions wrap MPIX_Query_cuda_support), the C function MPIX_Query_cuda_support itself
-    (Open MPI and MPICH export it; answers for run time, after MPI_Init), and last Open MPI's
-    `ompi_info` (built with CUDA support). False when nothing says yes."""
+    (Open MPI and MPICH export it; answers for run time, after MPI_Init), and last, before MPI
+    starts only, Open MPI's `ompi_info` (built with CUDA support). False when nothing says yes."""
     forced = environ.get(CUDA_AWARE_OVERRIDE, "").strip().lower()
     if forced in ("0", "1", "true", "false", "yes", "no"):
         return forced in ("1", "true", "yes")
@@ -132,8 +132,8 @@ def mpi_cuda_support(environ: Mapping[str, str] = os.environ) -> bool:
             return bool(query())
         if MPI.Is_initialized():
             fn = getattr(ctypes.CDLL(None), "MPIX_Query_cuda_support", None)
-            if fn is not None:
-                return bool(fn())
+            # no fork() of ompi_info once MPI runs (Open MPI warns against it with registered memory)
+            return bool(fn()) if fn is not None else False
     except (ImportError, OSError):
         pass
     return ompi_built_with_cuda()
@@ -153,12 +153,16 @@ def ompi_built_with_cuda() -> bool:
 
 def select_device(role: str, *, node_rank: int | None = None, comm=None, environ: Mapping[str, str] | None = None,
                   n_gpus: int | None = None, servers_on_gpu: bool = False,
-                  log: Callable[[str], None] | None = None) -> DeviceChoice:
+                  log: Callable[[str], None] | None = None, log_cpu: bool = True,
+                  ask_mpi: bool = True) -> DeviceChoice:
     """Choose this rank's device. role is "worker" or "server"; servers stay on the CPU unless
     servers_on_gpu. The local rank comes from the launcher's variables, else `node_rank` (this
     rank's place in its node communicator, which training computes for every rank), else a
     shared-memory split of `comm` (then collective over comm), else 0. n_gpus defaults to torch's
-    count. Logs one line saying what it took, when log is given."""
+    count. Logs one line saying what it took, when log is given (on the CPU only if log_cpu).
+    MIG: with several MIG instances listed, a rank narrows CUDA_VISIBLE_DEVICES to its own (in
+    `environ`, os.environ by default), so call this before anything starts CUDA. ask_mpi=False:
+    whether MPI is CUDA-aware is not asked (reported False)."""
     if role not in ("worker", "server"):
         raise ValueError(f"role must be 'worker' or 'server', got {role!r}")
     environ = os.environ if environ is None else environ
@@ -172,17 +176,23 @@ def select_device(role: str, *, node_rank: int | None = None, comm=None, environ
     if role == "server" and not servers_on_gpu:
         device = "cpu"
     else:
+        if visible and len(visible) > 1 and any(v.startswith("MIG-") for v in visible):
+            # a CUDA process enumerates only one MIG instance, the first it may see, so every rank
+            # would share it: each narrows the list to its own, before CUDA starts in this process
+            visible = [visible[local_rank % len(visible)]]
+            if isinstance(environ, dict) or environ is os.environ:
+                environ["CUDA_VISIBLE_DEVICES"] = visible[0]
         if n_gpus is None:
             import torch
 
             n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         device = choose_device(local_rank, visible, n_gpus)
     on_gpu = device != "cpu"
-    aware = mpi_cuda_support(environ) if on_gpu else False
+    aware = mpi_cuda_support(environ) if on_gpu and ask_mpi else False
     choice = DeviceChoice(device=device, gpu=gpu_id(device, visible), local_rank=local_rank,
                           local_rank_source=source, cuda_aware_mpi=aware,
                           staging="pinned-host" if on_gpu else "none")
-    if log is not None:
+    if log is not None and (on_gpu or log_cpu):
         node = environ.get("SLURMD_NODENAME") or socket.gethostname()
         log(f"[hpcopt {role} on {node}] {choice.describe()}")
     return choice
@@ -218,6 +228,7 @@ class HostMirror:
         import torch
 
         self.tensor = tensor
+        self._pushed = None  # a CUDA event: the last asynchronous push has read the host buffer
         cpu = tensor.device.type == "cpu"
         self.on_host = cpu and not separate  # the tensor is its own host copy
         self.pinned = cpu
@@ -250,3 +261,15 @@ class HostMirror:
         """The host's values into the tensor (ordered before the next kernels on this stream)."""
         if not self.on_host:
             self.tensor.copy_(self.host, non_blocking=self.pinned)
+            if self.tensor.is_cuda and self.pinned:
+                import torch
+
+                self._pushed = torch.cuda.Event()
+                self._pushed.record(torch.cuda.current_stream(self.tensor.device))
+
+    def settle(self) -> None:
+        """Wait until the last push has read the host buffer: call before anything but pull()
+        writes the host buffer (a fetch's MPI receive), or the copy could take the new values."""
+        pushed, self._pushed = self._pushed, None
+        if pushed is not None:
+            pushed.synchronize()

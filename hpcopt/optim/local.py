@@ -8,6 +8,11 @@ from __future__ import annotations
 import torch
 
 
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A state tensor for saving: one copy, in host memory (a GPU state is not duplicated there)."""
+    return t.detach().to("cpu", copy=True)
+
+
 class SGDStep:
     """x <- x - lr * (g + wd x), with optional (Nesterov) momentum delta, like torch.optim.SGD.
 
@@ -39,7 +44,7 @@ class SGDStep:
         params.add_(grad, alpha=-lr)
 
     def state_dict(self) -> dict:
-        return {"momentum_buffer": None if self.buf is None else self.buf.clone(), "started": self._started}
+        return {"momentum_buffer": None if self.buf is None else _host_copy(self.buf), "started": self._started}
 
     def load_state_dict(self, state: dict) -> None:
         if self.buf is not None and state.get("momentum_buffer") is not None:
@@ -69,7 +74,7 @@ class AdamWStep:
         params.addcdiv_(self.m, denom, value=-lr / bias1)
 
     def state_dict(self) -> dict:
-        return {"m": self.m.clone(), "v": self.v.clone(), "t": self.t}
+        return {"m": _host_copy(self.m), "v": _host_copy(self.v), "t": self.t}
 
     def load_state_dict(self, state: dict) -> None:
         self.m.copy_(state["m"])
@@ -87,9 +92,11 @@ def lars_trust_ratios(params: torch.Tensor, grad: torch.Tensor, layers: list[tup
                       eta: float = 1e-3, weight_decay: float = 0.0, eps: float = 1e-12) -> torch.Tensor:
     """LARS (You et al. 2017): per-layer local learning rates eta ||x|| / (||g|| + wd ||x||);
     1 where a layer's weights or gradient are zero. Tensor ops only, on the parameters' device:
-    a comparison or .item() on a norm would wait for the GPU twice per layer per step."""
-    w = torch.stack([params[lo:hi].norm() for lo, hi in layers])
-    g = torch.stack([grad[lo:hi].norm() for lo, hi in layers])
+    a comparison or .item() on a norm would wait for the GPU twice per layer per step, and the
+    norms of all layers are one multi-tensor kernel on a GPU (torch's foreach ops, as its
+    optimizers use; on the CPU the same per-layer norms)."""
+    w = torch.stack(torch._foreach_norm([params[lo:hi] for lo, hi in layers]))
+    g = torch.stack(torch._foreach_norm([grad[lo:hi] for lo, hi in layers]))
     return torch.where((w > eps) & (g > eps), eta * w / (g + weight_decay * w), torch.ones_like(w))
 
 
@@ -111,8 +118,8 @@ class LARSStep:
         ratios = lars_trust_ratios(params, grad, self.layers, eta=self.eta, weight_decay=self.weight_decay)
         if self.weight_decay:
             grad.add_(params, alpha=self.weight_decay)
-        for (lo, hi), ratio in zip(self.layers, ratios):  # 0-d tensors: no host sync
-            grad[lo:hi].mul_(ratio)
+        # 0-d tensors (no host sync), every layer in one multi-tensor call
+        torch._foreach_mul_([grad[lo:hi] for lo, hi in self.layers], list(ratios.unbind()))
         self.sgd.step(params, grad, lr)
 
     def state_dict(self) -> dict:

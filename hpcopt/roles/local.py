@@ -125,8 +125,14 @@ class LocalTrainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.run.seed)
             model = build_model(cfg.model.name, cfg.model.kwargs).to(self.device).eval()
+            xb, yb = self.x[:self.batch], self.y[:self.batch]
             with torch.no_grad(), self._autocast():  # in the precision the training losses have
-                return float(_loss(model, self.x[:self.batch], self.y[:self.batch]))
+                loss = float(_loss(model, xb, yb))
+            if self.device.type == "cuda":  # a throwaway backward too: its kernels, cuDNN's choice of
+                with self._autocast():  # algorithms and autograd's device thread load now, before
+                    warm = _loss(model, xb, yb)  # the servers' liveness clock starts
+                warm.backward()
+            return loss
 
     def _autocast(self):
         """train.precision bf16: the forward pass and the loss in bfloat16 where autocast deems
@@ -158,7 +164,8 @@ class LocalTrainer:
 
     def state_dict(self) -> dict:
         """What a resumed worker needs to go on exactly: local step state and data order."""
-        state = {"local": self.local.state_dict(), "gen": self.gen.get_state(), "perm": self.perm,
+        state = {"local": self.local.state_dict(), "gen": self.gen.get_state(),
+                 "perm": None if self.perm is None else self.perm.cpu(),
                  "torch_rng": torch.get_rng_state()}
         if self.entropy is not None:  # its scope gamma_t and Langevin noise
             state["entropy"] = self.entropy.state_dict()

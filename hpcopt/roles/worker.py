@@ -91,7 +91,8 @@ def on_device(flat: FlatModel, log, shared: torch.Tensor | None = None,
     exchanges work on a host copy on the CPU too (the window, if any, holds that copy)."""
     from hpcopt.launch.device import select_device
 
-    choice = select_device("worker", node_rank=node_rank, log=log if torch.cuda.is_available() else None)
+    # nothing may start CUDA before this (a MIG instance is chosen through CUDA_VISIBLE_DEVICES)
+    choice = select_device("worker", node_rank=node_rank, log=log, log_cpu=False)
     if choice.device == "cpu":
         if separate:
             return flat, HostMirror(flat.params, host=shared, separate=True)
@@ -208,6 +209,8 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
         """An exchange (or, send=False, a fetch) through the host copy the client works on."""
         if send:
             mirror.pull()
+        else:  # the host copy is about to be received into: the last push must have read it
+            mirror.settle()
         call(*args)
         mirror.push()
 

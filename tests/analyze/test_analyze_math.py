@@ -197,3 +197,25 @@ def test_path_length_and_helpers():
     s = subsample(100, 7, 1)
     assert len(set(s)) == 7 and np.all(np.diff(s) > 0) and np.array_equal(s, subsample(100, 7, 1))
     assert [part_of(10, r, 3) for r in range(3)] == [slice(0, 3), slice(3, 6), slice(6, 10)]
+
+
+def test_full_float32_works_after_a_program_used_the_new_tf32_api():
+    """A user's program set TF32 through torch's new fp32_precision (torch >= 2.9): reading the
+    legacy allow_tf32 flags would raise, so the analysis's GPU settings must use the new ones,
+    and give the user's settings back."""
+    import torch
+
+    from hpcopt.analyze.api import full_float32
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has only the legacy flags")
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        with full_float32():
+            assert matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+            assert torch.backends.cudnn.deterministic
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before

@@ -123,11 +123,27 @@ def test_a_launcher_without_a_local_rank_variable_uses_the_node_communicator():
     ({"SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "3"}, "cuda:0"),
     # --gres=gpu:2 with 4 tasks: two tasks per GPU
     ({"SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "0,1"}, "cuda:1"),
-    # MIG: CUDA_VISIBLE_DEVICES names MIG instances by UUID; torch counts what it lists
-    ({"SLURM_LOCALID": "1", "CUDA_VISIBLE_DEVICES": "MIG-aa11,MIG-bb22"}, "cuda:1"),
 ])
 def test_binding_under_each_slurm_gpu_request(slurm, expected):
     n = len(slurm["CUDA_VISIBLE_DEVICES"].split(","))
     choice = select_device("worker", environ=slurm, n_gpus=n)
     assert choice.device == expected
     assert choice.gpu == slurm["CUDA_VISIBLE_DEVICES"].split(",")[int(expected[-1])]
+
+
+def test_mig_instances_go_one_to_each_rank():
+    """MIG: CUDA_VISIBLE_DEVICES lists MIG instances by UUID, but a CUDA process enumerates only
+    the first it may see; each rank narrows the list to its own (before CUDA starts), then takes
+    cuda:0, the only device it sees."""
+    mig = "MIG-aa11,MIG-bb22,MIG-cc33"
+    picks = []
+    for r in range(4):
+        env = {"SLURM_LOCALID": str(r), "CUDA_VISIBLE_DEVICES": mig}
+        choice = select_device("worker", environ=env, n_gpus=1)
+        assert choice.device == "cuda:0"
+        assert env["CUDA_VISIBLE_DEVICES"] == choice.gpu  # what CUDA will see in this process
+        picks.append(choice.gpu)
+    assert picks == ["MIG-aa11", "MIG-bb22", "MIG-cc33", "MIG-aa11"]
+    # servers stay on the CPU and leave the list alone
+    env = {"SLURM_LOCALID": "1", "CUDA_VISIBLE_DEVICES": mig}
+    assert select_device("server", environ=env).device == "cpu" and env["CUDA_VISIBLE_DEVICES"] == mig
