@@ -30,6 +30,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", metavar="TOML", help="config file (default: the built-in defaults)")
     p.add_argument("--out", "-o", metavar="DIR", help="run directory (same as --run.out)")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT/trajectory.h5")
+    p.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                   help="server 0 writes live metrics as TensorBoard event files to DIR (default: OUT/tensorboard); "
+                        "the same as --record.tensorboard true [--record.tensorboard_dir DIR]")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, with any "
                    "number of workers (its config.toml is used; flags still override)")
     p.add_argument("-n", "--np", type=int, metavar="N", help="launch it yourself: start an ompi-server (so "
@@ -64,9 +67,7 @@ def _cmd_train(args) -> int:
     from hpcopt.roles.train import UsageError, train
 
     rank = MPI.COMM_WORLD.rank
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:")}
-    if args.out:
-        overrides["run.out"] = args.out
+    overrides = _overrides(args)
     config_file = args.config
     if args.resume:
         from pathlib import Path
@@ -83,6 +84,11 @@ def _cmd_train(args) -> int:
     except C.ConfigError as e:  # the same on every rank: report once, exit cleanly
         if rank == 0:
             print(f"hpcopt train: config error: {e}", file=sys.stderr)
+        return 2
+    missing = _tensorboard_missing(cfg)  # before anything is trained (the same on every rank)
+    if missing:
+        if rank == 0:
+            print(f"hpcopt train: error: {missing}", file=sys.stderr)
         return 2
     install_abort_on_error(MPI.COMM_WORLD)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
@@ -127,6 +133,31 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _overrides(args) -> dict:
+    """Config overrides from train's flags: --section.key VALUE, --out, --tensorboard [DIR]."""
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:")}
+    if args.out:
+        overrides["run.out"] = args.out
+    if args.tensorboard is not None:
+        overrides["record.tensorboard"] = True
+        if args.tensorboard:
+            overrides["record.tensorboard_dir"] = args.tensorboard
+    return overrides
+
+
+def _tensorboard_missing(cfg) -> str | None:
+    """Why record.tensorboard cannot work here (the package is not installed), or None."""
+    if not cfg.record.tensorboard:
+        return None
+    from hpcopt.io.tensorboard import TensorBoardMissing, require
+
+    try:
+        require()
+    except TensorBoardMissing as e:
+        return str(e)
+    return None
+
+
 def _launch_train(args, launch, under_mpi_launcher) -> int:
     from pathlib import Path
 
@@ -148,12 +179,14 @@ def _launch_train(args, launch, under_mpi_launcher) -> int:
         out = Path(args.resume)
     else:
         try:
-            overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set:")}
-            if args.out:
-                overrides["run.out"] = args.out
-            out = Path(C.load(args.config, overrides).run.out)
+            cfg = C.load(args.config, _overrides(args))
         except C.ConfigError as e:
             print(f"hpcopt train: config error: {e}", file=sys.stderr)
+            return 2
+        out = Path(cfg.run.out)
+        missing = _tensorboard_missing(cfg)  # before mpirun starts N ranks only to find it out
+        if missing:
+            print(f"hpcopt train: error: {missing}", file=sys.stderr)
             return 2
         if (out / "trajectory.h5").exists() and not args.force:
             print(f"hpcopt train: error: {out / 'trajectory.h5'} already exists; choose another --out, pass "

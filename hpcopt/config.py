@@ -222,7 +222,7 @@ class SyncConfig:
 
 @dataclass(kw_only=True)
 class RecordConfig:
-    """what goes into the trajectory file"""
+    """what goes into the trajectory file (and TensorBoard's live view)"""
 
     center_every: int = 10
     """exchanges between two center snapshots in the trajectory file"""
@@ -234,6 +234,10 @@ class RecordConfig:
     """the center is evaluated on the test set at most this often (at a flush)"""
     checkpoint_seconds: float = 10.0
     """servers write OUT/checkpoint.h5 (at a flush) and workers their own state this often; a resume loses at most this interval"""
+    tensorboard: bool = False
+    """server 0 (rank 0 of a synchronous run) writes live metrics as TensorBoard event files to record.tensorboard_dir at every flush (needs pip install 'hpcopt[tensorboard]')"""
+    tensorboard_dir: str = ""
+    """where the TensorBoard event files go (empty: OUT/tensorboard); `hpcopt train --tensorboard [DIR]` sets both"""
 
     def __post_init__(self):
         _at_least("record.center_every", self.center_every, 1)

@@ -10,14 +10,14 @@
 #               torch with TORCH_SPEC=skip)
 #   HDF5_DIR    prefix of a parallel HDF5 (as after `module load hdf5/parallel`); found via h5pcc
 #               or the Debian path when unset
-#   EXTRAS      extra pip targets for hpcopt          (default: test)
+#   EXTRAS      extra pip targets for hpcopt, comma-separated (default: test,tensorboard)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-test}
+EXTRAS=${EXTRAS:-test,tensorboard}
 STAMP="$VENV/.hpcopt-setup-done"
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }

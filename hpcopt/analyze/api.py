@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import asdict
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from hpcopt.io import tensorboard
 
 from . import curvature as K
 from . import landscape as L
@@ -414,6 +417,8 @@ def analyze(path: str, opts: AnalyzeOptions | None = None, comm=None, log=None) 
     opts.device gives it (`choose_device`; log gets the one line saying which, on rank 0)."""
     opts = opts or AnalyzeOptions()
     log = log or (lambda *a: None)
+    if opts.tensorboard:
+        tensorboard.require()  # before anything is computed (a ValueError, alike on every rank)
     torch.set_num_threads(opts.threads)
     device = choose_device(opts.device, comm, opts.timeout, log)
     with _on(device):
@@ -441,6 +446,8 @@ def _analyze(path: str, opts: AnalyzeOptions, comm, log, device: str) -> dict | 
         if opts.report:
             from .report import write_report
             s.results["report"] = write_report(s.results, s.out)
+        if opts.tensorboard:
+            _write_tensorboard(s.results, opts.tensorboard, log)
         return s.results
     finally:
         if s.f is not None:
@@ -454,9 +461,11 @@ def compare(paths: list[str], opts: AnalyzeOptions | None = None, comm=None, out
     from dataclasses import replace
 
     opts = opts or AnalyzeOptions()
+    if opts.tensorboard:
+        tensorboard.require()
     all_results = []
-    for p in paths:
-        r = analyze(p, replace(opts, out=None), comm=comm, log=log)
+    for p in paths:  # (their TensorBoard events below, once the labels are told apart)
+        r = analyze(p, replace(opts, out=None, tensorboard=None), comm=comm, log=log)
         all_results.append(r)
     if comm is not None and comm.rank != 0:
         return None
@@ -475,4 +484,24 @@ def compare(paths: list[str], opts: AnalyzeOptions | None = None, comm=None, out
         shared = PCA.shared_pca(runs)
     from .report import write_compare
 
+    if opts.tensorboard:  # one subdirectory per run: TensorBoard shows each as a run of its own
+        for r in all_results:
+            _write_tensorboard(r, Path(opts.tensorboard) / re.sub(r"[^\w.-]+", "_", r["run"]["label"]), log)
     return {"runs": all_results, "report": write_compare(all_results, Path(out), shared)}
+
+
+def _write_tensorboard(results: dict, log_dir, log) -> None:
+    """Rank 0: the analysis's numbers (report.tensorboard_scalars) and its table as TensorBoard
+    events in log_dir, replacing an earlier analysis's there (the training's events stay)."""
+    from .report import numbers, tensorboard_scalars
+
+    scalars = tensorboard_scalars(results)
+    tensorboard.clear(log_dir, tensorboard.ANALYZE_SUFFIX)
+    events = tensorboard.EventLog(log_dir, suffix=tensorboard.ANALYZE_SUFFIX, log=log)
+    for tag, step, value in scalars:
+        events.scalars(step, {tag: value})
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in numbers(results))
+    events.text("analysis/summary", table, max((s for _, s, _ in scalars), default=0))
+    events.close(timeout=60)
+    if not events.failed:
+        results["tensorboard"] = str(log_dir)

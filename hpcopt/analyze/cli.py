@@ -46,6 +46,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "interpolate": dict(nargs="+", default=[], metavar="A,B", help=helps["interpolate"]),
         "timeout": dict(metavar="SECONDS"), "time_limit": dict(metavar="SECONDS"), "out": dict(metavar="DIR"),
         "report": dict(help="write the PNG figures and report.html (--no-report: analysis.h5 only)"),
+        "tensorboard": dict(metavar="DIR"),
     })
     p.epilog += "\nMODEL: center, center:I, init, worker:ID, worker:ID:K, or OTHER.h5#MODEL for another run."
     return p
@@ -147,3 +148,5 @@ def _print_summary(say, r: dict) -> None:
     say(f"  results  {r['out']}/analysis.h5")
     if "report" in r:
         say(f"  report   {r['report']}")
+    if "tensorboard" in r:
+        say(f"  tensorboard  {r['tensorboard']}   (tensorboard --logdir {r['tensorboard']})")

@@ -73,6 +73,8 @@ class AnalyzeOptions:
     """progress bars with ETA on stderr (default: when stderr is a terminal)"""
     report: bool = True
     """write the PNG figures and report.html"""
+    tensorboard: str | None = None
+    """also write the analysis's numbers as TensorBoard event files to this directory, e.g. RUN_DIR/tensorboard next to the training's (with --compare one subdirectory per run; needs pip install 'hpcopt[tensorboard]')"""
 
     def __post_init__(self):
         bad = [p for p in self.skip if p not in PARTS]

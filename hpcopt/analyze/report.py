@@ -293,6 +293,37 @@ def numbers(results: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def tensorboard_scalars(results: dict) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of the numbers TensorBoard gets (`--tensorboard`): the trajectory
+    measures along the center's exchange count (the training's steps), and the single numbers at
+    the last center snapshot's count."""
+    out: list[tuple[str, int, float]] = []
+    tr = results.get("trajectory")
+    last = 0
+    if tr is not None and len(tr["center_exchanges"]):
+        ex = np.asarray(tr["center_exchanges"])
+        last = int(ex[-1])
+        for n, d, length in zip(ex, tr["center_distance_from_init"], tr["center_path_length"]):
+            out += [("analysis/center_distance_from_init", int(n), float(d)),
+                    ("analysis/center_path_length", int(n), float(length))]
+        # the spread is measured at worker snapshot times: on the exchange axis through the center's clock
+        at = np.interp(tr["spread_time"], tr["center_time"], ex)
+        out += [("analysis/spread", int(round(n)), float(v)) for n, v in zip(at, tr["spread"])]
+    pca = results.get("pca")
+    if pca is not None:
+        out += [(f"analysis/pca_explained_variance/pc{i + 1}", last, float(e)) for i, e in enumerate(pca["fit"].explained)]
+    for k, g in results.get("grids", {}).items():
+        if "barrier" in g:
+            out.append((f"analysis/barrier/{k}", last, float(g["barrier"]["barrier"])))
+    cv = results.get("curvature") or {}
+    if "eigenvalues" in cv:
+        out += [("analysis/hessian/top_eigenvalue", last, float(cv["eigenvalues"][0])),
+                ("analysis/hessian/trace", last, float(cv["trace"]))]
+    if "sharpness" in cv:
+        out.append(("analysis/sharpness", last, float(cv["sharpness"]["value"])))
+    return out
+
+
 def _html(title: str, rows: list, figures: list[Path], notes: str = "") -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              ("<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"

@@ -85,7 +85,7 @@ class Flushes:
         # (they saved their state) is stopped, and --resume continues them
         state = ("stopped" if s.departed else "complete") if final else "stopping" if s.stopping else "running"
         rec.flush(final=final, evaluate=evaluate, exchanges=s.exchanges, exchanges_total=s.exchanges,
-                  center=s.center, status=state if final else "running")
+                  center=s.center, status=state if final else "running", active=len(s.active))
         if checkpoint:
             rec.checkpoint(center=s.center, held={w: t.numpy() for w, t in s.rule.held().items()},
                            workers=s.resumable(), exchanges=s.exchanges, next_worker_id=s.next_worker_id)

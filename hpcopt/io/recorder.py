@@ -59,10 +59,12 @@ class Recorder:
     def __init__(self, comm: MPI.Comm, writer, record: RecordConfig, *, bounds: list[tuple[int, int]],
                  start: float, evaluator=None, log=print, exchanges: int = 0, center: np.ndarray | None = None,
                  unit: str = "exchanges", label: str = "center", run: RunDir | None = None,
-                 info: RunInfo | None = None, lock: RunDir | None = None):
+                 info: RunInfo | None = None, lock: RunDir | None = None, tensorboard=None):
         """Collective construction is not needed; `flush` is collective over `comm`. `center`
         (this rank's shard) is the first snapshot of a run that starts at `exchanges` = 0. `run`
-        and `info`: where checkpoints and the status file go (the asynchronous servers)."""
+        and `info`: where checkpoints and the status file go (the asynchronous servers).
+        `tensorboard` (root, with record.tensorboard): the EventLog (hpcopt.io.tensorboard) each
+        flush gives its live metrics to."""
         self.comm, self.writer, self.cfg, self.bounds = comm, writer, record, bounds
         self.root = comm.rank == 0
         self.start, self.evaluator, self.log = start, evaluator, log
@@ -83,6 +85,11 @@ class Recorder:
         self.last_eval, self.last_eval_exchanges = -np.inf, -1
         self.rate_mark, self.rate = (now, exchanges), 0.0
         self.closed = False
+        self.tensorboard = tensorboard
+        self.tb_mark = (now, exchanges)  # the previous flush's (time, count): the rate between flushes
+        self.tb_counts = {"join": 0, "leave": 0, "crash": 0}  # since this launch
+        self.tb_center: tuple[float, np.ndarray] | None = None  # the last center snapshot flushed
+        self.tb_distance: dict[int, float] = {}  # root: each worker's latest distance to the center
 
     def now(self) -> float:
         return time.monotonic() - self.start
@@ -154,10 +161,11 @@ class Recorder:
             self.report()
 
     def flush(self, *, final: bool, evaluate: bool, exchanges: int, exchanges_total: int, center: np.ndarray,
-              status: str | None = None) -> None:
+              status: str | None = None, active: int | None = None) -> None:
         """Collective over `comm`: write what every rank has whole, evaluate `center` (this rank's
         shard) when asked, flush the file. The final flush records the last center. `status`: the
-        file's status attribute (default: running, or complete at the final flush)."""
+        file's status attribute (default: running, or complete at the final flush). `active`:
+        how many workers are in the run now (for TensorBoard)."""
         comm = self.comm
         if final and self.last_snap != exchanges:  # the last center is always recorded
             self.center(exchanges, center)
@@ -175,6 +183,8 @@ class Recorder:
         if self.root:
             done = set(complete)
             self.worker_order = [k for k in self.worker_order if k not in done]
+
+        distances = self._distances(snaps, taken) if self.cfg.tensorboard else {}
 
         if evaluate:
             full = self.gather(center)
@@ -198,7 +208,65 @@ class Recorder:
             raise RecordingError(_cannot_write(self.writer.path, e, self.run)) from None
         if self.root and self.lock is not None:
             self.lock.touch_lock()  # the training is alive (a second one on this run is refused)
+        if self.root and self.tensorboard is not None:
+            try:
+                self._live(exchanges, tables, distances, active)
+            except Exception as e:  # noqa: BLE001 — live metrics are a view: they never end the run
+                self.log(f"hpcopt: TensorBoard events are no longer written ({type(e).__name__}: {e}); the run goes on")
+                self.tensorboard.close(timeout=0)
+                self.tensorboard = None
         self.last_flush = time.monotonic()
+
+    # ------------------------------------------------------------------ TensorBoard (record.tensorboard)
+    def _distances(self, snaps: list, taken: list) -> dict[int, float]:
+        """Collective over `comm`: for each worker with snapshots in this flush, the distance of
+        its latest one to the center snapshot nearest in time (as `hpcopt analyze` measures the
+        consensus spread), on the root. Each rank holds a shard of both, so it is a sum of
+        squares over the ranks: one small bcast and one reduce per flush, never on an exchange."""
+        centers = ([self.tb_center] if self.tb_center is not None else []) + [(t, c) for _, t, c in snaps]
+        if snaps:
+            self.tb_center = (snaps[-1][1], snaps[-1][2])
+        if not centers or not taken:  # the same on every rank (both lists were agreed on)
+            return {}
+        pick = None
+        if self.root:  # the root's clock decides which center is nearest, for every rank
+            latest = {int(meta[0]): i for i, (meta, _) in enumerate(taken)}  # taken is in arrival order
+            c_times = np.array([t for t, _ in centers])
+            pick = [(w, i, int(np.argmin(np.abs(c_times - float(taken[i][0][3]))))) for w, i in latest.items()]
+        if self.comm.size > 1:
+            pick = self.comm.bcast(pick, root=0)
+        sq = np.array([np.sum(np.square(taken[i][1] - centers[c][1], dtype=np.float64)) for _, i, c in pick])
+        if self.comm.size > 1:
+            total = np.empty_like(sq) if self.root else None
+            self.comm.Reduce(sq, total, op=MPI.SUM, root=0)
+            sq = total
+        return {w: float(d) for (w, _, _), d in zip(pick, np.sqrt(sq))} if self.root else {}
+
+    def _live(self, exchanges: int, tables: dict, distances: dict[int, float], active: int | None) -> None:
+        """Root: this flush's live metrics to TensorBoard, from what it is writing to the file
+        anyway. Evaluations go at the count they were made at, the rest at `exchanges`."""
+        tb = self.tensorboard
+        wall0 = time.time() - time.monotonic() + self.start  # the wall clock at the run's second 0
+        for n, t, loss, acc in tables["evals"]:
+            tb.scalars(n, {"center/test_loss": loss, "center/test_accuracy": acc}, walltime=wall0 + t)
+        for e in tables["events"]:
+            kind = e["kind"].item().decode()
+            if kind in self.tb_counts:
+                self.tb_counts[kind] += 1
+        # the consensus spread: the mean of every worker's latest distance so far, as analyze has it
+        self.tb_distance.update(distances)
+        spread = float(np.mean(list(self.tb_distance.values()))) if self.tb_distance else None
+        now = time.monotonic()
+        (mark_t, mark_n), self.tb_mark = self.tb_mark, (now, exchanges)
+        values = {f"throughput/{self.unit}_per_second": (exchanges - mark_n) / max(now - mark_t, 1e-9),
+                  "workers/joins": self.tb_counts["join"], "workers/leaves": self.tb_counts["leave"],
+                  "workers/crashes": self.tb_counts["crash"], "center/spread": spread,
+                  "workers/active": active}
+        losses = np.array([r[4] for r in tables["exchanges"]], dtype=np.float64)
+        losses = losses[np.isfinite(losses)]
+        if len(losses):
+            values["train/loss"] = float(losses.mean())
+        tb.scalars(exchanges, values, walltime=wall0 + self.now())
 
     def checkpoint(self, *, center: np.ndarray, held: dict, workers: list[tuple], exchanges: int,
                    next_worker_id: int) -> None:
@@ -223,6 +291,8 @@ class Recorder:
         """Collective."""
         self.writer.close()
         self.closed = True
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     # ------------------------------------------------------------------ root: progress and status
     def report(self, exchanges: int | None = None, workers: int | None = None) -> bool:

@@ -13,6 +13,7 @@
     OUT/center.pt         the center when the training last ended, as a PyTorch state_dict of the
                           run's model (server 0, atomic; hpcopt.export)
     OUT/logs/             one log per rank when launched by `hpcopt train -n` / `hpcopt join -n`
+    OUT/tensorboard/      live metrics as TensorBoard event files (record.tensorboard; server 0)
     OUT/lock              who trains this run now (host, pid), refreshed at every flush
 
 Nothing is written outside it (no $HOME, no node-local /tmp), so it works on a shared file

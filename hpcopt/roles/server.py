@@ -8,6 +8,7 @@ import torch
 
 from hpcopt.comm.joins import Joins
 from hpcopt.comm.server import CenterServer, ServeSummary
+from hpcopt.io import tensorboard as tb
 from hpcopt.io.recorder import Recorder, RunInfo
 from hpcopt.launch.signals import SignalFlag, ignore_leave_signals
 from hpcopt.optim.center import make_rule
@@ -27,8 +28,9 @@ def serve(s, writer, evaluator) -> ServeSummary:
     info = RunInfo(method=cfg.run.method, model=cfg.model.name, layout=flat.layout(), n_params=flat.numel,
                    server_hosts=[s.hosts[r] for r in range(role.size)], joins_enabled=joins.enabled,
                    resumed_from=resumed)
+    tensorboard = tb.for_run(cfg, resumed=resumed, log=s.log) if role.rank == 0 else None
     recorder = Recorder(role, writer, cfg.record, bounds=s.bounds, start=s.start, evaluator=evaluator, log=s.log,
-                        exchanges=resumed, center=rule.center.numpy(), run=s.run, info=info)
+                        exchanges=resumed, center=rule.center.numpy(), run=s.run, info=info, tensorboard=tensorboard)
     if s.fresh_trajectory:  # a new file after a damaged one: it starts with the checkpoint's center
         recorder.center(resumed, rule.center.numpy(), t=float(ckpt["attrs"]["time"]))
     server = CenterServer(

@@ -165,6 +165,7 @@ def _record_round(rec: Recorder, rounds, step, batch, lr, losses, nbytes, gather
         if final:
             for w in range(p):
                 rec.event("leave", w, w, "", step, "finished its epochs")
-        rec.flush(final=final, evaluate=False, exchanges=rounds, exchanges_total=rounds * p, center=center)
+        rec.flush(final=final, evaluate=False, exchanges=rounds, exchanges_total=rounds * p, center=center,
+                  active=0 if final else p)  # at the end every worker has left
         if final:
             rec.close()

@@ -25,6 +25,7 @@ from hpcopt.io.trajectory import TrajectoryWriter, run_attributes
 from hpcopt.launch.env import Environment
 from hpcopt.models import FlatModel, build_model
 from hpcopt.io.rundir import RunDir, write_atomic
+from hpcopt.io import tensorboard as tb
 from hpcopt.models.evaluate import Evaluator
 from hpcopt.optim.easgd import default_alpha
 from hpcopt.roles.worker import WorkerSummary
@@ -63,6 +64,7 @@ def _prepare_run_dir(cfg: Config, force: bool) -> str:
     for stale in (run.trajectory, run.checkpoint, run.status, run.join_info, run.center_model):
         if stale.exists():
             stale.unlink()
+    tb.clear(tb.log_dir(cfg), tb.TRAIN_SUFFIX)  # a previous training's events would overlap this one's
     for d in (run.workers, run.joins):
         if d.exists():
             for f in d.iterdir():
@@ -319,7 +321,7 @@ def _train_sync(s: Setup, writer, evaluator) -> TrainResult:
         n = s.flat.numel
         recorder = Recorder(MPI.COMM_SELF, writer, s.cfg.record, bounds=[(0, n)], start=s.start,
                             evaluator=evaluator, log=s.log, center=s.flat.params.numpy(), unit="rounds",
-                            label="average", lock=s.run)
+                            label="average", lock=s.run, tensorboard=tb.for_run(s.cfg, log=s.log))
     worker, rounds = train_sync(s.cfg, s.world, s.ready, recorder=recorder, log=s.log)
     run = None
     if recorder is not None:
