@@ -1,15 +1,21 @@
 """One command for a GPU node: does every path of hpcopt run on CUDA, and as well as on the CPU?
 
-    benchmarks/gpu_check.sh                 # on a GPU node (in a Slurm job: srun -N1 --gpus=1 ...)
+    benchmarks/gpu_check.sh                 # on a GPU node, from its shell (salloc -N1 --gpus=2, then this)
     benchmarks/gpu_check.sh --device cpu    # the same checks with the GPUs hidden (tests the harness)
+
+It starts its own `mpirun` jobs, so run it from a shell on the node (an salloc or sbatch shell),
+not under srun or mpirun (it says so and exits 2).
 
 Prints the environment (torch and its CUDA build, the GPU and the architectures torch was built
 for, whether MPI is CUDA-aware), then one table:
 
   * every method (asynchronous and synchronous) and every local step, a short MNIST-1D training
     on the device next to the same training with the GPUs hidden: both finish, the center stays
-    finite, and the device's final accuracy is within --tolerance points of the CPU's;
-  * exchanges in place (shared memory) and over messages;
+    finite, the device's final accuracy is within --tolerance points of the CPU's, and on CUDA
+    every worker said it computes on a GPU whose exchange buffer is page-locked;
+  * exchanges in place (shared memory) and over messages, compressed (int4, top8) and overlapped;
+  * a deterministic run (run.deterministic) twice on the device: the same final center, bit for bit;
+  * a worker joining a running training (`hpcopt join`) on the device;
   * the reset path (a worker's NaN loss, restarted from the center) and the resume path (a
     graceful stop, then --resume: every worker continues from its saved state);
   * per-exchange host copies (pull + push) and one local step of a 25M-parameter model;
@@ -46,6 +52,10 @@ RUNS = [
     ("sam", "configs/mnist1d_easgd.toml", ["--train.local", "sam"]),
     ("lars", "configs/mnist1d_easgd.toml", ["--train.local", "lars"]),
     ("bf16 autocast", "configs/mnist1d_easgd.toml", ["--train.precision", "bf16"]),
+    ("overlap in place", "configs/mnist1d_easgd.toml", ["--comm.overlap", "true"]),
+    ("int4 over messages", "configs/mnist1d_easgd.toml", ["--comm.shared_memory", "false", "--comm.compress", "int4"]),
+    ("top8 + overlap, messages", "configs/mnist1d_easgd.toml",
+     ["--comm.shared_memory", "false", "--comm.compress", "top8", "--comm.overlap", "true"]),
     ("dp-sgd", "configs/mnist1d_dp_sgd.toml", []),
     ("local-sgd", "configs/mnist1d_local_sgd.toml", []),
     ("diloco", "configs/mnist1d_diloco.toml", []),
@@ -54,6 +64,9 @@ RUNS = [
 
 def env(device: str) -> dict:
     e = dict(os.environ)
+    for name in list(e):  # a PMIx/PMI rank's variables would make hpcopt refuse `-n` (see main)
+        if name.startswith(("PMIX_", "PMI_", "OMPI_COMM_WORLD_")):
+            del e[name]
     e.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "PYTHONUNBUFFERED": "1",
               "OMPI_MCA_rmaps_base_oversubscribe": "1",
               "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "plugins"), e.get("PYTHONPATH", "")])})
@@ -63,10 +76,25 @@ def env(device: str) -> dict:
 
 
 def train(out: Path, device: str, args: list[str], n: int = 3, timeout: float = 600) -> tuple[bool, float, str]:
-    """(finished, final center accuracy, log) of `hpcopt train -n n`."""
+    """(finished, final center accuracy, log) of `hpcopt train -n n`; on CUDA, finished only if
+    the run really computed on GPUs (on_gpu)."""
     p = subprocess.run([PY, "-m", "hpcopt", "train", "-n", str(n), "--out", str(out), "--force", *args],
                        env=env(device), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    return p.returncode == 0, accuracy(out), p.stdout + p.stderr
+    log = p.stdout + p.stderr
+    return p.returncode == 0 and (device == "cpu" or on_gpu(log)), accuracy(out), log
+
+
+def on_gpu(log: str) -> bool:
+    """Every rank that trains said it computes on a GPU (hpcopt.launch.device's line), and none
+    that its exchange buffer could not be page-locked: a run that quietly fell back to the CPU,
+    or copies synchronously, is a failed check here."""
+    if "could not page-lock" in log:
+        print("    | a worker's exchange buffer is not page-locked: its copies are synchronous")
+        return False
+    if "] device cuda:" not in log:
+        print("    | no rank said it computes on a GPU: the run fell back to the CPU")
+        return False
+    return True
 
 
 def accuracy(run: Path) -> float:
@@ -139,9 +167,7 @@ def reset_and_resume(table: Table, base: Path, device: str) -> None:
     # resume: a graceful stop, then --resume: workers continue from their saved states
     run = base / f"resume-{device}"
     args = ["--config", "configs/mnist1d_easgd.toml", "--train.epochs", "1000", "--record.checkpoint_seconds", "1"]
-    proc = subprocess.Popen([PY, "-m", "hpcopt", "train", "-n", "3", "--out", str(run), "--force", *args],
-                            env=env(device), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = _background(device, "train", "-n", "3", "--out", str(run), "--force", *args)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and _exchanges(run) <= 300:
         time.sleep(0.5)
@@ -149,8 +175,7 @@ def reset_and_resume(table: Table, base: Path, device: str) -> None:
         os.kill(proc.pid, signal.SIGINT)
     stopped = proc.wait(timeout=120) == 0
     before = _exchanges(run)
-    p = subprocess.Popen([PY, "-m", "hpcopt", "train", "-n", "3", "--resume", str(run)], env=env(device), cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = _background(device, "train", "-n", "3", "--resume", str(run))
     deadline = time.monotonic() + 300  # the resumed run moving (its signal handlers are in place by then)
     while time.monotonic() < deadline and p.poll() is None and _exchanges(run) <= before + 50:
         time.sleep(0.5)
@@ -161,6 +186,63 @@ def reset_and_resume(table: Table, base: Path, device: str) -> None:
     table.add("stop, then resume", "continued" if ok else "FAILED", "-", ok)
     if not ok:
         print("\n".join("    | " + line for line in out.strip().splitlines()[-15:]))
+
+
+def deterministic(table: Table, base: Path, device: str, epochs: float) -> None:
+    """run.deterministic twice on the device: the same final center, bit for bit."""
+    import h5py
+    import numpy as np
+
+    args = ["--config", "configs/mnist1d_easgd.toml", "--train.epochs", str(epochs), "--run.deterministic", "true"]
+    centers = []
+    for i in (1, 2):
+        ok, _, log = train(base / f"deterministic-{i}-{device}", device, args)
+        if not ok:
+            table.add("deterministic, twice", "did not finish", "-", False)
+            print("\n".join("    | " + line for line in log.strip().splitlines()[-15:]))
+            return
+        with h5py.File(base / f"deterministic-{i}-{device}" / "trajectory.h5", "r", locking=False) as f:
+            centers.append(f["center/params"][-1])
+    same = np.array_equal(centers[0], centers[1])
+    table.add("deterministic, twice", "identical" if same else
+              f"differ (max {np.abs(centers[0] - centers[1]).max():.2e})", "-", same)
+
+
+def join(table: Table, base: Path, device: str) -> None:
+    """A worker joins a running training on the device, exchanges, and everyone stops cleanly."""
+    run = base / f"join-{device}"
+    args = ["--config", "configs/mnist1d_easgd.toml", "--train.epochs", "1000"]
+    proc = _background(device, "train", "-n", "3", "--out", str(run), "--force", *args)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and _exchanges(run) <= 20:
+        time.sleep(0.5)
+    joiner = _background(device, "join", str(run), "-n", "1")
+    joined = False
+    while time.monotonic() < deadline and proc.poll() is None and joiner.poll() is None and not joined:
+        time.sleep(0.5)
+        joined = any(m.get("id", 0) >= 2 and m.get("exchanges", 0) >= 5 for m in _members(run))
+    for p in (joiner, proc):
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGINT)
+    out_join, _ = joiner.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=120)
+    ok = joined and proc.returncode == 0 and joiner.returncode == 0 and (device == "cpu" or on_gpu(out_join))
+    table.add("a worker joins", "joined and exchanged" if ok else "FAILED", "-", ok)
+    if not ok:
+        print("\n".join("    | " + line for line in (out + out_join).strip().splitlines()[-20:]))
+
+
+def _background(device: str, *args: str) -> subprocess.Popen:
+    """`hpcopt ARGS` started in its own session (so SIGINT reaches its mpirun only), output piped."""
+    return subprocess.Popen([PY, "-m", "hpcopt", *args], env=env(device), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _members(run: Path) -> list[dict]:
+    try:
+        return list(json.loads((run / "status.json").read_text()).get("workers", []))
+    except (OSError, ValueError):
+        return []
 
 
 def _exchanges(run: Path) -> int:
@@ -209,8 +291,10 @@ def copies_and_steps(table: Table, device: str) -> None:
             samples.append(time.perf_counter() - t0)
         times[name] = statistics.median(samples)
     rate = f"{2 * flat.numel * 4 / times['copy'] / 1e9:.1f} GB/s" if dev != "cpu" else "no copies"
+    if not mirror.pinned:
+        rate += " (NOT pinned)"
     table.add(f"{flat.numel / 1e6:.0f}M params: step, copies",
-              f"{1e3 * times['step']:.1f} ms, {1e3 * times['copy']:.2f} ms", rate, True)
+              f"{1e3 * times['step']:.1f} ms, {1e3 * times['copy']:.2f} ms", rate, mirror.pinned)
 
 
 def analyze(table: Table, base: Path, device: str) -> None:
@@ -220,8 +304,8 @@ def analyze(table: Table, base: Path, device: str) -> None:
         return
     t0 = time.monotonic()
     p = subprocess.run([PY, "-m", "hpcopt", "analyze", str(run), "--out", str(base / "analysis"), "--grid", "9x9",
-                        "--no-density", "--no-progress"], env=env(device), cwd=ROOT, capture_output=True, text=True,
-                       timeout=1200)
+                        "--no-density", "--no-progress", "--device", device], env=env(device), cwd=ROOT,
+                       capture_output=True, text=True, timeout=1200)
     ok = p.returncode == 0
     table.add("hpcopt analyze", f"done in {time.monotonic() - t0:.0f} s" if ok else "FAILED", "-", ok)
     if not ok:
@@ -233,19 +317,30 @@ def main() -> int:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--epochs", type=float, default=10.0, help="epochs of each method's training")
     ap.add_argument("--tolerance", type=float, default=5.0, help="accuracy points the device may differ from the CPU")
-    ap.add_argument("--only", help="comma-separated parts: methods,reset,copies,analyze (default: all)")
+    ap.add_argument("--only", help="comma-separated parts: methods,deterministic,join,reset,copies,analyze "
+                                   "(default: all)")
     ap.add_argument("--out", help="folder for the runs (default: a temporary one)")
     args = ap.parse_args()
+    from hpcopt.launch.launcher import under_mpi_launcher
+
+    if under_mpi_launcher():
+        print("gpu_check starts its own mpirun jobs: run it from a shell on the node (salloc, sbatch), "
+              "not under srun or mpirun", file=sys.stderr)
+        return 2
     if not environment(args.device):
         print("no CUDA device: nothing checked (run this on a GPU node, or with --device cpu)")
         return 3
     base = Path(args.out or tempfile.mkdtemp(prefix="hpcopt-gpu-check-"))
     base.mkdir(parents=True, exist_ok=True)
-    parts = set((args.only or "methods,reset,copies,analyze").split(","))
+    parts = set((args.only or "methods,deterministic,join,reset,copies,analyze").split(","))
     table = Table()
     print(f"  {'check':<28} {args.device:>22} {'cpu':>14}")
     if "methods" in parts:
         methods(table, base, args.device, args.epochs, args.tolerance)
+    if "deterministic" in parts:
+        deterministic(table, base, args.device, min(args.epochs, 3.0))
+    if "join" in parts:
+        join(table, base, args.device)
     if "reset" in parts:
         reset_and_resume(table, base, args.device)
     if "copies" in parts:

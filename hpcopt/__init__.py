@@ -5,6 +5,8 @@ In Python (a notebook), after `hpcopt train ... --out runs/mine` and `hpcopt ana
     import hpcopt
     model = hpcopt.load_model("runs/mine")          # the final center: the nn.Module, eval mode
     results = hpcopt.load_analysis("runs/mine")     # runs/mine/analysis/analysis.h5 as dicts of arrays
+    from hpcopt.analyze import analyze
+    figs = hpcopt.figures(analyze("runs/mine"))     # the report's figures as matplotlib Figures
 
 and in your own PyTorch training loop, a trajectory `hpcopt analyze` reads like its own runs':
 
@@ -17,6 +19,7 @@ __version__ = "0.1.0"
 # every `hpcopt` command) stays cheap.
 _LAZY = {"load_model": ("hpcopt.export", "load_model"),
          "load_analysis": ("hpcopt.analyze.store", "read_results"),
+         "figures": ("hpcopt.analyze.report", "figures"),
          "Recorder": ("hpcopt.record", "Recorder")}
 __all__ = ["__version__", *_LAZY]
 

@@ -15,21 +15,20 @@ import numpy as np
 CMAP = "viridis"
 
 
-def _plt():
-    import matplotlib
+def _subplots(*grid, figsize):
+    """A figure and its axes, as plt.subplots gives them, but without pyplot: no backend is
+    chosen or changed (a notebook keeps its own) and nothing stays registered after use."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid)
 
 
-def _save(fig, out: Path, name: str, figures: list) -> None:
+def _save(fig, out: Path, name: str, paths: list) -> None:
     path = out / name
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    figures.append(path)
+    paths.append(path)
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -55,16 +54,21 @@ def _contour(ax, xs, ys, loss, title, levels=30):
     return cs
 
 
-def figures_for(results: dict, out: Path, exchanges=None) -> list[Path]:
-    """Every figure of one run's results; returns their paths."""
-    plt = _plt()
-    out.mkdir(parents=True, exist_ok=True)
-    figs: list[Path] = []
+def figures(results: dict) -> dict:
+    """Every figure of one run's results (what hpcopt.analyze.analyze returns) as matplotlib
+    Figures, by name (curves, trajectory, layers, pca, landscape_random, plane, interpolation,
+    hessian: those the results have). In a notebook they display as they are; fig.savefig
+    writes one. Points of a grid already in the run's analysis.h5 are read, not computed again:
+
+        from hpcopt.analyze import AnalyzeOptions, analyze
+        figs = hpcopt.figures(analyze("runs/mine", AnalyzeOptions(report=False))); figs["hessian"]
+    """
+    figs: dict = {}
     label = results["run"]["label"]
     tr = results.get("trajectory")
     curves = results.get("curves")
     if curves is not None:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        fig, axes = _subplots(1, 2, figsize=(11, 3.8))
         ax = axes[0]
         for w, (t, loss) in sorted(curves["train_loss"].items()):
             ax.plot(t, loss, lw=0.7, alpha=0.6, label=f"worker {w} train")
@@ -82,9 +86,9 @@ def figures_for(results: dict, out: Path, exchanges=None) -> list[Path]:
         ax.set_ylabel("center test accuracy (%)")
         ax.set_title(f"{label}: test accuracy")
         ax.grid(alpha=0.3)
-        _save(fig, out, "curves.png", figs)
+        figs["curves"] = fig
     if tr is not None:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+        fig, axes = _subplots(1, 3, figsize=(15, 3.8))
         ax = axes[0]
         for w, (t, d) in sorted(tr["distance_to_center"].items()):
             ax.plot(t, d, lw=0.8, alpha=0.7, label=f"worker {w}")
@@ -110,10 +114,10 @@ def figures_for(results: dict, out: Path, exchanges=None) -> list[Path]:
         ax.set_xlabel("time (s)")
         ax.set_ylabel("active workers")
         ax.set_title("membership")
-        _save(fig, out, "trajectory.png", figs)
+        figs["trajectory"] = fig
 
         layers = tr["per_layer"]
-        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(layers) + 2), 3.8))
+        fig, ax = _subplots(figsize=(max(6, 0.8 * len(layers) + 2), 3.8))
         names = [l["name"] for l in layers]
         xpos = np.arange(len(layers))
         rel = [l["displacement"] / max(l["norm_start"], 1e-12) for l in layers]
@@ -125,13 +129,13 @@ def figures_for(results: dict, out: Path, exchanges=None) -> list[Path]:
             ax.set_yscale("log")
         ax.set_title("center, per layer")
         ax.legend(fontsize=8)
-        _save(fig, out, "layers.png", figs)
+        figs["layers"] = fig
 
     grids = results.get("grids", {})
     pca = results.get("pca")
     if pca is not None:
         fit, paths = pca["fit"], pca["paths"]
-        fig, ax = plt.subplots(figsize=(6.2, 5.2))
+        fig, ax = _subplots(figsize=(6.2, 5.2))
         g = grids.get("pca_2d")
         if g is not None:
             cs = _contour(ax, g["x"], g["y"], g["loss"], "")
@@ -142,10 +146,10 @@ def figures_for(results: dict, out: Path, exchanges=None) -> list[Path]:
         ax.set_ylabel(f"PC2 ({100 * fit.explained[1]:.1f}% of variance)" if len(fit.explained) > 1 else "PC2")
         ax.set_title(f"{label}: paths on their top-2 PCA plane" + (" over the loss" if g is not None else ""))
         ax.legend(fontsize=7, loc="best")
-        _save(fig, out, "pca.png", figs)
+        figs["pca"] = fig
 
     if "random_1d" in grids or "random_2d" in grids:
-        fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
+        fig, axes = _subplots(1, 2, figsize=(11.5, 4.4))
         g = grids.get("random_1d")
         if g is not None:
             ax = axes[0]
@@ -166,11 +170,11 @@ def figures_for(results: dict, out: Path, exchanges=None) -> list[Path]:
             axes[1].plot([0], [0], "r*", ms=10)
             axes[1].set_xlabel("delta")
             axes[1].set_ylabel("eta")
-        _save(fig, out, "landscape_random.png", figs)
+        figs["landscape_random"] = fig
 
     g = grids.get("plane")
     if g is not None:
-        fig, ax = plt.subplots(figsize=(6.2, 5.2))
+        fig, ax = _subplots(figsize=(6.2, 5.2))
         models = g["spec"].get("models", [])
         if g["y"] is None:
             ax.plot(g["x"], g["loss"])
@@ -183,11 +187,11 @@ def figures_for(results: dict, out: Path, exchanges=None) -> list[Path]:
             for (px, py), name in zip([(0, 0), (1, 0), (0, 1)], models):
                 ax.plot(px, py, "r*", ms=10)
                 ax.annotate(name, (px, py), textcoords="offset points", xytext=(5, 5), color="w", fontsize=8)
-        _save(fig, out, "plane.png", figs)
+        figs["plane"] = fig
 
     interps = [(k, g) for k, g in grids.items() if k.startswith("interp_")]
     if interps:
-        fig, axes = plt.subplots(1, 2, figsize=(11.5, 4))
+        fig, axes = _subplots(1, 2, figsize=(11.5, 4))
         for k, g in interps:
             b = g.get("barrier")
             lab = f"{g['spec']['a']} -> {g['spec']['b']}" + (f" (barrier {b['barrier']:.3g})" if b else "")
@@ -203,12 +207,12 @@ def figures_for(results: dict, out: Path, exchanges=None) -> list[Path]:
         axes[0].legend(fontsize=7)
         axes[0].set_title("linear interpolation")
         axes[1].set_ylabel("accuracy (%)")
-        _save(fig, out, "interpolation.png", figs)
+        figs["interpolation"] = fig
 
     cv = results.get("curvature")
     if cv is not None and ("eigenvalues" in cv or "density" in cv):
         n = 1 + ("density" in cv) + ("trace_samples" in cv)
-        fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.8))
+        fig, axes = _subplots(1, n, figsize=(5.2 * n, 3.8))
         axes = np.atleast_1d(axes)
         i = 0
         if "eigenvalues" in cv:
@@ -239,8 +243,19 @@ def figures_for(results: dict, out: Path, exchanges=None) -> list[Path]:
             ax.set_xlabel("eigenvalue")
             ax.set_ylabel("density")
             ax.set_title("Hessian spectral density (SLQ)")
-        _save(fig, out, "hessian.png", figs)
+        figs["hessian"] = fig
+    for fig in figs.values():
+        fig.tight_layout()
     return figs
+
+
+def figures_for(results: dict, out: Path) -> list[Path]:
+    """Every figure of one run's results as PNG files in `out`; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for name, fig in figures(results).items():
+        _save(fig, out, f"{name}.png", paths)
+    return paths
 
 
 def _draw_paths(ax, paths: dict) -> None:
@@ -354,11 +369,10 @@ def write_report(results: dict, out: Path) -> str:
 def write_compare(all_results: list[dict], out: Path, shared=None) -> str:
     """Runs side by side: curves overlaid, paths on a shared PCA plane, curvature vs test
     accuracy, one table. `shared` is (fit, {label: projected center path}) or None."""
-    plt = _plt()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figs: list[Path] = []
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    fig, axes = _subplots(1, 3, figsize=(16, 4))
     for k, r in enumerate(all_results):  # one colour per run in every panel
         lab, color = r["run"]["label"], f"C{k % 10}"
         c = r.get("curves")
@@ -377,7 +391,7 @@ def write_compare(all_results: list[dict], out: Path, shared=None) -> str:
     _save(fig, out, "compare_curves.png", figs)
     if shared is not None:
         fit, paths = shared
-        fig, ax = plt.subplots(figsize=(6.2, 5.2))
+        fig, ax = _subplots(figsize=(6.2, 5.2))
         for k, (lab, p) in enumerate(paths.items()):
             line, = ax.plot(p[:, 0], p[:, 1], "-", color=f"C{k % 10}", label=lab)
             ax.plot(p[-1, 0], p[-1, 1], "*", ms=11, color=line.get_color())
@@ -389,7 +403,7 @@ def write_compare(all_results: list[dict], out: Path, shared=None) -> str:
         _save(fig, out, "compare_pca.png", figs)
     with_cv = [r for r in all_results if r.get("curvature") and "eigenvalues" in r["curvature"]]
     if with_cv:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = _subplots(1, 2, figsize=(11, 4))
         for k, r in enumerate(all_results):
             if not (r.get("curvature") and "eigenvalues" in r["curvature"]):
                 continue

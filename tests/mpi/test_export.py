@@ -184,6 +184,15 @@ def test_load_analysis_reads_what_analyze_wrote(runs, tmp_path):
     for bad in (runs["local-sgd"], runs["eamsgd"] / "trajectory.h5"):  # none there; not an analysis file
         with pytest.raises(ResultsError, match="analysis"):
             load_analysis(bad)
+    # the report's figures of the analysis's results, as matplotlib Figures (no file, no pyplot)
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    import hpcopt
+
+    figs = hpcopt.figures(res)
+    assert {"curves", "trajectory", "layers", "pca", "landscape_random", "interpolation", "hessian"} <= figs.keys()
+    assert all(isinstance(f, Figure) and f.axes for f in figs.values()) and not plt.get_fignums()
 
 
 def test_a_model_built_differently_now_is_named():
