@@ -368,6 +368,9 @@ class CenterServer:
     # ------------------------------------------------------------------ the serve loop
     def serve(self) -> ServeSummary:
         """Serve until every worker has left. Collective over the server communicator (flushes)."""
+        # status.json says this launch is running from the start, not what the last one left
+        # ("stopped", its workers) until the first flush (server 0 only; a no-op elsewhere)
+        self.recorder.write_status("running", exchanges=self.exchanges, members=self.members())
         self.flushes.begin()
         backoff = Backoff()
         cpu0, loops = time.process_time(), 0

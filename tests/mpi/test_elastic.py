@@ -497,6 +497,23 @@ def test_a_kill_inside_a_flush_or_a_checkpoint_leaves_a_readable_run_that_resume
     assert json.loads(hpcopt("inspect", "--json", str(run)).stdout)["status"] == "stopped"
 
 
+def test_a_resumed_run_says_running_before_its_first_flush(tmp_path):
+    """`hpcopt status` of a resumed run must not show what the previous launch left (stopped, its
+    workers) until the first flush: killed at its first flush, the resumed launch's status.json
+    already says running, resumed from the checkpoint."""
+    run = tmp_path / "r"
+    _train_and(tmp_path, run, "stop")
+    assert status(run)["state"] == "stopped"
+    with h5py.File(run / "checkpoint.h5", "r") as f:
+        ck = int(f.attrs["exchanges"])
+    p = subprocess.run([sys.executable, "-m", "hpcopt", "train", "-n", "3", "--resume", str(run)],
+                       env=mpi_env({"HPCOPT_FAILPOINTS": "trajectory.flush.resized@1"}), capture_output=True,
+                       text=True, timeout=180)
+    assert p.returncode != 0, p.stdout + p.stderr
+    s = status(run)
+    assert s["state"] == "running" and s["resumed_from_exchange"] == ck and s["exchanges"] == ck, s
+
+
 def test_resuming_a_complete_run_is_refused(tmp_path):
     out = tmp_path / "done"
     mpirun(3, "train", "--out", str(out), *QUAD, "--train.epochs", "1")
