@@ -12,22 +12,27 @@ servers serve every exchange (each exchange touches every shard), so a point's r
 number of exchanges the tier completed per second, and its cost per exchange on one server is
 1/R when the server is the bottleneck.
 
-The fit: the time one server spends on one exchange of its shard is
-    t(P, S) = a_path + b_path x bytes(P / S)
-with bytes = 2 x 4 P/S plain (up and back) or twice the codec's payload compressed, a and b
-per path (in place: b is the cost of the in-place update per byte; messages: transfer + update),
-least squares over all points. The rule it gives: W workers, each exchanging every tau steps of
-t_step seconds, make x = W / (tau x t_step) exchanges per second, and every one of them visits
-every shard, so each server must keep up with all of them:
-    x x (a + b x bytes(P / S)) <= 1
-Sharding divides only the per-byte part: S >= x b bytes(P) / (1 - x a), and when x a >= 1 no
-number of shards suffices (the fixed cost per exchange alone fills a server: a longer tau, or
-fewer workers per server tier). Over a link of L bytes/s into each server node, the per-byte
-part also needs x bytes(P / S) <= L. The table prints every measured point beside the rule's
-prediction, and what the rule predicts for 1,024 workers.
+The model. Every point measures, besides its rate R, the CPU time the servers and the workers
+spent per exchange. Both are fitted, per path, as a fixed part and a part per byte:
+    server:  c_s(P, S) = a_s + b_s x bytes(P / S)   (one server, its shard; bytes = up and back:
+                                                      2 x 4 P/S plain, twice the payload compressed)
+    worker:  c_w(P)    = a_w + b_w x bytes(P)       (the client's side: copies, codec, MPI)
+and the rate follows from the two resources an exchange needs:
+    R = min( 1 / c_s ,  C / (S x c_s + c_w) )
+one server's own time per exchange (each exchange visits every shard), and the C cores every rank
+shares, which the S servers and the worker together use S c_s + c_w seconds of per exchange. On
+a cluster each server has its own core and the first term decides: the sizing rule. W workers,
+each exchanging every tau steps of t_step seconds, make x = W / (tau x t_step) exchanges per
+second, and each server must keep up:
+    x x (a_s + b_s x bytes(P / S)) <= 1
+Sharding divides only the per-byte part: S >= x b_s bytes(P) / (1 - x a_s), and when x a_s >= 1
+no number of shards suffices (the fixed cost alone fills a server: a longer tau, or fewer workers
+per server tier). Over a link of L bytes/s into each server node the per-byte part also needs
+x bytes(P / S) <= L. The table prints every measured point beside the model's rate, and what the
+rule says for 1,024 workers; --check measures a point the fit did not see.
 
-On this machine every rank shares 2 cores: W oversubscribed workers take CPU from the servers,
-so these rates are a lower bound for a cluster node where each server has its own core.
+On this machine (2 cores) the second term decides almost everywhere: W oversubscribed workers
+and the servers share the cores, so sharding adds no capacity here.
 """
 
 import argparse
@@ -86,15 +91,12 @@ def inner(args):
         writer.close()
         result = {"exchanges": summary.exchanges, "seconds": summary.wall_seconds,
                   "cpu_seconds": summary.cpu_seconds, "in_place": bool(share.workers)}
-        results = servers.gather(result, root=0)
-        if world.rank == 0:
-            print("RESULT " + json.dumps(results), flush=True)
     else:
         wid = world.rank - S
         params = share.params if share.params is not None else torch.zeros(n)
         client = CenterClient([(world, r) for r in range(S)], bounds, params, chunk=int(1e6 / 4), timeout=120,
                               shared=share.servers, sync=share.sync, compress=compress)
-        k, t_end = 0, time.monotonic() + args.seconds
+        k, t_end, cpu0 = 0, time.monotonic() + args.seconds, time.process_time()
         rng = np.random.default_rng(wid)
         noise = torch.from_numpy(rng.standard_normal(min(n, 4096)).astype(np.float32) * 1e-3)
         while time.monotonic() < t_end:
@@ -102,6 +104,10 @@ def inner(args):
             params[:noise.numel()] += noise  # a change to send (the compressed path encodes it)
             client.exchange(make_header(EXCHANGE, wid, k, k))
         client.done(wid, k)
+        result = {"worker": wid, "exchanges": k, "cpu_seconds": time.process_time() - cpu0}
+    results = world.gather(result, root=0)  # servers first (ranks 0..S-1), then the workers
+    if world.rank == 0:
+        print("RESULT " + json.dumps(results), flush=True)
     servers.Free()
 
 
@@ -115,8 +121,11 @@ def point(S, W, P, path, seconds):
     if p.returncode or not line:
         raise SystemExit(f"point S={S} W={W} P={P} {path} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     res = json.loads(line[0][7:])
+    servers, workers = res[:S], res[S:]
+    done = max(sum(r["exchanges"] for r in workers), 1)
     return {"S": S, "W": W, "P": P, "path": path, "rate": res[0]["exchanges"] / res[0]["seconds"],
-            "cpu_per_exchange": max(r["cpu_seconds"] / max(r["exchanges"], 1) for r in res)}
+            "cpu_per_exchange": max(r["cpu_seconds"] / max(r["exchanges"], 1) for r in servers),
+            "worker_cpu_per_exchange": sum(r["cpu_seconds"] for r in workers) / done}
 
 
 def shard_bytes(P, S, path):
@@ -130,17 +139,30 @@ def shard_bytes(P, S, path):
 
 
 def fit(points):
-    """t = a + b x bytes per path, from 1/rate of each point, least squares in relative error
-    (the rule is judged by its relative error at every point, small and large)."""
+    """Per path: (a_s, b_s) of the servers' CPU seconds per exchange against their shard's bytes,
+    and (a_w, b_w) of the worker side's against the whole vector's, least squares in relative
+    error (the model is judged by its relative error at every point, small and large)."""
+    def line(x, t):
+        A = np.stack([np.ones_like(x), x], axis=1) / t[:, None]
+        (a, b), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
+        return max(a, 0.0), max(b, 0.0)
+
     model = {}
     for path in sorted({p["path"] for p in points}):
         mine = [p for p in points if p["path"] == path]
-        x = np.array([shard_bytes(p["P"], p["S"], path) for p in mine], dtype=float)
-        t = np.array([1 / p["rate"] for p in mine])
-        A = np.stack([np.ones_like(x), x], axis=1) / t[:, None]
-        (a, b), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
-        model[path] = (max(a, 0.0), max(b, 0.0))
+        xs = np.array([shard_bytes(p["P"], p["S"], path) for p in mine], dtype=float)
+        xw = np.array([shard_bytes(p["P"], 1, path) for p in mine], dtype=float)
+        model[path] = (line(xs, np.array([p["cpu_per_exchange"] for p in mine])),
+                       line(xw, np.array([p["worker_cpu_per_exchange"] for p in mine])))
     return model
+
+
+def predict(model, S: int, P: int, path: str, cores: int) -> float:
+    """Exchanges per second of S servers on a machine of `cores` cores that every rank shares."""
+    (a_s, b_s), (a_w, b_w) = model[path]
+    c_s = a_s + b_s * shard_bytes(P, S, path)
+    c_w = a_w + b_w * shard_bytes(P, 1, path)
+    return min(1 / c_s, cores / (S * c_s + c_w))
 
 
 def main():
@@ -153,6 +175,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="three small points only")
     ap.add_argument("--paths", default="inplace,messages,int4")
     ap.add_argument("--check", default="", help="S,W,P of a point to predict and then measure (not in the fit)")
+    ap.add_argument("--save", help="write the measured points to this JSON file")
+    ap.add_argument("--load", help="fit the points of a --save file instead of measuring")
+    ap.add_argument("--cores", type=int, default=0, help="cores the ranks share (default: this machine's)")
     args = ap.parse_args()
     if args.inner:
         return inner(args)
@@ -162,39 +187,44 @@ def main():
             + [(S, 8, 1e7) for S in (2, 4)])
     if args.quick:
         grid = [(1, 4, 5e3), (1, 4, 1e6), (2, 4, 1e6)]
-    points = []
-    for path in args.paths.split(","):
+    points = json.loads(Path(args.load).read_text()) if args.load else []
+    for path in [] if args.load else args.paths.split(","):
         for S, W, P in grid:
             pt = point(S, W, int(P), path, args.seconds)
             points.append(pt)
-            print(f"measured S={S} W={W:3d} P={int(P):>10,} {path:9s} {pt['rate']:9.1f} exchanges/s", flush=True)
+            print(f"measured S={S} W={W:3d} P={int(P):>10,} {path:9s} {pt['rate']:9.1f} exchanges/s "
+                  f"(server CPU {1e3 * pt['cpu_per_exchange']:.2f} ms, workers' {1e3 * pt['worker_cpu_per_exchange']:.2f}"
+                  f" ms per exchange)", flush=True)
+    if args.save:
+        Path(args.save).write_text(json.dumps(points, indent=1))
     model = fit(points)
-    print("\nfitted time per exchange on one server: t = a + b x bytes of its shard (up and back)")
-    for path, (a, b) in model.items():
-        bw = f"{1 / b / 1e9:.2f} GB/s" if b > 0 else "inf"
-        print(f"  {path:9s} a = {1e6 * a:8.1f} us   b = {1e9 * b:7.3f} ns/byte ({bw})")
-    print(f"\n{'S':>2} {'W':>3} {'P':>11} {'path':9s} {'measured/s':>11} {'rule/s':>9} {'error':>7}")
+    cores = args.cores or os.cpu_count()
+    print("\nfitted CPU seconds per exchange: a + b x bytes (server: of its shard; worker side: of the vector)")
+    for path, ((a_s, b_s), (a_w, b_w)) in model.items():
+        bw = f"{1 / b_s / 1e9:.2f} GB/s" if b_s > 0 else "inf"
+        print(f"  {path:9s} server a = {1e6 * a_s:7.1f} us  b = {1e9 * b_s:7.3f} ns/byte ({bw});  "
+              f"worker a = {1e6 * a_w:7.1f} us  b = {1e9 * b_w:7.3f} ns/byte")
+    print(f"\n{'S':>2} {'W':>3} {'P':>11} {'path':9s} {'measured/s':>11} {'model/s':>9} {'error':>7}   (cores: {cores})")
     worst = 0.0
     for p in points:
-        a, b = model[p["path"]]
-        pred = 1 / (a + b * shard_bytes(p["P"], p["S"], p["path"]))
+        pred = predict(model, p["S"], p["P"], p["path"], cores)
         err = pred / p["rate"] - 1
         worst = max(worst, abs(err))
         print(f"{p['S']:>2} {p['W']:>3} {p['P']:>11,} {p['path']:9s} {p['rate']:>11.1f} {pred:>9.1f} {100 * err:>6.1f}%")
     print(f"worst error: {100 * worst:.1f}%")
     if args.check:
         S, W, P = (int(float(v)) for v in args.check.split(","))
-        for path in args.paths.split(","):
-            a, b = model[path]
-            pred = 1 / (a + b * shard_bytes(P, S, path))
+        for path in model:
+            pred = predict(model, S, P, path, cores)
             pt = point(S, W, P, path, args.seconds)
-            print(f"unseen point S={S} W={W} P={P:,} {path}: rule {pred:.1f}/s, measured {pt['rate']:.1f}/s "
+            print(f"unseen point S={S} W={W} P={P:,} {path}: model {pred:.1f}/s, measured {pt['rate']:.1f}/s "
                   f"({100 * (pred / pt['rate'] - 1):+.1f}%)")
     x = 1024 / (8 * 0.05)
-    print(f"\nserver shards needed for 1,024 workers at tau 8 and 50 ms steps ({x:.0f} exchanges/s), by the rule:")
+    print(f"\nserver shards needed for 1,024 workers at tau 8 and 50 ms steps ({x:.0f} exchanges/s), each server "
+          f"on its own core, by the rule:")
     for P in (5e3, 1e6, 1e7, 1e8):
         need = []
-        for path, (a, b) in model.items():
+        for path, ((a, b), _) in model.items():
             if x * a >= 1:
                 need.append(f"{path} none suffices (fixed cost {1e6 * a:.0f} us x {x:.0f}/s > 1)")
                 continue
