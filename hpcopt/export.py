@@ -9,7 +9,9 @@ The model is rebuilt from the config the run recorded (as `hpcopt analyze` does:
 must be importable) and takes the saved model's flat parameters (hpcopt.analyze.source.point
 names and reads them). A trajectory records trainable parameters only: buffers (BatchNorm's
 running statistics) and frozen parameters keep the values the model is built with under the
-run's seed, as in the center that training evaluates.
+run's seed, as in the center that training evaluates; except in the final center of a run
+hpcopt.Recorder recorded or hpcopt import wrote, which takes them from OUT/center.pt (the
+model's full state_dict at close(), or the last checkpoint's).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import importlib.util
 import io
 from pathlib import Path
+
+import numpy as np
 
 SAFETENSORS = ".safetensors"
 
@@ -40,7 +44,40 @@ def load_model(run, at: str = "center"):
         _, vector = point(recorded, at)
     except ValueError as e:  # TrajectoryError too: missing, foreign or damaged file
         raise ExportError(str(e)) from None
-    return module_at(recorded.config, recorded.layout, vector)
+    model = module_at(recorded.config, recorded.layout, vector)
+    if at.split(":")[0] == "center" and np.array_equal(vector, recorded.center[-1]):
+        _final_state(model, Path(recorded.path).parent / "center.pt")
+    return model
+
+
+def _final_state(model, center_pt: Path) -> None:
+    """The final center of a recorded or imported run: its buffers and frozen parameters, which
+    the trajectory does not hold, from OUT/center.pt (the full state_dict the Recorder saved at
+    close, or the last checkpoint an import read), when that file's trainable parameters are
+    this model's exactly (it belongs to this center, not to an earlier end of the run). For
+    hpcopt's own runs the file holds the values the model is built with: nothing changes."""
+    import torch
+
+    try:
+        state = torch.load(center_pt, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return
+    except Exception:  # unreadable: the model stays as rebuilt from the trajectory
+        return
+    current = model.state_dict()
+    if not isinstance(state, dict) or set(state) != set(current):
+        return
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for k in current:
+        v = state[k]
+        if not isinstance(v, torch.Tensor) or v.shape != current[k].shape:
+            return
+        if k in trainable and not torch.equal(v.to(current[k].dtype), current[k]):
+            return
+    with torch.no_grad():
+        for k, v in current.items():
+            if k not in trainable:
+                v.copy_(state[k])
 
 
 def module_at(config, layout: dict, vector):
@@ -71,6 +108,8 @@ def module_at(config, layout: dict, vector):
 
 
 def _names(layout: list) -> str:
+    if not layout:
+        return "(none trainable)"
     shown = ", ".join(f"{n} {tuple(s)}" for n, s in layout[:4])
     return shown + (f" and {len(layout) - 4} more" if len(layout) > 4 else "")
 

@@ -5,26 +5,33 @@ checkpoints behind.
     hpcopt import ckpts/ --model mypkg.models:make_net --data mypkg.data:load -o runs/theirs
     hpcopt import ckpts/init.pt ckpts/best.pt ckpts/last.pt --model cnn1d -o runs/three   # this order
 
-A directory's `*.pt` and `*.pth` files are taken in natural order of their names (step_9 before
-step_10); files named one by one are taken in the order given. Every file is read and checked
-against the model before anything is written, so a file that is not a state_dict, is corrupt,
-lacks a key or has an extra one, or holds a tensor of another shape, is an error naming the file,
-and no run is left behind. The run directory is written as `hpcopt.Recorder` writes one
-(hpcopt.record.RunFile).
+A directory's `*.pt`, `*.pth` and `*.ckpt` files (any case) are taken in the order of their step
+numbers when every name has one, else in natural order of their names (step_9 before step_10);
+files named one by one are taken in the order given. A file's step is the number after step,
+global_step, iter or epoch in its name (`epoch=0-step=100.ckpt`: 100; `epoch1_acc0.71.pt`: 1),
+else its last whole number (digits after a '.' are a fraction, not a step). Every file is read and
+checked against the model before anything is written, so a file that is not a state_dict, is
+corrupt, lacks a key or has an extra one, or holds a tensor of another shape, is an error naming
+the file, and nothing is left behind; with --force an existing run is replaced only once the new
+one is written in full. The run directory is written as `hpcopt.Recorder` writes one
+(hpcopt.record.RunFile), with RUN/center.pt the last checkpoint's state_dict.
 """
 
 from __future__ import annotations
 
+import os
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 
-SUFFIXES = (".pt", ".pth")
+SUFFIXES = (".pt", ".pth", ".ckpt")  # .ckpt: Lightning's (the weights under state_dict, named model.*)
 WRAPPERS = ("state_dict", "model_state_dict", "model")  # where training scripts often keep the state_dict
 PREFIXES = ("module.", "_orig_mod.")  # what DDP and torch.compile put before every name
+MAX_STEP = 2 ** 63 - 1  # the trajectory's step counters are int64
+# the number after one of these words names the step (the first word found wins: step before epoch)
+STEP_WORDS = ("global_step", "step", "iteration", "iter", "it", "epoch")
 
 
 class ImportFailed(ValueError):
@@ -36,31 +43,70 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
-def checkpoint_files(sources: list[str]) -> list[Path]:
-    """One directory: its *.pt/*.pth files in natural order; otherwise the files as given."""
+def checkpoint_files(sources: list[str], log=print) -> list[Path]:
+    """One directory: its *.pt/*.pth/*.ckpt files (any case) in the order of their step numbers
+    (natural order of the names when some have none); otherwise the files as given. A checkpoint
+    name that leads nowhere (a dangling symbolic link) is an error; a directory with such a name
+    is skipped with a note."""
     if len(sources) == 1 and Path(sources[0]).is_dir():
         folder = Path(sources[0])
-        files = sorted((p for p in folder.iterdir() if p.suffix in SUFFIXES and p.is_file()),
-                       key=lambda p: natural_key(p.name))
+        files = []
+        for p in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
+            if p.suffix.lower() not in SUFFIXES:
+                continue
+            if p.is_file():
+                files.append(p)
+            elif p.is_dir():
+                log(f"  note: skipped {p.name}: a directory, not a checkpoint file")
+            else:
+                raise ImportFailed(_not_a_file(p))
         if not files:
-            raise ImportFailed(f"{folder} holds no {' or '.join('*' + s for s in SUFFIXES)} file")
+            raise ImportFailed(f"{folder} holds no {', '.join('*' + s for s in SUFFIXES)} file")
+        steps = [name_step(p) for p in files]
+        if all(s is not None for s in steps) and len(set(steps)) == len(steps):
+            files = [p for _, p in sorted(zip(steps, files), key=lambda t: t[0])]
         return files
     files = [Path(s) for s in sources]
     for f in files:
         if not f.is_file():
-            raise ImportFailed(f"{f}: no such file" + (" (a directory comes alone: hpcopt import DIR)"
-                                                      if f.is_dir() else ""))
+            raise ImportFailed(_not_a_file(f))
     return files
 
 
-def step_numbers(files: list[Path]) -> list[int]:
-    """Each checkpoint's step: the last number in its name, when every name has one and they
-    increase in the files' order; otherwise 0, 1, 2, ..."""
-    numbers = [re.findall(r"\d+", f.stem) for f in files]
-    if all(numbers):
-        steps = [int(n[-1]) for n in numbers]
-        if all(a < b for a, b in zip(steps, steps[1:])):
+def _not_a_file(p: Path) -> str:
+    if p.is_symlink():
+        return f"{p} is a symbolic link to {os.readlink(p)}, which leads to no file"
+    if p.is_dir():
+        return f"{p} is a directory (a directory of checkpoints comes alone: hpcopt import DIR)"
+    return f"{p}: no such file"
+
+
+def name_step(path: Path) -> int | None:
+    """The step a checkpoint's name gives: the number after step/global_step/iter/epoch (the
+    first of these words found), else the last whole number of the name; the digits after a
+    number's '.' are its fraction (acc0.71), not a number of their own. None without a number."""
+    for word in STEP_WORDS:
+        m = re.search(rf"(?<![a-z]){word}s?[=_\-]?(\d+)", path.stem, re.IGNORECASE)
+        if m:
+            return int(m.group(1))
+    numbers = re.findall(r"(?<!\d\.)(?<!\d)\d+", path.stem)  # not the 71 of acc0.71
+    return int(numbers[-1]) if numbers else None
+
+
+def step_numbers(files: list[Path], log=print) -> list[int]:
+    """Each checkpoint's step from its name (name_step), when every name has one, they fit 64
+    bits and increase in the files' order; otherwise 0, 1, 2, ... (said in a note when the names
+    had numbers that could not be used)."""
+    steps = [name_step(f) for f in files]
+    if all(s is not None for s in steps):
+        huge = [f.name for f, s in zip(files, steps) if s > MAX_STEP]
+        if huge:
+            log(f"  note: the number in {huge[0]} is too large for a step (at most {MAX_STEP}): "
+                f"steps are 0, 1, 2, ... in the files' order")
+        elif all(a < b for a, b in zip(steps, steps[1:])):
             return steps
+        elif len(files) > 1:
+            log("  note: the numbers in the names do not increase in the files' order: steps are 0, 1, 2, ...")
     return list(range(len(files)))
 
 
@@ -87,6 +133,25 @@ def read_state_dict(path: Path) -> dict:
         if all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
     return obj
+
+
+def fit_names(state: dict, model: torch.nn.Module) -> dict:
+    """`state` with a dotted prefix every key shares dropped (Lightning's `model.`, a wrapper's
+    attribute name; several levels), when the names then are the model's exactly; else as it is."""
+    expected = set(model.state_dict())
+    names = state
+    while set(names) != expected:
+        first = {k.split(".", 1)[0] for k in names}
+        if len(first) != 1 or not all("." in k for k in names):
+            return state
+        prefix = first.pop() + "."
+        names = {k[len(prefix):]: v for k, v in names.items()}
+    return names
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
+    """The state_dict in `path`, its names fitted to `model`'s (fit_names)."""
+    return fit_names(read_state_dict(path), model)
 
 
 def check(path: Path, state: dict, model: torch.nn.Module, spec: str) -> None:
@@ -117,10 +182,10 @@ def import_checkpoints(sources: list[str], out, *, model_factory: str, model_kwa
     With `data`, each snapshot is also evaluated on the test split (an /evals row)."""
     from hpcopt.models import build_model
     from hpcopt.models.flat import parameter_layout
-    from hpcopt.record import RecorderError, RunFile, flat_parameters, recorded_config
+    from hpcopt.record import RecorderError, RunFile, flat_parameters, recorded_config, untracked_note
 
-    files = checkpoint_files(sources)
-    steps = step_numbers(files)
+    files = checkpoint_files(sources, log=log)
+    steps = step_numbers(files, log=log)
     cfg = recorded_config(out, model_factory=model_factory, model_kwargs=model_kwargs, data=data,
                           data_seed=data_seed, seed=seed, every=1)
     try:
@@ -129,13 +194,20 @@ def import_checkpoints(sources: list[str], out, *, model_factory: str, model_kwa
             model = build_model(model_factory, model_kwargs).to(torch.float32)
     except ValueError as e:
         raise ImportFailed(str(e)) from None
+    except Exception as e:  # the user's factory failed: its error, in one line
+        raise ImportFailed(f"model {model_factory} failed to build: {type(e).__name__}: {e}") from None
     for f in files:  # all checked before anything is written
-        check(f, read_state_dict(f), model, model_factory)
+        check(f, load_checkpoint(f, model), model, model_factory)
     test = None
     if data is not None:
         from hpcopt.data import load_data
 
-        d = load_data(data, data_seed)
+        try:
+            d = load_data(data, data_seed)
+        except ValueError:
+            raise
+        except Exception as e:  # a user's data function failed: its error, in one line
+            raise ImportFailed(f"data {data} failed to load: {type(e).__name__}: {e}") from None
         test = torch.from_numpy(d["x_test"]), torch.from_numpy(d["y_test"])
         try:
             with torch.no_grad():
@@ -144,15 +216,20 @@ def import_checkpoints(sources: list[str], out, *, model_factory: str, model_kwa
             raise ImportFailed(f"model {model_factory} cannot take data {data} (inputs of shape "
                                f"{tuple(test[0].shape[1:])}): {type(e).__name__}: {e}") from None
     times = [f.stat().st_mtime for f in files]
+    note = untracked_note(model, "RUN/center.pt holds the last checkpoint's")
+    if note:
+        log(f"  note: {note}")
+    # staged: an existing run (--force) is replaced only when the new one is complete
     run = RunFile(out, parameter_layout(model), cfg, method=method, source="hpcopt import",
-                  hosts={}, overwrite=overwrite)
+                  hosts={}, overwrite=overwrite, staged=True)
+    from hpcopt.export import state_dict_of
     from hpcopt.io.schema import event_row
 
     try:
         run.write(events=[event_row(0.0, "start", detail=f"imported from {len(files)} checkpoint(s)")],
                   wall_seconds=0.0)
         for f, step, mtime in zip(files, steps, times):
-            model.load_state_dict(read_state_dict(f))
+            model.load_state_dict(load_checkpoint(f, model))
             t = mtime - times[0]  # when the files were written, seconds after the first one
             evals = []
             if test is not None:
@@ -167,10 +244,16 @@ def import_checkpoints(sources: list[str], out, *, model_factory: str, model_kwa
                   status="complete")
     except BaseException as e:  # a file that changed since the check, a full disk, Ctrl-C: no half run
         run.discard()
-        if isinstance(e, (RecorderError, ImportFailed, OSError)):
+        if isinstance(e, (RecorderError, ImportFailed)):
             raise ImportFailed(str(e)) from None
+        if isinstance(e, Exception):  # anything else (OSError included): one line, the old run intact
+            raise ImportFailed(f"the import into {out} failed ({type(e).__name__}: {e}); nothing of it was kept, "
+                               f"and a run there before is as it was") from None
         raise
-    run.close()
+    try:
+        run.commit(state_dict_of(model))  # the last checkpoint's full state: RUN/center.pt
+    except RecorderError as e:
+        raise ImportFailed(str(e)) from None
     return run.run.trajectory
 
 
@@ -186,15 +269,20 @@ def add_parser(sub) -> None:
                     "not run.\n\n"
                     "  hpcopt import ckpts/ --model mypkg.models:make_net --data mypkg.data:load -o runs/theirs\n"
                     "  hpcopt import a.pt b.pt c.pt --model cnn1d --data mnist1d -o runs/three   # in this order\n\n"
-                    "A directory's *.pt and *.pth files are taken in natural order of their names (step_9 before\n"
-                    "step_10); to choose the order, name the files one by one. Each file is a state_dict, or a\n"
-                    "dict holding one under state_dict, model_state_dict or model (a module./_orig_mod. prefix\n"
-                    "on every key is dropped). Every file is checked against the model before anything is\n"
-                    "written: a file that is not a state_dict or is corrupt, a missing or extra key, a tensor\n"
-                    "of another shape, or non-finite parameters is an error naming the file, and no run is\n"
-                    "left behind.",
-        epilog="The step of each snapshot is the last number in its file's name when every name has one and\n"
-               "they increase (else 0, 1, 2, ...); its time is the file's modification time after the first.\n"
+                    "A directory's *.pt, *.pth and *.ckpt files (any case) are taken in the order of the step\n"
+                    "numbers in their names, else in natural order (step_9 before step_10); to choose the\n"
+                    "order, name the files one by one. Each file is a state_dict, or a dict holding one under\n"
+                    "state_dict (Lightning's .ckpt), model_state_dict or model; a prefix every key shares\n"
+                    "(module., _orig_mod., Lightning's model.) is dropped when the names then fit the model.\n"
+                    "Every file is checked against the model before anything is written: a file that is not a\n"
+                    "state_dict or is corrupt, a missing or extra key, a tensor of another shape, or non-finite\n"
+                    "parameters is an error naming the file, and nothing is left behind (with --force, the\n"
+                    "existing run is replaced only once the new one is written in full).",
+        epilog="The step of each snapshot is the number after step, global_step, iter or epoch in its file's\n"
+               "name (epoch=0-step=100.ckpt: 100), else the last whole number (epoch1_acc0.71.pt: 1), when\n"
+               "every name has one and they increase (else 0, 1, 2, ...); its time is the file's modification\n"
+               "time after the first. RUN/center.pt is the last checkpoint's state_dict (buffers and frozen\n"
+               "parameters included: hpcopt.load_model and hpcopt export of the final center use them).\n"
                "In Python, hpcopt.Recorder records a training as it runs (README: Your own training loop).")
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="a directory of checkpoints, or checkpoint files in the order to take them")

@@ -16,7 +16,10 @@ The file is the trajectory hpcopt's own runs write (docs/trajectory-schema.md): 
 trainable parameters are the center, at step 0 and every `every` steps and at the end; each
 `step` is an /exchanges row of its rank (worker id = rank); `evaluate` an /evals row. The config
 it records names the model and data factories (`module:function`, or the built-ins), which is how
-`hpcopt analyze` rebuilds the model and the data, as for its own runs.
+`hpcopt analyze` rebuilds the model and the data, as for its own runs. Buffers (BatchNorm's
+running statistics) and frozen parameters are not in the trajectory: OUT/center.pt, the model's
+full state_dict at close, keeps them for the final center (hpcopt.load_model, hpcopt export);
+elsewhere they are as the factory builds them (a RecorderWarning says so when recording starts).
 
 Under torch DDP (torch.distributed initialised) every rank makes the same calls; rank 0 alone
 writes the file, with plain h5py (no MPI: a torchrun job has none), and the other ranks hand it
@@ -29,13 +32,19 @@ Rank 0 writes what it has buffered and flushes the file every `flush_seconds`, a
 process killed at any moment leaves a readable file that lacks at most that interval (nothing
 touches the file between two flushes). An existing OUT/trajectory.h5 is refused unless
 `overwrite=True` (a recording does not resume: start a new run directory), and the run directory's
-lock keeps a second recording, an import or an `hpcopt train` out while this one lives.
+lock keeps a second recording, an import or an `hpcopt train` out while this one lives. A Recorder
+collected without close() (a notebook cell raised, the object dropped) closes its file as it is
+(status running) and releases the lock.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+import warnings
+import weakref
+
 import numpy as np
 import torch
 
@@ -103,6 +112,8 @@ def check_factory(cfg, layout: dict) -> None:
             built = build_model(name, kwargs)
     except ValueError as e:
         raise RecorderError(str(e)) from None
+    except Exception as e:  # the user's factory failed: its error, in one line
+        raise RecorderError(f"model factory {name!r} failed to build the model: {type(e).__name__}: {e}") from None
     got = parameter_layout(built)
     pairs = [list(zip(d["names"], d["shapes"])) for d in (got, layout)]
     if pairs[0] != pairs[1]:
@@ -114,14 +125,21 @@ def check_factory(cfg, layout: dict) -> None:
 class RunFile:
     """One process writing a run directory's trajectory with plain h5py (no MPI), with the checks
     `hpcopt train` makes: an existing trajectory is refused unless `overwrite`, the run's lock keeps
-    a second writer or a training out, OUT/config.toml holds the config."""
+    a second writer or a training out, OUT/config.toml holds the config.
 
-    def __init__(self, out, layout: dict, cfg, *, method: str, source: str, hosts: dict, overwrite: bool):
+    `staged` (hpcopt import): the trajectory is written beside the run's (OUT/.trajectory.h5.new)
+    and only `commit` replaces the previous run with it, so nothing of an existing run is deleted
+    before the new one is complete; `discard` leaves the previous run as it was."""
+
+    def __init__(self, out, layout: dict, cfg, *, method: str, source: str, hosts: dict, overwrite: bool,
+                 staged: bool = False):
         self.run = run = RunDir(out)
         if run.trajectory.exists() and not overwrite:
             raise RecorderError(f"{run.trajectory} already exists; choose another run directory, or overwrite "
                                 f"it (overwrite=True; hpcopt import --force)")
         self.created_dir = not run.path.exists()
+        self.cfg, self.staged = cfg, staged
+        self.path = run.path / ".trajectory.h5.new" if staged else run.trajectory
         try:
             run.path.mkdir(parents=True, exist_ok=True)
             run.lock(60.0)  # before anything is deleted: a live run is never overwritten
@@ -130,19 +148,21 @@ class RunFile:
         except OSError as e:
             raise RecorderError(f"cannot create the run directory {run.path}: {e.strerror}") from None
         try:
-            for stale in (run.trajectory, run.checkpoint, run.status, run.join_info, run.center_model):
-                stale.unlink(missing_ok=True)
-            write_atomic(run.config, cfg.to_toml())
+            if not staged:
+                run.clear_previous()  # as hpcopt train does: the previous run's files, analysis, events
+                write_atomic(run.config, cfg.to_toml())
             n = sum(int(np.prod(s)) for s in layout["shapes"])
             attrs = run_attributes(cfg, n_parameters=n, hosts=hosts, bounds=[(0, n)], n_servers=0,
                                    n_workers=len(hosts), alpha=1.0, tau=1)
             attrs.update(method=method, source=source)
-            self.writer = TrajectoryWriter(str(run.trajectory), None, n_params=n, lo=0, hi=n, shard_width=n,
+            self.writer = TrajectoryWriter(str(self.path), None, n_params=n, lo=0, hi=n, shard_width=n,
                                            attrs=attrs, model_attrs={"name": cfg.model.name,
                                                                      "kwargs": cfg.model.kwargs, **layout})
         except OSError as e:
+            if staged:
+                self.path.unlink(missing_ok=True)
             run.unlock()
-            raise RecorderError(f"cannot write {run.trajectory}: {e}") from None
+            raise RecorderError(f"cannot write {self.path}: {e}") from None
         self.rows = 0  # /exchanges rows written
 
     def write(self, *, center=(), workers=(), exchanges=(), evals=(), events=(), wall_seconds: float,
@@ -159,18 +179,37 @@ class RunFile:
                 attrs={"exchanges_total": self.rows + len(exchanges), "wall_seconds": wall_seconds,
                        "status": status})
         except (OSError, RuntimeError) as e:  # h5py says "file write failed" for ENOSPC and EIO
-            raise RecorderError(f"cannot write {self.run.trajectory}: {e}") from None
+            raise RecorderError(f"cannot write {self.path}: {e}") from None
         self.rows += len(exchanges)
         self.run.touch_lock()
+
+    def commit(self, center_state: dict | None = None) -> None:
+        """Staged: the new run replaces the previous one (its files, analysis and events go), with
+        `center_state` as OUT/center.pt; then the lock is released."""
+        from hpcopt.export import save_state_dict
+
+        self.writer.close()
+        try:
+            self.run.clear_previous(trajectory=False)
+            write_atomic(self.run.config, self.cfg.to_toml())
+            os.replace(self.path, self.run.trajectory)
+            if center_state is not None:
+                save_state_dict(center_state, self.run.center_model)
+        except OSError as e:
+            raise RecorderError(f"cannot write the run {self.run.path}: {e}") from None
+        finally:
+            self.path.unlink(missing_ok=True)
+            self.run.unlock()
 
     def close(self) -> None:
         self.writer.close()
         self.run.unlock()
 
     def discard(self) -> None:
-        """Close and remove what this writer made (an import that failed half way)."""
+        """Close and remove what this writer made (an import that failed half way); a staged
+        writer's previous run stays as it was."""
         self.writer.close()
-        for made in (self.run.trajectory, self.run.config):
+        for made in (self.path,) if self.staged else (self.run.trajectory, self.run.config):
             made.unlink(missing_ok=True)
         self.run.unlock()
         if self.created_dir:
@@ -178,6 +217,16 @@ class RunFile:
                 self.run.path.rmdir()
             except OSError:
                 pass
+
+
+def _abandoned(file: RunFile) -> None:
+    """A Recorder collected (or the interpreter ending) without close(): its file is closed as it
+    is (status running, up to its last flush) and its lock released, so the directory can be
+    recorded again in this process."""
+    try:
+        file.close()
+    except Exception:  # a finalizer has nobody to tell
+        pass
 
 
 def _distributed(group) -> tuple[int, int]:
@@ -201,6 +250,71 @@ def _number(x) -> float:
     return float("nan") if x is None else float(x)  # a tensor anywhere: float() syncs once here
 
 
+def _one_number(call: str, name: str, x):
+    """`x` (loss or lr of step(), acc or loss of evaluate()) checked now: None, a number or a
+    one-element tensor (kept on its device: no sync here), else a RecorderError saying so."""
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise RecorderError(f"{call}({name}=...) must be one number, got a tensor of shape {tuple(x.shape)}"
+                                + (" (reduce it first, e.g. .mean())" if x.numel() > 1 else ""))
+        if x.is_complex():
+            raise RecorderError(f"{call}({name}=...) must be a real number, got a complex tensor")
+        return x.detach()
+    if isinstance(x, np.ndarray):
+        if x.size != 1:
+            raise RecorderError(f"{call}({name}=...) must be one number, got an array of shape {x.shape}")
+        x = x.reshape(()).item()
+    if isinstance(x, (str, bytes, bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise RecorderError(f"{call}({name}=...) must be a number or a one-element tensor, got "
+                            f"{type(x).__name__} {x!r:.60}")
+    return float(x)
+
+
+def _default_factory(model: torch.nn.Module, layout: dict, cfg) -> None:
+    """No model_factory given: the model's class (`module:Class`) is what analysis will build,
+    with no arguments, in another process. Refused now, with what to do, when it cannot."""
+    cls = type(model)
+    where = cls.__module__
+    if where in ("__main__", "__mp_main__") or "<locals>" in cls.__qualname__:
+        place = "inside a function" if "<locals>" in cls.__qualname__ else "in __main__ (your script or notebook)"
+        raise RecorderError(
+            f"no model_factory given, and the model's class {cls.__qualname__} is defined {place}, which "
+            f"hpcopt analyze, hpcopt.load_model and hpcopt export cannot import: put the class (or a function "
+            f"that builds the model) in a module and pass model_factory=\"module:function\" (and model_kwargs=)")
+    try:
+        check_factory(cfg, layout)
+    except RecorderError as e:
+        raise RecorderError(
+            f"no model_factory given, and its default, the model's class {cfg.model.name} built without "
+            f"arguments, does not rebuild this model ({e}); pass model_factory=\"module:function\" naming a "
+            f"function that builds it (and model_kwargs= its arguments)") from None
+
+
+def _untracked(model: torch.nn.Module) -> list[str]:
+    """The state_dict entries that are not trainable parameters: buffers (BatchNorm's running
+    statistics) and frozen parameters, which a trajectory does not record."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return [k for k in model.state_dict() if k not in trainable]
+
+
+def untracked_note(model: torch.nn.Module, final: str) -> str | None:
+    """What a recording or an import says about a model with state outside its trajectory."""
+    names = _untracked(model)
+    if not names:
+        return None
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (f"the model has {len(names)} buffer(s) or frozen parameter(s) ({shown}) that a trajectory does not "
+            f"record (it holds the trainable parameters): {final}, which hpcopt.load_model and hpcopt export of the "
+            f"final center use; every other snapshot, and hpcopt analyze, takes them as the model factory builds "
+            f"them under the run's seed")
+
+
+class RecorderWarning(UserWarning):
+    """The recording works, but part of the model's state is not in the trajectory."""
+
+
 class Recorder:
     """Records a PyTorch training into a run directory; see the module docstring.
 
@@ -209,8 +323,9 @@ class Recorder:
     every: steps between two center snapshots (also when the ranks of a DDP job meet).
     model_factory, model_kwargs: how analysis rebuilds the model: a built-in ("cnn1d", "mlp") or
         "module:function" (importable where you analyse); checked against `model` now. Unset:
-        the model's class, "module:Class", which analysis can use if it is importable and builds
-        this model without arguments.
+        the model's class, "module:Class", built without arguments; a RecorderError now when
+        that cannot rebuild this model elsewhere (a class of __main__ or inside a function, or
+        one that builds other parameters).
     data, data_seed: the data analysis measures the loss on: "mnist1d", an HDF5 file, or
         "module:function" returning x_train, y_train, x_test, y_test (as for hpcopt train).
     seed: your run's seed (analysis seeds torch with it before building the model).
@@ -226,11 +341,12 @@ class Recorder:
                  model_kwargs: dict | None = None, data: str | None = None, data_seed: int = 42, seed: int = 0,
                  method: str = "pytorch", workers: bool = False, flush_seconds: float = 2.0,
                  overwrite: bool = False, group=None):
-        if not isinstance(every, int) or every < 1:
+        if isinstance(every, (bool, np.bool_)) or not isinstance(every, (int, np.integer)) or every < 1:
             raise RecorderError(f"every must be a whole number of steps >= 1, got {every!r}")
         if not flush_seconds > 0:
             raise RecorderError(f"flush_seconds must be > 0, got {flush_seconds!r}")
         self.model = unwrap(model)
+        every = int(every)
         self.every, self.flush_seconds, self.with_workers, self.group = every, flush_seconds, workers, group
         self.rank, self.size = _distributed(group)
         self.steps, self.samples, self.closed = 0, 0, False
@@ -245,6 +361,7 @@ class Recorder:
         self.evals: list[tuple] = []
         self.events: list[np.ndarray] = []
         self.file: RunFile | None = None
+        self._finalizer = None
         hosts = self._gather(socket.gethostname()) if self.size > 1 else [socket.gethostname()]
         error = None
         if self.rank == 0:
@@ -270,8 +387,15 @@ class Recorder:
                               every=self.every)
         if model_factory is not None:
             check_factory(cfg, layout)
+        else:
+            _default_factory(self.model, layout, cfg)
         self.file = RunFile(out, layout, cfg, method=method, source="hpcopt.Recorder",
                             hosts=dict(enumerate(hosts)), overwrite=overwrite)
+        # never closed (a notebook's cell raised, the object was dropped): the file and lock go with it
+        self._finalizer = weakref.finalize(self, _abandoned, self.file)
+        note = untracked_note(self.model, "OUT/center.pt holds them as they are at close()")
+        if note:
+            warnings.warn(note, RecorderWarning, stacklevel=3)  # at the user's Recorder(...)
         self._event("start", detail=f"{self.size} process(es) recorded by hpcopt.Recorder")
         for r, host in enumerate(hosts):
             self._event("join", r, r, host, 0, "initial worker")
@@ -279,6 +403,7 @@ class Recorder:
         try:
             self._flush()
         except RecorderError:
+            self._finalizer.detach()
             self.file.close()  # and its lock: this process may try again
             raise
 
@@ -292,10 +417,10 @@ class Recorder:
         calls it once per step; the `every`-th call is collective (a center snapshot)."""
         if self.closed:
             raise RecorderError("step() after close()")
+        loss = _one_number("step", "loss", loss)  # a tensor stays on its device until the next snapshot
+        lr = _one_number("step", "lr", lr)
         self.steps += 1
         self.samples += _samples(batch)
-        if isinstance(loss, torch.Tensor):
-            loss = loss.detach()  # kept as is (on its device) until the next snapshot, without its graph
         self.pending.append((self.steps, self.now(), loss, self.samples, lr))
         if self.steps % self.every == 0:
             self._snapshot()
@@ -311,6 +436,7 @@ class Recorder:
             raise RecorderError("evaluate() after close()")
         if acc is None and loss is None:
             raise RecorderError("evaluate() needs acc=, loss= or both")
+        acc, loss = _one_number("evaluate", "acc", acc), _one_number("evaluate", "loss", loss)
         if self.rank == 0:
             self.evals.append((self.steps, self.now(), _number(loss), _number(acc)))
 
@@ -398,6 +524,7 @@ class Recorder:
             self._event("end", detail=f"{self.steps} steps")
             self._flush(status)
         finally:
+            self._finalizer.detach()  # closed here: a later collection must not touch a new run's lock
             self.file.close()
         if status == "complete":
             from hpcopt.export import save_state_dict, state_dict_of

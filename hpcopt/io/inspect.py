@@ -50,8 +50,12 @@ def summarize(path: str | Path) -> dict:
         evals = f["evals"][()]
         events = f["events"][()]
         workers = sorted(int(w) for w in np.unique(exchanges["worker_id"])) if len(exchanges) else []
-        final_acc = float(evals["test_accuracy"][-1]) if len(evals) else None
-        best = int(np.argmax(evals["test_accuracy"])) if len(evals) else None
+        # evaluations may hold a loss or an accuracy only (NaN for the other; hpcopt.Recorder's
+        # evaluate(loss=...)): the last and best accuracy that is there, None when none is; the
+        # last loss as it is (NaN after a divergence), None when no evaluation has one
+        acc = _finite(evals["test_accuracy"])
+        final_acc = float(acc[-1]) if len(acc) else None
+        final_loss = float(evals["test_loss"][-1]) if len(_finite(evals["test_loss"])) else None
         return {
             "path": str(Path(f.filename)),
             "schema_version": int(a["schema_version"]),
@@ -68,8 +72,8 @@ def summarize(path: str | Path) -> dict:
             "worker_snapshots": int(f["workers/params"].shape[0]),
             "evaluations": int(len(evals)),
             "final_center_test_accuracy": final_acc,
-            "final_center_test_loss": float(evals["test_loss"][-1]) if len(evals) else None,
-            "best_center_test_accuracy": float(evals["test_accuracy"][best]) if best is not None else None,
+            "final_center_test_loss": final_loss,
+            "best_center_test_accuracy": float(acc.max()) if len(acc) else None,
             "wall_seconds": float(a.get("wall_seconds", float("nan"))),
             "samples_seen": int(exchanges["samples"].astype(np.int64).max()) if len(exchanges) else 0,
             "bytes_moved": int(exchanges["bytes"].sum()) if len(exchanges) else 0,
@@ -79,8 +83,19 @@ def summarize(path: str | Path) -> dict:
         }
 
 
+def _finite(values) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    return values[np.isfinite(values)]
+
+
 def format_summary(s: dict) -> str:
-    acc = s["final_center_test_accuracy"]
+    acc, loss = s["final_center_test_accuracy"], s["final_center_test_loss"]
+    if acc is not None:
+        accuracy = f"{100 * acc:.2f}% final, {100 * s['best_center_test_accuracy']:.2f}% best"
+    elif s["evaluations"]:
+        accuracy = "no accuracy recorded" + (f" (test loss {loss:.4g} last)" if loss is not None else "")
+    else:
+        accuracy = "none yet"
     lines = [
         f"{s['path']}  (hpcopt trajectory, schema {s['schema_version']}, {s['status']})",
         f"  method            {s['method']}  tau={s['tau']}  alpha={s['alpha']:.4g}",
@@ -89,7 +104,7 @@ def format_summary(s: dict) -> str:
         f"  exchanges         {s['exchanges']:,}  ({s['bytes_moved'] / 1e6:,.1f} MB moved)",
         f"  snapshots         {s['center_snapshots']} center, {s['worker_snapshots']} worker",
         f"  evaluations       {s['evaluations']}",
-        "  center test acc   " + (f"{100 * acc:.2f}% final, {100 * s['best_center_test_accuracy']:.2f}% best" if acc is not None else "none yet"),
+        f"  center test acc   {accuracy}",
         f"  wall time         {s['wall_seconds']:.1f} s",
         "  events            " + ", ".join(f"{k} x{n}" for k, n in s["events"].items()),
         f"  hosts             {', '.join(s['hosts'])}",

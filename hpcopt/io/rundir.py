@@ -34,6 +34,9 @@ class RunLocked(ValueError):
     """Another training owns the run directory."""
 
 
+_HELD: set[str] = set()  # the run directories whose lock this process took and has not released
+
+
 class RunDir:
     def __init__(self, path):
         self.path = Path(path)
@@ -49,6 +52,26 @@ class RunDir:
         self.workers = self.path / "workers"
         self.logs = self.path / "logs"
         self.lock_file = self.path / "lock"
+
+    def clear_previous(self, tensorboard_dir=None, *, trajectory: bool = True) -> None:
+        """Delete what an earlier run in this directory left, before a new one is written there:
+        its trajectory (unless `trajectory=False`), checkpoint, status, join info, center.pt, the
+        workers' states, join requests, its analysis (OUT/analysis) and its training's
+        TensorBoard events in `tensorboard_dir` (OUT/tensorboard when None). Call it holding the
+        lock; other files (logs, the data) stay."""
+        import shutil
+
+        from hpcopt.io import tensorboard as tb
+
+        for stale in ((self.trajectory,) if trajectory else ()) + (self.checkpoint, self.status, self.join_info,
+                                                                  self.center_model):
+            stale.unlink(missing_ok=True)
+        tb.clear(tensorboard_dir or self.path / "tensorboard", tb.TRAIN_SUFFIX)  # events over the same steps
+        for d in (self.workers, self.joins):
+            if d.is_dir():
+                for f in d.iterdir():
+                    f.unlink()
+        shutil.rmtree(self.path / "analysis", ignore_errors=True)  # measured on the previous trajectory
 
     def worker_state(self, worker_id: int) -> Path:
         return self.workers / f"worker-{worker_id:05d}.pt"
@@ -70,7 +93,9 @@ class RunDir:
         """Take the run for this process (one training at a time; a second `train` or `--resume`
         on a live run would cut its file back under it). A lock whose process is gone (same
         host), or that nobody refreshed for `stale_seconds` (another host), is stale and taken
-        over; returns a note saying so, else None. Raises RunLocked while the owner lives."""
+        over, and so is one of this very process that it no longer holds (a `hpcopt.Recorder` left
+        open and collected; its interpreter lives on, as a notebook's kernel does); returns a note
+        saying so, else None. Raises RunLocked while the owner lives."""
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         note = None
         for _ in range(3):
@@ -78,6 +103,7 @@ class RunDir:
             write_atomic(tmp, json.dumps(me) + "\n")
             try:
                 os.link(tmp, self.lock_file)  # atomic: fails if a lock is there
+                _HELD.add(self._key())
                 return note
             except FileExistsError:
                 pass
@@ -86,6 +112,9 @@ class RunDir:
             why = self.stale(stale_seconds)
             if why is None:
                 owner = _read_lock(self.lock_file)
+                if _mine(owner):
+                    raise RunLocked(f"{self.path} is being recorded or trained by this process (pid {owner.get('pid')}):"
+                                    f" close() the hpcopt.Recorder that writes it (or del it) first")
                 raise RunLocked(f"{self.path} is being trained by pid {owner.get('pid')} on {owner.get('host')} "
                                 f"(since {time.strftime('%H:%M:%S', time.localtime(owner.get('since', 0)))}); "
                                 f"stop it first, or wait for it to end")
@@ -103,6 +132,8 @@ class RunDir:
         owner = _read_lock(self.lock_file)
         if not owner:
             return "it was unreadable"
+        if _mine(owner) and self._key() not in _HELD:
+            return "it is this process's own, left by a writer it no longer holds (a Recorder never closed)"
         if owner.get("host") == socket.gethostname():
             try:
                 os.kill(int(owner["pid"]), 0)
@@ -126,9 +157,17 @@ class RunDir:
 
     def unlock(self) -> None:
         """Release the lock if this process holds it."""
-        if _read_lock(self.lock_file).get("pid") == os.getpid() \
-                and _read_lock(self.lock_file).get("host") == socket.gethostname():
+        _HELD.discard(self._key())
+        if _mine(_read_lock(self.lock_file)):
             self.lock_file.unlink(missing_ok=True)
+
+    def _key(self) -> str:
+        return os.path.realpath(self.path)
+
+
+def _mine(owner: dict) -> bool:
+    """The lock `owner` is this process."""
+    return owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
 
 
 def _read_lock(path: Path) -> dict:

@@ -61,14 +61,7 @@ def _prepare_run_dir(cfg: Config, force: bool) -> str:
     note = run.lock(_stale_seconds(cfg))  # before anything is deleted: a live run is never overwritten
     if note:
         print(f"hpcopt: {note}", flush=True)
-    for stale in (run.trajectory, run.checkpoint, run.status, run.join_info, run.center_model):
-        if stale.exists():
-            stale.unlink()
-    tb.clear(tb.log_dir(cfg), tb.TRAIN_SUFFIX)  # a previous training's events would overlap this one's
-    for d in (run.workers, run.joins):
-        if d.exists():
-            for f in d.iterdir():
-                f.unlink()
+    run.clear_previous(tb.log_dir(cfg))  # its files, analysis, and events that would overlap this run's
     run.workers.mkdir(exist_ok=True)
     run.joins.mkdir(exist_ok=True)
     write_atomic(run.config, cfg.to_toml())
@@ -158,6 +151,8 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
     if world.size < S + 1:
         raise UsageError(f"{world.size} rank(s) cannot hold {S} server(s) and at least one worker; "
                          f"run e.g. `mpirun -n {S + 4} hpcopt train ...` (S servers + 4 workers)")
+    if resume:
+        _on_root(world, lambda: _check_not_recorded(RunDir(cfg.run.out)))
     if resume and cfg.synchronous:
         raise UsageError(f"--resume works for the asynchronous methods; {cfg.run.method} is synchronous")
     torch.set_num_threads(cfg.run.threads)
@@ -413,6 +408,21 @@ def _check_resumable(run: RunDir, cfg: Config) -> None:
     if note:
         print(f"hpcopt: {note}", flush=True)
     _check_complete(run)
+
+
+def _check_not_recorded(run: RunDir) -> None:
+    """A run hpcopt.Recorder recorded or hpcopt import wrote has no checkpoint to continue from."""
+    import h5py
+
+    try:
+        with h5py.File(run.trajectory, "r", locking=False) as f:
+            source = f.attrs.get("source")
+    except OSError:
+        return  # missing or damaged: _check_resumable says so
+    if source in ("hpcopt.Recorder", "hpcopt import"):
+        how = "recorded by hpcopt.Recorder" if source == "hpcopt.Recorder" else "imported by hpcopt import"
+        raise UsageError(f"--resume {run.path}: the run was {how}, not trained by hpcopt train; it cannot be "
+                         f"resumed (train it further with your own loop, recording a new run)")
 
 
 def _check_complete(run: RunDir) -> None:

@@ -287,3 +287,270 @@ def test_import_refuses_bad_files(tmp_path):
     p = run_hpcopt("import", str(tmp_path / "ckpts"), "--model", "cnn1d", "-o", str(tmp_path / "run"))
     assert p.returncode == 2 and "step_1.pt: conv1.weight has shape (20, 1, 5)" in p.stderr, p.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- the review's findings (issue 14, item 3)
+MODELS = '''
+import numpy as np, torch
+
+def bn_frozen():
+    """BatchNorm (running statistics: buffers) and a frozen layer."""
+    m = torch.nn.Sequential(torch.nn.Linear(40, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                            torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    m[3].requires_grad_(False)
+    return m
+
+class Fragile(torch.nn.Module):
+    """Takes the 2-row probe an import makes, fails on the whole test split (a device lost)."""
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(40, 10)
+    def forward(self, x):
+        if len(x) > 2:
+            raise RuntimeError("device lost")
+        return self.fc(x.reshape(len(x), -1))
+
+def fragile():
+    return Fragile()
+
+class Wide(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc = torch.nn.Linear(40, width)
+
+def data():
+    g = np.random.default_rng(0)
+    return {"x_train": g.normal(size=(60, 40)), "y_train": g.integers(0, 10, 60),
+            "x_test": g.normal(size=(50, 40)), "y_test": g.integers(0, 10, 50)}
+'''
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    """The module `recmods` (factories and data) importable here and in hpcopt subprocesses;
+    returns the env those need."""
+    (tmp_path / "recmods.py").write_text(MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "tests" / "plugins")])}
+
+
+def test_import_huge_step_number_and_force_keeps_the_old_run(tmp_path, models):
+    """A name whose number does not fit a 64-bit step is imported with steps 0, 1 (a note says
+    why), not an OverflowError; an import --force that fails while writing (a model that fails on
+    the test split) is one error line, exit 2, and the existing run is left as it was."""
+    save_checkpoints(tmp_path / "old", [3, 4])
+    run = tmp_path / "run"
+    p = run_hpcopt("import", str(tmp_path / "old"), "--model", "cnn1d", "-o", str(run))
+    assert p.returncode == 0, p.stderr
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    for name in ("step_1.pt", "step_99999999999999999999999.pt"):
+        torch.save(build_model("cnn1d").state_dict(), huge / name)
+    p = run_hpcopt("import", str(huge), "--model", "cnn1d", "-o", str(run), "--force")
+    assert p.returncode == 0 and "too large for a step" in p.stdout, p.stdout + p.stderr
+    assert list(load_run(run).center_meta["exchanges"]) == [0, 1]
+    before = {f: (run / f).read_bytes() for f in ("trajectory.h5", "config.toml", "center.pt")}
+
+    frag = tmp_path / "frag"
+    frag.mkdir()
+    torch.save(build_model("recmods:fragile").state_dict(), frag / "step_1.pt")
+    p = run_hpcopt("import", str(frag), "--model", "recmods:fragile", "--data", "recmods:data", "-o", str(run),
+                   "--force", env=models)
+    assert p.returncode == 2 and "RuntimeError: device lost" in p.stderr, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert {f: (run / f).read_bytes() for f in before} == before  # the old run, untouched
+    assert sorted(f.name for f in run.iterdir()) == ["center.pt", "config.toml", "trajectory.h5"]
+
+
+def _bn_frozen_pretrained():
+    """recmods:bn_frozen with its frozen layer "pretrained": not the values the factory gives."""
+    torch.manual_seed(0)
+    model = build_model("recmods:bn_frozen")
+    with torch.no_grad():
+        model[3].weight.mul_(3.0)
+    return model
+
+
+def test_final_center_keeps_buffers_and_frozen_parameters(tmp_path, models):
+    """A model with BatchNorm and a frozen layer: the Recorder warns when it starts, and
+    hpcopt.load_model(run) of the final center (and hpcopt export) reproduces the recorded last
+    evaluation exactly (its buffers and frozen parameters from center.pt); an earlier center
+    takes them from the factory."""
+    from hpcopt.models.evaluate import evaluate
+    from hpcopt.record import RecorderWarning
+
+    model = _bn_frozen_pretrained()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 40, generator=g), torch.randint(0, 10, (200,), generator=g)
+    xt, yt = torch.randn(100, 40, generator=g), torch.randint(0, 10, (100,), generator=g)
+    with pytest.warns(RecorderWarning, match="buffer"):
+        rec = Recorder(tmp_path / "bn", model, every=10, model_factory="recmods:bn_frozen", seed=0)
+    for step in range(25):
+        i = torch.arange(step * 20, step * 20 + 20) % 200
+        loss = F.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rec.step(loss=loss, batch=20)
+    recorded = evaluate(model, xt, yt)
+    rec.evaluate(loss=recorded[0], acc=recorded[1])
+    rec.close()
+    ev = load_run(tmp_path / "bn").evals[-1]
+    loaded = hpcopt.load_model(tmp_path / "bn")
+    assert np.float32(evaluate(loaded, xt, yt)).tolist() == [ev["test_loss"], ev["test_accuracy"]]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    from hpcopt.export import export
+
+    export(tmp_path / "bn", "center", tmp_path / "m.pt")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in torch.load(tmp_path / "m.pt").items())
+    first = hpcopt.load_model(tmp_path / "bn", at="center:0")  # not the final center: the factory's state
+    assert not torch.equal(first[1].running_mean, model[1].running_mean)
+
+
+def test_import_keeps_the_last_checkpoints_full_state(tmp_path, models):
+    """hpcopt import of a BatchNorm + frozen layer model says in a note that the trajectory lacks
+    that state, writes the last checkpoint's state_dict as center.pt, and load_model(run) gives
+    the last checkpoint exactly."""
+    model = _bn_frozen_pretrained()
+    (tmp_path / "ck").mkdir()
+    for s in (1, 2):
+        with torch.no_grad():
+            model[1].running_mean.add_(s)
+            model[0].weight.add_(0.1)
+        torch.save(model.state_dict(), tmp_path / "ck" / f"step_{s}.pt")
+    p = run_hpcopt("import", str(tmp_path / "ck"), "--model", "recmods:bn_frozen", "-o", str(tmp_path / "run"),
+                   env=models)
+    assert p.returncode == 0 and "note: the model has" in p.stdout and "frozen" in p.stdout, p.stdout + p.stderr
+    loaded = hpcopt.load_model(tmp_path / "run")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_abandoned_recorder_releases_its_lock(tmp_path):
+    """A Recorder never closed and dropped (a notebook cell raised) releases the run's lock when
+    collected; a lock of this very process that no open Recorder holds is taken over; while one
+    is open, a second Recorder on its directory is refused with what to do."""
+    import gc
+    import socket
+
+    model = build_model("cnn1d")
+    out = tmp_path / "nb"
+    rec = Recorder(out, model, every=5, model_factory="cnn1d")
+    rec.step(loss=1.0, batch=10)
+    with pytest.raises(RecorderError, match=r"this process .*close\(\)"):
+        Recorder(out, model, model_factory="cnn1d", overwrite=True)
+    del rec
+    gc.collect()
+    assert not (out / "lock").exists()
+    assert load_run(out).status == "running"  # as it was at its last flush
+    Recorder(out, model, model_factory="cnn1d", overwrite=True).close()
+    (out / "lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": 0}))
+    Recorder(out, model, model_factory="cnn1d", overwrite=True).close()  # left by this process: taken over
+    assert load_run(out).status == "complete" and not (out / "lock").exists()
+
+
+def test_step_numbers_from_names(tmp_path):
+    """Steps from names: the number after step/epoch (Lightning's epoch=0-step=100.ckpt: 100, its
+    weights under state_dict with a model. prefix), not a fraction's digits (epoch1_acc0.71: 1),
+    *.PT taken; a dangling symbolic link is an error naming it."""
+    from hpcopt.importer import name_step
+
+    assert [name_step(Path(n)) for n in ("epoch=0-step=100.ckpt", "epoch1_acc0.71.pt", "model_acc0.80.pt",
+                                         "ckpt.300.pt", "global_step1200.pth", "best.pt")] == [100, 1, 0, 300, 1200, None]
+    light = tmp_path / "light"
+    light.mkdir()
+    vectors = {}
+    torch.manual_seed(0)
+    model = build_model("cnn1d")
+    for epoch, step in ((1, 200), (0, 100)):
+        with torch.no_grad():
+            model.conv1.weight.add_(1.0)
+        vectors[step] = flat(model)
+        torch.save({"epoch": epoch, "global_step": step, "pytorch-lightning_version": "2.4.0",
+                    "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                    "optimizer_states": [], "lr_schedulers": []}, light / f"epoch={epoch}-step={step}.ckpt")
+    p = run_hpcopt("import", str(light), "--model", "cnn1d", "-o", str(tmp_path / "l"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    run = load_run(tmp_path / "l")
+    assert list(run.center_meta["exchanges"]) == [100, 200]
+    assert np.array_equal(run.center, np.stack([vectors[100], vectors[200]]))
+
+    acc = tmp_path / "acc"
+    acc.mkdir()
+    for name in ("epoch1_acc0.71.pt", "epoch2_acc0.65.PT", "epoch10_acc0.80.pt"):
+        torch.save(model.state_dict(), acc / name)
+    p = run_hpcopt("import", str(acc), "--model", "cnn1d", "-o", str(tmp_path / "a"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert list(load_run(tmp_path / "a").center_meta["exchanges"]) == [1, 2, 10]
+    os.symlink(tmp_path / "gone.pt", acc / "epoch11_acc0.9.pt")
+    p = run_hpcopt("import", str(acc), "--model", "cnn1d", "-o", str(tmp_path / "b"))
+    assert p.returncode == 2 and "epoch11_acc0.9.pt is a symbolic link" in p.stderr, p.stderr
+
+
+MAIN_CLASS = """
+import sys, torch
+from hpcopt.record import Recorder, RecorderError
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(40, 10)
+try:
+    Recorder(sys.argv[1], Net())
+except RecorderError as e:
+    print(e)
+"""
+
+
+def test_default_factory_must_rebuild_the_model(tmp_path, models):
+    """Without model_factory, a class of __main__ (a script's, a notebook's), or one that needs
+    arguments, is refused at the start, saying to pass model_factory; nothing is written. A
+    class that builds the model without arguments is the factory."""
+    p = subprocess.run([sys.executable, "-c", MAIN_CLASS, str(tmp_path / "m")], capture_output=True, text=True,
+                       timeout=60, env=mpi_env())
+    assert p.returncode == 0 and "__main__" in p.stdout and 'model_factory="module:function"' in p.stdout, \
+        p.stdout + p.stderr
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(RecorderError, match=r"recmods:Wide built without arguments.*model_factory="):
+        Recorder(tmp_path / "w", build_model("recmods:Wide", {"width": 8}))
+    assert not (tmp_path / "w").exists()
+    Recorder(tmp_path / "c", build_model("cnn1d")).close()
+    assert hpcopt.load_model(tmp_path / "c") is not None
+
+
+def test_step_checks_its_arguments_at_once(tmp_path):
+    """A loss of several numbers (or a learning rate that is not a number) is a RecorderError at
+    that step(), nothing of it kept: the recording goes on; every=True is refused clearly."""
+    model = build_model("cnn1d")
+    with pytest.raises(RecorderError, match="every must be a whole number"):
+        Recorder(tmp_path / "t", model, every=True, model_factory="cnn1d")
+    rec = Recorder(tmp_path / "r", model, every=2, model_factory="cnn1d")
+    with pytest.raises(RecorderError, match=r"loss=.*one number.*shape \(3,\)"):
+        rec.step(loss=torch.ones(3))
+    with pytest.raises(RecorderError, match=r"lr=.*number"):
+        rec.step(loss=1.0, lr="0.1")
+    for _ in range(3):
+        rec.step(loss=torch.tensor(0.5), lr=np.float32(0.1), batch=4)
+    rec.close()
+    ex = load_run(tmp_path / "r").exchanges
+    assert list(ex["step"]) == [1, 2, 3] and np.all(ex["train_loss"] == 0.5)
+
+
+def test_inspect_resume_and_force_on_recorded_runs(tmp_path):
+    """hpcopt inspect of evaluations with a loss only says so (no "nan%"); hpcopt train --resume
+    of a recorded run says it was recorded and cannot be resumed; hpcopt import --force onto a
+    run removes its old analysis."""
+    out = tmp_path / "rec"
+    with Recorder(out, build_model("cnn1d"), model_factory="cnn1d") as rec:
+        rec.step(loss=1.0)
+        rec.evaluate(loss=0.75)
+    p = run_hpcopt("inspect", str(out))
+    assert p.returncode == 0 and "nan%" not in p.stdout and "no accuracy recorded" in p.stdout, p.stdout
+    p = run_hpcopt("train", "--resume", str(out))
+    assert p.returncode == 2 and "recorded by hpcopt.Recorder" in p.stderr and "cannot be resumed" in p.stderr, \
+        p.stdout + p.stderr
+    (out / "analysis").mkdir()
+    (out / "analysis" / "analysis.h5").write_bytes(b"old")
+    save_checkpoints(tmp_path / "ck", [0, 1])
+    p = run_hpcopt("import", str(tmp_path / "ck"), "--model", "cnn1d", "-o", str(out), "--force")
+    assert p.returncode == 0, p.stderr
+    assert not (out / "analysis").exists() and load_run(out).status == "complete"
