@@ -237,7 +237,7 @@ class RecordConfig:
     tensorboard: bool = False
     """server 0 (rank 0 of a synchronous run) writes live metrics as TensorBoard event files to record.tensorboard_dir at every flush (needs pip install 'hpcopt[tensorboard]')"""
     tensorboard_dir: str = ""
-    """where the TensorBoard event files go (empty: OUT/tensorboard); `hpcopt train --tensorboard [DIR]` sets both"""
+    """where the TensorBoard event files go: empty, OUT/tensorboard; a DIR, the run's own subdirectory DIR/NAME-HASH (its run directory's name and a hash of its path), so runs that share DIR never delete each other's events and tensorboard --logdir DIR shows them side by side; `hpcopt train --tensorboard [DIR]` sets both"""
 
     def __post_init__(self):
         _at_least("record.center_every", self.center_every, 1)

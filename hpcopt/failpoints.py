@@ -6,7 +6,8 @@ them, so a run pays one dictionary lookup per point passed.
     HPCOPT_FAILPOINTS="a@1,b@2"                     # several points
 
 The kill is SIGKILL, as from the kernel's OOM killer, `kill -9` or Slurm after KillWait: no
-handler, no `finally`, no flush.
+handler, no `finally`, no flush. A point given an `error` raises it instead (a failure the code
+must survive, e.g. a MemoryError on a path that only serves a view).
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ _ARMED = _parse(os.environ.get("HPCOPT_FAILPOINTS", ""))
 _PASSED: dict[str, int] = {}
 
 
-def failpoint(name: str) -> None:
-    """Die here (SIGKILL) if HPCOPT_FAILPOINTS arms `name` and this is its armed pass."""
+def failpoint(name: str, error: BaseException | None = None) -> None:
+    """Die here (SIGKILL), or raise `error` when given, if HPCOPT_FAILPOINTS arms `name` and
+    this is its armed pass."""
     if name not in _ARMED:
         return
     _PASSED[name] = _PASSED.get(name, 0) + 1
     if _PASSED[name] == _ARMED[name]:
+        if error is not None:
+            raise error
         os.kill(os.getpid(), signal.SIGKILL)

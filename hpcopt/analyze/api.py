@@ -418,7 +418,7 @@ def analyze(path: str, opts: AnalyzeOptions | None = None, comm=None, log=None) 
     opts = opts or AnalyzeOptions()
     log = log or (lambda *a: None)
     if opts.tensorboard:
-        tensorboard.require()  # before anything is computed (a ValueError, alike on every rank)
+        _check_tensorboard(opts, comm)  # before anything is computed
     torch.set_num_threads(opts.threads)
     device = choose_device(opts.device, comm, opts.timeout, log)
     with _on(device):
@@ -462,7 +462,7 @@ def compare(paths: list[str], opts: AnalyzeOptions | None = None, comm=None, out
 
     opts = opts or AnalyzeOptions()
     if opts.tensorboard:
-        tensorboard.require()
+        _check_tensorboard(opts, comm)
     all_results = []
     for p in paths:  # (their TensorBoard events below, once the labels are told apart)
         r = analyze(p, replace(opts, out=None, tensorboard=None), comm=comm, log=log)
@@ -490,6 +490,21 @@ def compare(paths: list[str], opts: AnalyzeOptions | None = None, comm=None, out
     return {"runs": all_results, "report": write_compare(all_results, Path(out), shared)}
 
 
+def _check_tensorboard(opts: AnalyzeOptions, comm) -> None:
+    """--tensorboard DIR: the package imports and rank 0 (the one that writes) can create DIR and
+    write in it; else the same ValueError on every rank, before anything is analysed."""
+    tensorboard.require()
+    error = None
+    if comm is None or comm.rank == 0:
+        try:
+            tensorboard.check_dir(opts.tensorboard)
+        except ValueError as e:
+            error = str(e)
+    error = par.bcast(comm, error, opts.timeout, "whether rank 0 can write the TensorBoard directory")
+    if error:
+        raise ValueError(error)
+
+
 def _write_tensorboard(results: dict, log_dir, log) -> None:
     """Rank 0: the analysis's numbers (report.tensorboard_scalars) and its table as TensorBoard
     events in log_dir, replacing an earlier analysis's there (the training's events stay)."""
@@ -497,7 +512,8 @@ def _write_tensorboard(results: dict, log_dir, log) -> None:
 
     scalars = tensorboard_scalars(results)
     tensorboard.clear(log_dir, tensorboard.ANALYZE_SUFFIX)
-    events = tensorboard.EventLog(log_dir, suffix=tensorboard.ANALYZE_SUFFIX, log=log)
+    events = tensorboard.EventLog(log_dir, suffix=tensorboard.ANALYZE_SUFFIX, log=log,
+                                  goes_on="the analysis's other results are written")
     for tag, step, value in scalars:
         events.scalars(step, {tag: value})
     table = "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in numbers(results))

@@ -22,8 +22,33 @@ from mpi4py import MPI
 from hpcopt.config import RecordConfig
 from hpcopt.io.rundir import RunDir, write_json
 
+from ..failpoints import failpoint
 from . import checkpoint as ckpt
 from . import schema
+
+
+SPREAD_BLOCK = 1 << 16  # elements per block of squared_distance: 256 KB of float32, 512 KB of float64
+
+
+def squared_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """sum((a - b)**2) over two flat vectors, in float64, a block at a time: no temporary the
+    size of the vectors (on a server's flush path, with a shard of 25M parameters, a float32
+    difference and a float64 copy of it took 286 MiB and 0.056 s per worker; this, under 1 MiB and
+    0.020 s of one core). The differences are float32, as (a - b) is; their squares are summed
+    pairwise in float64 (np.dot would sum float32 with float32 accumulation, or in float64 call a
+    BLAS that spreads a block over threads the other ranks need)."""
+    n = a.size
+    d32 = np.empty(min(n, SPREAD_BLOCK), dtype=np.result_type(a, b))
+    d64 = np.empty(len(d32), dtype=np.float64)
+    total = 0.0
+    for lo in range(0, n, SPREAD_BLOCK):
+        k = min(SPREAD_BLOCK, n - lo)
+        np.subtract(a[lo:lo + k], b[lo:lo + k], out=d32[:k])
+        d = d64[:k]
+        d[:] = d32[:k]
+        np.square(d, out=d)
+        total += float(d.sum())
+    return total
 
 
 class RecordingError(RuntimeError):
@@ -90,6 +115,8 @@ class Recorder:
         self.tb_counts = {"join": 0, "leave": 0, "crash": 0}  # since this launch
         self.tb_center: tuple[float, np.ndarray] | None = None  # the last center snapshot flushed
         self.tb_distance: dict[int, float] = {}  # root: each worker's latest distance to the center
+        self.tb_spread = record.tensorboard  # every rank: whether flushes still measure the spread (agreed)
+        self.tb_ended = None  # the root's EventLog after a failure ended it (close() waits for its thread)
 
     def now(self) -> float:
         return time.monotonic() - self.start
@@ -184,7 +211,7 @@ class Recorder:
             done = set(complete)
             self.worker_order = [k for k in self.worker_order if k not in done]
 
-        distances = self._distances(snaps, taken) if self.cfg.tensorboard else {}
+        distances = self._distances(snaps, taken) if self.tb_spread else {}
 
         if evaluate:
             full = self.gather(center)
@@ -212,9 +239,7 @@ class Recorder:
             try:
                 self._live(exchanges, tables, distances, active)
             except Exception as e:  # noqa: BLE001 — live metrics are a view: they never end the run
-                self.log(f"hpcopt: TensorBoard events are no longer written ({type(e).__name__}: {e}); the run goes on")
-                self.tensorboard.close(timeout=0)
-                self.tensorboard = None
+                self._tensorboard_off(f"{type(e).__name__}: {e}")
         self.last_flush = time.monotonic()
 
     # ------------------------------------------------------------------ TensorBoard (record.tensorboard)
@@ -222,25 +247,62 @@ class Recorder:
         """Collective over `comm`: for each worker with snapshots in this flush, the distance of
         its latest one to the center snapshot nearest in time (as `hpcopt analyze` measures the
         consensus spread), on the root. Each rank holds a shard of both, so it is a sum of
-        squares over the ranks: one small bcast and one reduce per flush, never on an exchange."""
+        squares over the ranks: one small bcast and one allreduce per flush, never on an exchange.
+
+        A failure here (a MemoryError, say) ends the TensorBoard events, never the run, and never
+        leaves a rank out of a collective: the root that cannot go on broadcasts None instead of
+        the plan; a rank whose own sum fails still takes part in the allreduce, with a flag that
+        tells every rank, and its reason goes to the root for the one log line. Every rank stops
+        measuring at the same flush."""
         centers = ([self.tb_center] if self.tb_center is not None else []) + [(t, c) for _, t, c in snaps]
         if snaps:
             self.tb_center = (snaps[-1][1], snaps[-1][2])
         if not centers or not taken:  # the same on every rank (both lists were agreed on)
             return {}
-        pick = None
+        pick, why = None, None
         if self.root:  # the root's clock decides which center is nearest, for every rank
-            latest = {int(meta[0]): i for i, (meta, _) in enumerate(taken)}  # taken is in arrival order
-            c_times = np.array([t for t, _ in centers])
-            pick = [(w, i, int(np.argmin(np.abs(c_times - float(taken[i][0][3]))))) for w, i in latest.items()]
+            try:
+                if self.tensorboard is not None and not self.tensorboard.failed:  # else: stop measuring
+                    latest = {int(meta[0]): i for i, (meta, _) in enumerate(taken)}  # taken is in arrival order
+                    c_times = np.array([t for t, _ in centers])
+                    pick = [(w, i, int(np.argmin(np.abs(c_times - float(taken[i][0][3])))))
+                            for w, i in latest.items()]
+            except Exception as e:  # noqa: BLE001
+                why = f"{type(e).__name__}: {e}"
         if self.comm.size > 1:
             pick = self.comm.bcast(pick, root=0)
-        sq = np.array([np.sum(np.square(taken[i][1] - centers[c][1], dtype=np.float64)) for _, i, c in pick])
+        if pick is None:
+            self.tb_spread = False
+            if why is not None:
+                self._tensorboard_off(why)
+            return {}
+        sq = np.zeros(len(pick) + 1)  # the last entry: how many ranks failed
+        try:
+            failpoint(f"recorder.spread.rank{self.comm.rank}", MemoryError("failpoint"))
+            sq[:-1] = [squared_distance(taken[i][1], centers[c][1]) for _, i, c in pick]
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {e}"
+            sq[:-1], sq[-1] = 0.0, 1.0
         if self.comm.size > 1:
-            total = np.empty_like(sq) if self.root else None
-            self.comm.Reduce(sq, total, op=MPI.SUM, root=0)
-            sq = total
-        return {w: float(d) for (w, _, _), d in zip(pick, np.sqrt(sq))} if self.root else {}
+            self.comm.Allreduce(MPI.IN_PLACE, sq, op=MPI.SUM)
+        if sq[-1] > 0:  # every rank knows: gather the reasons, stop together
+            whys = self.comm.gather(why, root=0) if self.comm.size > 1 else [why]
+            self.tb_spread = False
+            if self.root:
+                self._tensorboard_off("; ".join(
+                    (f"server {r}: " if self.comm.size > 1 else "") + f"{w} (the consensus spread)"
+                    for r, w in enumerate(whys) if w is not None))
+            return {}
+        return {w: float(d) for (w, _, _), d in zip(pick, np.sqrt(sq[:-1]))} if self.root else {}
+
+    def _tensorboard_off(self, why: str) -> None:
+        """Root: one log line, and no more events (the run goes on)."""
+        if self.tensorboard is None:
+            return
+        self.log(f"hpcopt: TensorBoard events are no longer written to {self.tensorboard.log_dir} ({why}); "
+                 f"the run goes on")
+        self.tensorboard.close(timeout=0)  # what it holds is written in its thread; close() waits for it
+        self.tb_ended, self.tensorboard = self.tensorboard, None
 
     def _live(self, exchanges: int, tables: dict, distances: dict[int, float], active: int | None) -> None:
         """Root: this flush's live metrics to TensorBoard, from what it is writing to the file
@@ -256,12 +318,14 @@ class Recorder:
         # the consensus spread: the mean of every worker's latest distance so far, as analyze has it
         self.tb_distance.update(distances)
         spread = float(np.mean(list(self.tb_distance.values()))) if self.tb_distance else None
-        now = time.monotonic()
-        (mark_t, mark_n), self.tb_mark = self.tb_mark, (now, exchanges)
-        values = {f"throughput/{self.unit}_per_second": (exchanges - mark_n) / max(now - mark_t, 1e-9),
-                  "workers/joins": self.tb_counts["join"], "workers/leaves": self.tb_counts["leave"],
+        values = {"workers/joins": self.tb_counts["join"], "workers/leaves": self.tb_counts["leave"],
                   "workers/crashes": self.tb_counts["crash"], "center/spread": spread,
                   "workers/active": active}
+        now, (mark_t, mark_n) = time.monotonic(), self.tb_mark
+        if exchanges > mark_n:  # the rate since the count last moved (a flush at the same count replaces
+            # the values at its step, and must not replace the rate with 0)
+            values[f"throughput/{self.unit}_per_second"] = (exchanges - mark_n) / max(now - mark_t, 1e-9)
+            self.tb_mark = (now, exchanges)
         losses = np.array([r[4] for r in tables["exchanges"]], dtype=np.float64)
         losses = losses[np.isfinite(losses)]
         if len(losses):
@@ -291,8 +355,9 @@ class Recorder:
         """Collective."""
         self.writer.close()
         self.closed = True
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        for events in (self.tensorboard, self.tb_ended):
+            if events is not None:
+                events.close()
 
     # ------------------------------------------------------------------ root: progress and status
     def report(self, exchanges: int | None = None, workers: int | None = None) -> bool:

@@ -11,8 +11,11 @@ write costs one log line and the rest of the run's events, never the run.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import queue
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,18 +38,53 @@ def require() -> None:
                                  f"imported ({e}); install it with: {INSTALL}") from None
 
 
+def run_name(out) -> str:
+    """A run's subdirectory in a shared record.tensorboard_dir: the run directory's name and a
+    hash of its full path (two runs named alike in different places stay apart), e.g. demo-1f0c2a9b."""
+    path = Path(out).resolve()
+    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
 def log_dir(cfg) -> Path:
-    """Where a training's event files go: record.tensorboard_dir, else OUT/tensorboard."""
-    return Path(cfg.record.tensorboard_dir) if cfg.record.tensorboard_dir else Path(cfg.run.out) / "tensorboard"
+    """Where a training's event files go: OUT/tensorboard, or with record.tensorboard_dir = DIR
+    the run's own subdirectory DIR/<run_name(OUT)>. Either holds this run's events alone, so a new
+    training (`--force`) deletes the previous one's there and a resume's purge hides only its own:
+    runs that share DIR never touch each other's files, and TensorBoard (--logdir DIR) shows
+    them side by side."""
+    if cfg.record.tensorboard_dir:
+        return Path(cfg.record.tensorboard_dir) / run_name(cfg.run.out)
+    return Path(cfg.run.out) / "tensorboard"
 
 
 def for_run(cfg, *, resumed: int = 0, log=print) -> EventLog | None:
     """Server 0's (rank 0's of a synchronous run) event log with record.tensorboard, else None."""
     if not cfg.record.tensorboard:
         return None
-    where = log_dir(cfg)
-    log(f"tensorboard: live metrics in {where} (see them with: tensorboard --logdir {where})")
-    return EventLog(where, purge_step=resumed or None, log=log)
+    try:
+        where = log_dir(cfg)
+        view = cfg.record.tensorboard_dir or where  # a shared directory: every run in it side by side
+        events = EventLog(where, purge_step=resumed or None, log=log)
+    except Exception as e:  # noqa: BLE001 — a view: it never ends the run
+        log(f"hpcopt: no TensorBoard events ({type(e).__name__}: {e}); the run goes on")
+        return None
+    log(f"tensorboard: live metrics in {where} (see them with: tensorboard --logdir {view})")
+    return events
+
+
+def check_dir(path) -> None:
+    """Before any work (`hpcopt analyze --tensorboard DIR`): DIR must exist or be creatable, and
+    take a new file; else a ValueError saying why."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cannot write TensorBoard event files to {path}: it is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".hpcopt-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and not Path(e.filename).is_relative_to(path) else ""
+        raise ValueError(f"cannot write TensorBoard event files to {path}: {e.strerror or e}{where}") from None
 
 
 def clear(log_dir: str | Path, suffix: str) -> None:
@@ -62,10 +100,17 @@ def clear(log_dir: str | Path, suffix: str) -> None:
 class EventLog:
     """Scalars (and text) to event files in `log_dir`, written by a background thread.
     `purge_step`: a resumed run hides the events its previous launch wrote from that step on
-    (they were after the checkpoint it continues from)."""
+    (they were after the checkpoint it continues from). `goes_on`: what the one log line of a
+    failure says carries on (the run, the analysis).
 
-    def __init__(self, log_dir: str | Path, *, suffix: str = TRAIN_SUFFIX, purge_step: int | None = None, log=print):
-        self.log_dir, self.log = str(log_dir), log
+    Each tag gets each step once: a tag's latest value is written when a later step of it comes
+    (or at close), and a value at the same step replaces it (a flush that found no new exchange,
+    the final flush, the final evaluation of an unchanged center), so TensorBoard never draws two
+    points over one step. A value at an earlier step than the tag's latest is left out."""
+
+    def __init__(self, log_dir: str | Path, *, suffix: str = TRAIN_SUFFIX, purge_step: int | None = None, log=print,
+                 goes_on: str = "the run goes on"):
+        self.log_dir, self.log, self.goes_on = str(log_dir), log, goes_on
         self.failed = False
         self._error: str | None = None  # said by the caller's thread (prints from two threads interleave)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -101,17 +146,25 @@ class EventLog:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(self.log_dir, purge_step=purge_step, filename_suffix=suffix, flush_secs=5)
+            latest: dict[str, tuple[int, float, float]] = {}  # tag -> (step, value, walltime) not yet written
             while (item := self._queue.get()) is not None:
                 kind, step, values, walltime = item
                 for tag, v in values.items():
                     if kind == "text":
                         writer.add_text(tag, v, step, walltime=walltime)
                     elif v is not None and math.isfinite(v):
-                        writer.add_scalar(tag, float(v), step, walltime=walltime)
+                        held = latest.get(tag)
+                        if held is not None and step < held[0]:
+                            continue  # behind the tag's latest step: it would draw back over it
+                        if held is not None and step > held[0]:
+                            writer.add_scalar(tag, held[1], held[0], walltime=held[2])
+                        latest[tag] = (step, float(v), walltime)  # (the same step: this value replaces it)
                 if self._queue.empty():  # a live view: on disk at each flush of the run, not in 2 minutes
                     writer.flush()
+            for tag, (step, v, walltime) in latest.items():
+                writer.add_scalar(tag, v, step, walltime=walltime)
             writer.close()
         except Exception as e:  # noqa: BLE001 — any failure only ends the events, never the run
             self._error = (f"hpcopt: TensorBoard events are no longer written to {self.log_dir} "
-                           f"({type(e).__name__}: {e}); the run goes on")
+                           f"({type(e).__name__}: {e}); {self.goes_on}")
             self.failed = True

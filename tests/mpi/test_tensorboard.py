@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import hpcopt, mpi_env, mpirun
+from hpcopt.io.tensorboard import run_name
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -30,12 +31,17 @@ SHORT = ["--train.lr", "0.1", "--record.flush_seconds", "0.05", "--record.eval_s
          "--record.worker_every", "1", "--record.center_every", "1"]
 LIVE = {"center/test_loss", "center/test_accuracy", "center/spread", "train/loss", "workers/active",
         "workers/joins", "workers/leaves", "workers/crashes"}
+QUADRATIC = ["--model.name", "quadratic:model", "--data.name", "quadratic:data"]
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     ea = EventAccumulator(str(log_dir))
     ea.Reload()
-    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+    tags = {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+    for tag, points in tags.items():  # one point per step: a flush at an unchanged count replaces, never repeats
+        steps = [s for s, _ in points]
+        assert all(a < b for a, b in zip(steps, steps[1:])), (tag, steps)
+    return tags
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +70,11 @@ def _check_against_trajectory(tb: dict, run: Path, workers: int, unit: str) -> N
     acc = tb["center/test_accuracy"]
     assert all(0 <= a <= 1 for _, a in acc)
     # every evaluation the file got, at the count it was made at; the last is the final center's
-    assert [s for s, _ in acc] == ev["exchanges"].tolist()
-    np.testing.assert_array_equal([a for _, a in acc], ev["test_accuracy"])
-    np.testing.assert_array_equal([v for _, v in tb["center/test_loss"]], ev["test_loss"])
+    # (the final evaluation of a center at the count of an earlier one replaces that one's point)
+    evals = {int(n): (loss, a) for n, loss, a in zip(ev["exchanges"], ev["test_loss"], ev["test_accuracy"])}
+    assert [s for s, _ in acc] == list(evals)
+    np.testing.assert_array_equal([a for _, a in acc], [a for _, a in evals.values()])
+    np.testing.assert_array_equal([v for _, v in tb["center/test_loss"]], [v for v, _ in evals.values()])
     active = [v for _, v in tb["workers/active"]]
     assert len(active) >= 2 and active[0] == workers and max(active) == workers and active[-1] == 0
     assert tb["workers/joins"][-1][1] == workers and tb["workers/leaves"][-1][1] == workers
@@ -103,7 +111,8 @@ def test_async_server_writes_live_metrics(runs):
 def test_sync_baseline_writes_the_same_to_its_own_directory(runs):
     run = runs["local-sgd"]
     assert not (run / "tensorboard").exists()
-    tb = scalars(runs["sync-events"])
+    assert [d.name for d in runs["sync-events"].iterdir()] == [run_name(run)]  # DIR/<its own subdirectory>
+    tb = scalars(runs["sync-events"] / run_name(run))
     _check_against_trajectory(tb, run, workers=2, unit="rounds")
     # a round's worker snapshots and center (their average) are flushed together: exactly analyze's
     assert tb["center/spread"][-1][1] == pytest.approx(_spread_reference(run), rel=1e-6)
@@ -135,6 +144,59 @@ def test_a_directory_that_cannot_be_written_costs_one_line_not_the_run(tmp_path)
     lines = [l for l in p.stdout.splitlines() if "TensorBoard events are no longer written" in l]
     assert len(lines) == 1, p.stdout
     assert "done:" in p.stdout and (tmp_path / "q" / "center.pt").exists()
+
+
+def _event_files(log_dir: Path) -> list[str]:
+    return sorted(f.name for f in log_dir.glob("events.out.tfevents.*"))
+
+
+def test_runs_sharing_a_directory_never_delete_each_others_events(tmp_path):
+    """Each run writes to DIR/<name>-<hash of its path>: a second run, or a --force rerun of the
+    first, deletes only its own previous events (it deleted every run's in DIR before)."""
+    shared = tmp_path / "shared"
+    train = ["train", *QUADRATIC, "--train.epochs", "1", "--tensorboard", str(shared)]
+    p = mpirun(2, *train, "--out", str(tmp_path / "a"))
+    assert f"tensorboard --logdir {shared})" in p.stdout
+    mpirun(2, *train, "--out", str(tmp_path / "b"))
+    a, b = shared / run_name(tmp_path / "a"), shared / run_name(tmp_path / "b")
+    assert sorted(shared.iterdir()) == sorted([a, b])
+    for d in (a, b):
+        assert len(_event_files(d)) == 1 and scalars(d)["workers/active"][-1][1] == 0
+    first_a, kept_b = _event_files(a), _event_files(b)
+    mpirun(2, *train, "--out", str(tmp_path / "a"), "--force")
+    assert _event_files(b) == kept_b and scalars(b)["workers/active"][-1][1] == 0
+    assert len(_event_files(a)) == 1 and _event_files(a) != first_a  # its own previous events: replaced
+    assert scalars(a)["workers/active"][-1][1] == 0
+
+
+def test_a_failure_measuring_the_spread_on_one_server_ends_the_events_not_the_run(tmp_path):
+    """Server 1's share of the spread raises (a MemoryError, by a failpoint): server 0 still gets
+    its allreduce (no collective is left unmatched, nothing hangs), says so in one line, and the
+    run ends as usual. Before, the error aborted the whole job."""
+    out = tmp_path / "run"
+    p = mpirun(4, "train", "--out", str(out), *QUADRATIC, *SHORT, "--train.epochs", "8", "--run.servers", "2",
+               "--tensorboard", env={"HPCOPT_FAILPOINTS": "recorder.spread.rank1@2"}, timeout=120)
+    lines = [l for l in p.stdout.splitlines() if "TensorBoard events are no longer written" in l]
+    assert len(lines) == 1 and "server 1: MemoryError" in lines[0], p.stdout
+    assert "done:" in p.stdout and (out / "center.pt").exists()
+    assert json.loads((out / "status.json").read_text())["state"] == "complete"
+    tb = scalars(out / "tensorboard")  # what the first flush measured stays, and is readable
+    assert len(tb["center/spread"]) == 1 and tb["workers/active"][-1][1] == 2
+
+
+@pytest.mark.parametrize("where, compare", [("a-file", False), ("a-file/below", True)])
+def test_analyze_refuses_a_tensorboard_directory_it_cannot_write_before_analysing(runs, tmp_path, where, compare):
+    """A file, or a folder that cannot be created (or written): exit 2 and one line, before the
+    analysis (it ran whole, then said the events were not written "and the run goes on", exit 0)."""
+    (tmp_path / "a-file").write_text("")
+    more = ["--compare", str(runs["local-sgd"])] if compare else []
+    p = hpcopt("analyze", str(runs["local-sgd"]), *more, "--out", str(tmp_path / "a"), "--no-report",
+               "--tensorboard", str(tmp_path / where))
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write TensorBoard event files" in lines[0], p.stderr
+    assert "goes on" not in p.stdout + p.stderr
+    assert not (tmp_path / "a").exists()  # nothing analysed
 
 
 def _without_tensorboard(*argv: str) -> subprocess.CompletedProcess:

@@ -27,6 +27,17 @@ def test_scalars_read_back_and_non_finite_values_are_left_out(tmp_path):
     assert read(tmp_path) == {"a": [(10, 0.5), (20, 0.25)]}
 
 
+def test_each_step_is_written_once_per_tag_the_latest_value_winning(tmp_path):
+    events = EventLog(tmp_path, log=pytest.fail)
+    events.scalars(10, {"a": 1.0, "b": 1.0})
+    events.scalars(10, {"a": 2.0})  # a flush that found no new exchange: it replaces step 10's value
+    events.scalars(20, {"a": 3.0})
+    events.scalars(20, {"a": 4.0, "b": 5.0})  # the final flush at the last flush's count
+    events.scalars(15, {"a": 9.0})  # behind the tag's latest step: left out
+    events.close()
+    assert read(tmp_path) == {"a": [(10, 2.0), (20, 4.0)], "b": [(10, 1.0), (20, 5.0)]}
+
+
 def test_clear_removes_only_that_kind_of_event_file(tmp_path):
     for suffix in (TRAIN_SUFFIX, ANALYZE_SUFFIX):
         events = EventLog(tmp_path, suffix=suffix, log=pytest.fail)
