@@ -31,8 +31,10 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", metavar="DIR", help="run directory (same as --run.out)")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT/trajectory.h5")
     p.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
-                   help="server 0 writes live metrics as TensorBoard event files to DIR (default: OUT/tensorboard); "
-                        "the same as --record.tensorboard true [--record.tensorboard_dir DIR]")
+                   help="server 0 writes live metrics as TensorBoard event files: to OUT/tensorboard, or to "
+                        "DIR/NAME-HASH (this run's own folder, so runs can share DIR: tensorboard --logdir DIR "
+                        "shows them side by side); the same as --record.tensorboard true "
+                        "[--record.tensorboard_dir DIR]")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint, with any "
                    "number of workers (its config.toml is used; flags still override)")
     p.add_argument("-n", "--np", type=int, metavar="N", help="launch it yourself: start an ompi-server (so "
