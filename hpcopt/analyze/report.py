@@ -377,11 +377,12 @@ def write_compare(all_results: list[dict], out: Path, shared=None) -> str:
         lab, color = r["run"]["label"], f"C{k % 10}"
         c = r.get("curves")
         if c is not None and len(c["eval_time"]):
-            axes[0].plot(c["eval_time"], c["test_loss"], color=color, label=lab)
-            axes[1].plot(c["eval_time"], 100 * np.asarray(c["test_accuracy"]), color=color, label=lab)
+            # markers: a run evaluated once is one point, which a line alone does not draw
+            axes[0].plot(c["eval_time"], c["test_loss"], "-o", ms=3, color=color, label=lab)
+            axes[1].plot(c["eval_time"], 100 * np.asarray(c["test_accuracy"]), "-o", ms=3, color=color, label=lab)
         t = r.get("trajectory")
         if t is not None and len(t["spread"]):
-            axes[2].plot(t["spread_time"], t["spread"], color=color, label=lab)
+            axes[2].plot(t["spread_time"], t["spread"], "-o", ms=3, color=color, label=lab)
     axes[0].set_yscale("log")
     for ax, yl in zip(axes, ("center test loss", "center test accuracy (%)", "mean distance worker-center")):
         ax.set_xlabel("time (s)")
