@@ -21,10 +21,25 @@ import torch
 import torch.nn.functional as F
 
 import hpcopt
-from conftest import ROOT, hpcopt as run_hpcopt, mpi_env
 from hpcopt.analyze.source import load_run
 from hpcopt.models import build_model
 from hpcopt.record import Recorder, RecorderError
+
+
+def _tests_conftest():
+    """tests/conftest.py's helpers. Not `from conftest import ...`: in a whole-suite run the name
+    `conftest` is tests/slurm/conftest.py by the time tests/unit is collected."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hpcopt_tests_conftest", Path(__file__).resolve().parents[1]
+                                                  / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_shared = _tests_conftest()
+ROOT, run_hpcopt, mpi_env = _shared.ROOT, _shared.hpcopt, _shared.mpi_env
 
 CHEAPEST = ["--skip", "landscape,interpolation,hessian,sharpness,density", "--no-report"]
 
