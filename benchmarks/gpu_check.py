@@ -81,18 +81,21 @@ def train(out: Path, device: str, args: list[str], n: int = 3, timeout: float = 
     p = subprocess.run([PY, "-m", "hpcopt", "train", "-n", str(n), "--out", str(out), "--force", *args],
                        env=env(device), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     log = p.stdout + p.stderr
-    return p.returncode == 0 and (device == "cpu" or on_gpu(log)), accuracy(out), log
+    synchronous = any(m in " ".join(args) for m in ("dp_sgd", "local_sgd", "diloco"))
+    return p.returncode == 0 and (device == "cpu" or on_gpu(log, n if synchronous else n - 1)), accuracy(out), log
 
 
-def on_gpu(log: str) -> bool:
-    """Every rank that trains said it computes on a GPU (hpcopt.launch.device's line), and none
-    that its exchange buffer could not be page-locked: a run that quietly fell back to the CPU,
-    or copies synchronously, is a failed check here."""
+def on_gpu(log: str, ranks: int) -> bool:
+    """Every one of the `ranks` ranks that train said it computes on a GPU (hpcopt.launch.device's
+    line; a rank on the CPU says nothing), and none that its exchange buffer could not be
+    page-locked: a run where a rank quietly fell back to the CPU, or copies synchronously, is a
+    failed check here."""
     if "could not page-lock" in log:
         print("    | a worker's exchange buffer is not page-locked: its copies are synchronous")
         return False
-    if "] device cuda:" not in log:
-        print("    | no rank said it computes on a GPU: the run fell back to the CPU")
+    said = log.count("] device cuda:")
+    if said < ranks:
+        print(f"    | {ranks - said} of {ranks} training ranks did not say they compute on a GPU: on the CPU")
         return False
     return True
 
@@ -226,7 +229,7 @@ def join(table: Table, base: Path, device: str) -> None:
             os.kill(p.pid, signal.SIGINT)
     out_join, _ = joiner.communicate(timeout=120)
     out, _ = proc.communicate(timeout=120)
-    ok = joined and proc.returncode == 0 and joiner.returncode == 0 and (device == "cpu" or on_gpu(out_join))
+    ok = joined and proc.returncode == 0 and joiner.returncode == 0 and (device == "cpu" or on_gpu(out_join, 1))
     table.add("a worker joins", "joined and exchanged" if ok else "FAILED", "-", ok)
     if not ok:
         print("\n".join("    | " + line for line in (out + out_join).strip().splitlines()[-20:]))

@@ -56,11 +56,13 @@ def _cmd_train(args) -> int:
     import mpi4py
 
     from hpcopt.comm.joins import joins_possible
+    from hpcopt.launch.device import narrow_mig_early
 
     # One thread at a time calls MPI (a worker's overlapped exchange runs in a thread:
     # comm.overlap), except the threads that accept joins (they need an ompi-server, so the
     # stricter level is asked for only then).
     mpi4py.rc.thread_level = "multiple" if joins_possible() else "serialized"
+    narrow_mig_early()
     from mpi4py import MPI
 
     from hpcopt import config as C
@@ -219,6 +221,9 @@ def _cmd_join(args) -> int:
     import mpi4py
 
     mpi4py.rc.thread_level = "multiple"  # the connect runs in a thread, so it can have a deadline
+    from hpcopt.launch.device import narrow_mig_early
+
+    narrow_mig_early()
     from mpi4py import MPI
 
     from hpcopt.launch.env import install_abort_on_error

@@ -373,12 +373,18 @@ def _on(device: str):
         yield
 
 
-# torch >= 2.9 sets TF32 through fp32_precision; reading the legacy allow_tf32 flags after a
-# program used the new ones raises, so the new ones are used where they exist
-_PRECISION = [(torch.backends.cuda.matmul, "fp32_precision"), (torch.backends.cudnn.conv, "fp32_precision"),
-              (torch.backends.cudnn.rnn, "fp32_precision")] \
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision") else \
-    [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")]
+# torch >= 2.9 sets TF32 through fp32_precision. A program may have used either API, and reading
+# the legacy flags after the new ones were set raises, so the settings are saved through the new
+# API where it exists (always readable) and TF32 is turned off through the legacy setters: they
+# leave state that both APIs (and torch.backends.cudnn.flags()) read without complaint.
+_NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def _tf32_state() -> list:
+    b = torch.backends
+    if _NEW_API:
+        return [(o, "fp32_precision") for o in (b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn)]
+    return [(b.cuda.matmul, "allow_tf32"), (b.cudnn, "allow_tf32")]
 
 
 @contextlib.contextmanager
@@ -386,15 +392,15 @@ def full_float32():
     """cuBLAS and cuDNN in full float32 (no TF32), deterministic cuDNN, no autotuning; the
     previous settings come back afterwards."""
     cudnn = torch.backends.cudnn
-    flags = [(cudnn, "deterministic", True), (cudnn, "benchmark", False)] + [
-        (owner, name, "ieee" if name == "fp32_precision" else False) for owner, name in _PRECISION]
-    saved = [getattr(owner, name) for owner, name, _ in flags]
-    for owner, name, value in flags:
-        setattr(owner, name, value)
+    kept = [(cudnn, "deterministic"), (cudnn, "benchmark")] + _tf32_state()
+    saved = [getattr(owner, name) for owner, name in kept]
+    cudnn.deterministic, cudnn.benchmark = True, False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        for (owner, name, _), value in zip(flags, saved):
+        for (owner, name), value in zip(kept, saved):
             setattr(owner, name, value)
 
 

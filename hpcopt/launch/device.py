@@ -151,6 +151,26 @@ def ompi_built_with_cuda() -> bool:
     return "mpi_built_with_cuda_support:value:true" in out
 
 
+def _narrow_mig(visible: list[str] | None, local_rank: int, environ) -> list[str] | None:
+    """A CUDA process enumerates only one MIG instance, the first it may see, so every rank would
+    share it: with several listed, each rank narrows CUDA_VISIBLE_DEVICES (in `environ`, when it
+    can be written) to its own, local rank mod their number. Only before CUDA starts does it count."""
+    if visible and len(visible) > 1 and any(v.startswith("MIG-") for v in visible):
+        visible = [visible[local_rank % len(visible)]]
+        if isinstance(environ, dict) or environ is os.environ:
+            environ["CUDA_VISIBLE_DEVICES"] = visible[0]
+    return visible
+
+
+def narrow_mig_early(environ=os.environ) -> None:
+    """Before MPI starts (a CUDA-aware MPI or UCX may start CUDA in MPI_Init): the MIG narrowing
+    of select_device, by the launcher's local-rank variable when there is one (select_device then
+    finds one instance listed and keeps it)."""
+    found = local_rank_from_env(environ)
+    if found is not None:
+        _narrow_mig(parse_visible_devices(environ.get("CUDA_VISIBLE_DEVICES")), found[0], environ)
+
+
 def select_device(role: str, *, node_rank: int | None = None, comm=None, environ: Mapping[str, str] | None = None,
                   n_gpus: int | None = None, servers_on_gpu: bool = False,
                   log: Callable[[str], None] | None = None, log_cpu: bool = True,
@@ -176,12 +196,7 @@ def select_device(role: str, *, node_rank: int | None = None, comm=None, environ
     if role == "server" and not servers_on_gpu:
         device = "cpu"
     else:
-        if visible and len(visible) > 1 and any(v.startswith("MIG-") for v in visible):
-            # a CUDA process enumerates only one MIG instance, the first it may see, so every rank
-            # would share it: each narrows the list to its own, before CUDA starts in this process
-            visible = [visible[local_rank % len(visible)]]
-            if isinstance(environ, dict) or environ is os.environ:
-                environ["CUDA_VISIBLE_DEVICES"] = visible[0]
+        visible = _narrow_mig(visible, local_rank, environ)
         if n_gpus is None:
             import torch
 

@@ -125,14 +125,23 @@ class LocalTrainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.run.seed)
             model = build_model(cfg.model.name, cfg.model.kwargs).to(self.device).eval()
-            xb, yb = self.x[:self.batch], self.y[:self.batch]
             with torch.no_grad(), self._autocast():  # in the precision the training losses have
-                loss = float(_loss(model, xb, yb))
-            if self.device.type == "cuda":  # a throwaway backward too: its kernels, cuDNN's choice of
-                with self._autocast():  # algorithms and autograd's device thread load now, before
-                    warm = _loss(model, xb, yb)  # the servers' liveness clock starts
-                warm.backward()
-            return loss
+                return float(_loss(model, self.x[:self.batch], self.y[:self.batch]))
+
+    def warm_up(self) -> None:
+        """On a GPU, before the servers' liveness clock starts: one forward and backward of the
+        training model itself (no second copy in GPU memory), so that the backward's kernels,
+        cuDNN's choice of algorithms and autograd's device thread are loaded. In eval mode (no
+        batch statistics move), drawing from forked RNGs, gradients zeroed: nothing of the
+        training changes."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                self._backward(self.x[:self.batch], self.y[:self.batch])
+        finally:
+            self.module.train(was_training)
+            self.flat.zero_grad()
 
     def _autocast(self):
         """train.precision bf16: the forward pass and the loss in bfloat16 where autocast deems

@@ -130,6 +130,7 @@ def prepare(cfg: Config, worker_id: int, flat: FlatModel, data: dict, *, shared:
     trainer = LocalTrainer(cfg, worker_id, flat, data)
     reference = trainer.initial_loss()
     if flat.params.is_cuda:
+        trainer.warm_up()
         torch.cuda.synchronize()
     seconds = time.monotonic() - t0
     if seconds > cfg.comm.worker_timeout / 2:

@@ -214,7 +214,11 @@ def test_full_float32_works_after_a_program_used_the_new_tf32_api():
     matmul.fp32_precision = "tf32"
     try:
         with full_float32():
-            assert matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+            assert matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision != "tf32"
+            # a user's model or torch itself may read the legacy flags meanwhile
+            assert not matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+            with torch.backends.cudnn.flags():
+                pass
             assert torch.backends.cudnn.deterministic
         assert matmul.fp32_precision == "tf32"
     finally:

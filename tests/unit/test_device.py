@@ -144,6 +144,16 @@ def test_mig_instances_go_one_to_each_rank():
         assert env["CUDA_VISIBLE_DEVICES"] == choice.gpu  # what CUDA will see in this process
         picks.append(choice.gpu)
     assert picks == ["MIG-aa11", "MIG-bb22", "MIG-cc33", "MIG-aa11"]
+    # before MPI starts (a CUDA-aware MPI may start CUDA): the same choice, by the launcher's variable
+    from hpcopt.launch.device import narrow_mig_early
+
+    env = {"OMPI_COMM_WORLD_LOCAL_RANK": "2", "CUDA_VISIBLE_DEVICES": mig}
+    narrow_mig_early(env)
+    assert env["CUDA_VISIBLE_DEVICES"] == "MIG-cc33"
+    assert select_device("worker", environ=env, n_gpus=1).gpu == "MIG-cc33"
+    env = {"CUDA_VISIBLE_DEVICES": mig}  # no launcher variable: left to select_device's node rank
+    narrow_mig_early(env)
+    assert env["CUDA_VISIBLE_DEVICES"] == mig
     # servers stay on the CPU and leave the list alone
     env = {"SLURM_LOCALID": "1", "CUDA_VISIBLE_DEVICES": mig}
     assert select_device("server", environ=env).device == "cpu" and env["CUDA_VISIBLE_DEVICES"] == mig

@@ -192,3 +192,25 @@ def test_the_divergence_reference_is_the_runs_untrained_loss_for_every_worker():
     assert joiner.initial_loss() == fresh.initial_loss() > 100 * float(joiner.module.loss(
         torch.from_numpy(data["x_train"][:10]), None))
     assert torch.equal(trained.params, torch.from_numpy(quadratic.optimum()))  # untouched
+
+
+def test_a_gpu_workers_warm_up_changes_nothing_of_the_training():
+    """LocalTrainer.warm_up (run before the liveness clock on a GPU; the same code on the CPU
+    here): a forward and backward of the training model itself, after which parameters,
+    BatchNorm statistics, the module's mode, every RNG and the gradients are as they were."""
+    cfg = C.load(None, {"data.batch_size": "32"})
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv1d(1, 4, 5), torch.nn.BatchNorm1d(4), torch.nn.Flatten(),
+                                 torch.nn.Dropout(0.5), torch.nn.Linear(4 * 36, 10))
+    module.loss = lambda x, y: torch.nn.functional.cross_entropy(module(x.unsqueeze(1)), y)
+    flat = FlatModel(module)
+    rng = np.random.default_rng(0)
+    data = {"x_train": rng.standard_normal((64, 40)).astype(np.float32), "y_train": rng.integers(0, 10, 64),
+            "x_test": rng.standard_normal((8, 40)).astype(np.float32), "y_test": rng.integers(0, 10, 8)}
+    t = LocalTrainer(cfg, 0, flat, data)
+    params, buffers = flat.params.clone(), [b.clone() for b in module.buffers()]
+    rng_state = torch.get_rng_state()
+    t.warm_up()
+    assert torch.equal(flat.params, params) and all(torch.equal(a, b) for a, b in zip(module.buffers(), buffers))
+    assert torch.equal(torch.get_rng_state(), rng_state) and module.training
+    assert not flat.grads.any()
