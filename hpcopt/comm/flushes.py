@@ -23,10 +23,19 @@ class Flushes:
         self._control = np.empty(P.CONTROL_SIZE, dtype=np.float64)
         self._acks = np.empty((max(self.servers.size - 1, 0), P.CONTROL_SIZE), dtype=np.float64)
         self._req = None
-        self._deadline = float("inf")
+        self._deadline, self._window_then = float("inf"), 0.0
 
     def _window(self) -> float:
-        return self.server.recorder.cfg.flush_seconds + self.server.worker_timeout
+        return self.server.recorder.cfg.flush_seconds + self._patience()
+
+    def _patience(self) -> float:
+        """How long a silent server is taken for alive: comm.worker_timeout, but comm.timeout
+        while joins are being accepted here (every server accepts each join): an accept in
+        progress can hold a server's MPI calls for seconds (seen: 15 s, three concurrent joins
+        on 2 cores), and taking it for dead would end the whole run."""
+        joins = self.server.joins
+        joining = joins is not None and (joins.busy or not joins.queue.empty())
+        return max(self.server.worker_timeout, self.server.timeout) if joining else self.server.worker_timeout
 
     def begin(self) -> None:
         if self.servers.rank != 0:
@@ -34,14 +43,16 @@ class Flushes:
 
     def _listen(self) -> None:
         self._req = self.servers.Irecv(self._control, source=0, tag=P.TAG_CONTROL)
-        self._deadline = time.monotonic() + self._window()
+        self._window_then = self._window()
+        self._deadline = time.monotonic() + self._window_then
 
     def poll(self) -> bool:
         """Server 0: start a flush when one is due; the others: enter one when told."""
         return self._maybe_start() if self.servers.rank == 0 else self._poll_control()
 
     def check_deadline(self, now: float) -> None:
-        if self.servers.rank != 0 and now > self._deadline:
+        # (the window as it is now: a join that began since the last flush lengthens it)
+        if self.servers.rank != 0 and now > self._deadline - self._window_then + self._window():
             raise PeerTimeout(f"server 0 started no flush for {self._window():g} s")
 
     def _maybe_start(self) -> bool:
@@ -56,7 +67,7 @@ class Flushes:
         acks = [self.servers.Irecv(self._acks[r - 1], source=r, tag=P.TAG_CONTROL_ACK) for r in range(1, self.servers.size)]
         reqs = [self.servers.Isend(control, dest=r, tag=P.TAG_CONTROL) for r in range(1, self.servers.size)]
         # a dead server would hang the collective flush: it must answer first
-        wait_all(reqs + acks, s.worker_timeout, "the other servers to acknowledge a flush (a server is dead?)")
+        wait_all(reqs + acks, self._patience(), "the other servers to acknowledge a flush (a server is dead?)")
         self.flush(final, evaluate, checkpoint)
         return True
 
