@@ -53,13 +53,11 @@ def test_hostile_compressed_messages_cost_only_their_sender(tmp_path):
 def test_a_compressed_cnn_training_learns_with_fewer_bytes(tmp_path, overlap):
     """MNIST-1D CNN, 2 workers over messages, int4, with and without overlap: it learns (the
     plain run reaches ~94% in these 30 epochs), with several times fewer bytes than float32
-    parameters would take. Without overlap no worker snapshot is recorded (record.worker_every
-    0): the workers start from the center the servers start from, so not even their first
-    exchange goes plain."""
+    parameters would take."""
     run = tmp_path / "r"
     p = hpcopt("train", "-n", "3", "--config", "configs/mnist1d_easgd.toml", "--out", str(run),
                "--train.epochs", "30", "--comm.shared_memory", "false", "--comm.compress", "int4",
-               "--comm.overlap", overlap, "--record.worker_every", "20" if overlap == "true" else "0")
+               "--comm.overlap", overlap)
     assert p.returncode == 0, p.stdout + p.stderr
     with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
         acc = float(f["evals"]["test_accuracy"][-1])
@@ -68,8 +66,23 @@ def test_a_compressed_cnn_training_learns_with_fewer_bytes(tmp_path, overlap):
     assert acc > 0.9, acc
     plain = 2 * 4 * n
     assert ex["bytes"].mean() < plain / 4, (ex["bytes"].mean(), plain)
-    if overlap == "false":
-        assert ex["bytes"].max() < plain / 4, "a plain exchange although both sides shared the start"
+
+
+@pytest.mark.parametrize("servers", ["1", "2"])
+def test_a_fresh_runs_first_exchanges_are_compressed_too(tmp_path, servers):
+    """The workers of a fresh run start from the center the servers start from: with no exact
+    snapshot asked for (record.worker_every 0) not one exchange goes plain, the first included,
+    on one server and on two (each shard its own reference)."""
+    run = tmp_path / "r"
+    p = hpcopt("train", "-n", str(int(servers) + 2), "--config", "configs/mnist1d_easgd.toml", "--out", str(run),
+               "--run.servers", servers, "--train.epochs", "3", "--comm.shared_memory", "false",
+               "--comm.compress", "int4", "--record.worker_every", "0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        ex = f["exchanges"][()]
+        n = int(f.attrs["n_parameters"])
+    assert len(ex) and ex["bytes"].max() < 2 * 4 * n / 4, "a plain exchange although both sides shared the start"
+    assert len(set(ex["bytes"].tolist())) == 1  # every one the same compressed size
 
 
 def test_a_joined_worker_exchanges_compressed_and_the_run_stops_cleanly(tmp_path):
