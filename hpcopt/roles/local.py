@@ -6,7 +6,6 @@ center, an allreduce of gradients or of parameters)."""
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +32,46 @@ def make_local_step(cfg: Config, params: torch.Tensor, layers: list[tuple[int, i
 def _loss(module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     loss_of = getattr(module, "loss", None)  # a user model may define loss(x, y)
     return loss_of(xb, yb) if loss_of else F.cross_entropy(module(xb), yb)
+
+
+class StepLosses:
+    """The step losses the divergence guard and the reports read, one step late. Reading a GPU
+    loss at once (.item()) makes the host wait for every kernel queued so far, so the host could
+    never queue a step while the GPU runs the previous one. Here a step's loss is copied to pinned
+    host memory behind that step's kernels and read after the next step is queued, when it is
+    long there. The lag is the same on the CPU, so the CPU tests run the GPU's order: a NaN loss
+    is seen after one more step was taken from the NaN parameters (the worker then restarts
+    from the center, which overwrites them)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.slot = torch.empty((), dtype=torch.float32, pin_memory=True)
+            self.ready = torch.cuda.Event()
+        self.pending: tuple[int, torch.Tensor] | None = None
+
+    def push(self, step: int, loss: torch.Tensor) -> tuple[int, float] | None:
+        """Step `step`'s loss (on the device) in; the previous step's (step, value) out, if any."""
+        previous = self.take()
+        if self.cuda:  # (the slot was read by take(): the copy may overwrite it)
+            self.slot.copy_(loss, non_blocking=True)
+            self.ready.record()
+            loss = self.slot
+        self.pending = (step, loss)
+        return previous
+
+    def take(self) -> tuple[int, float] | None:
+        """The pending step's (step, value), waiting on a GPU for that step only; None if none."""
+        if self.pending is None:
+            return None
+        (step, loss), self.pending = self.pending, None
+        if self.cuda:
+            self.ready.synchronize()
+        return step, float(loss)
+
+    def clear(self) -> None:
+        """Forget the pending loss (taken from parameters a restart has just overwritten)."""
+        self.pending = None
 
 
 class LocalTrainer:
@@ -75,7 +114,7 @@ class LocalTrainer:
     def gradient(self, step: int) -> float:
         """The gradient the local step uses (into flat.grads) for local step `step`'s minibatch:
         plain, at the SAM ascent point, or the local-entropy gradient. Returns the minibatch loss
-        at the current parameters."""
+        at the current parameters, a 0-d tensor on the device (nothing here waits for a GPU)."""
         self.step_index = step
         i = step % self.steps_per_epoch
         if i == 0 or self.perm is None:
@@ -84,13 +123,10 @@ class LocalTrainer:
             self.perm = torch.randperm(len(self.x), generator=self.gen).to(self.device)
         idx = self.perm[i * self.batch:(i + 1) * self.batch]
         xb, yb = self.x[idx], self.y[idx]
-        # the one host sync of a step: the divergence guard needs the loss at the current
-        # parameters; the other backward passes below keep their losses on the device (a NaN
-        # there makes NaN parameters, which the worker checks before every exchange)
-        value = self._backward(xb, yb).item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"worker {self.worker_id}: training loss is {value} at local step "
-                                     f"{step}; lower train.lr (now {self.cfg.train.lr})")
+        # the loss stays on the device: the divergence guard reads it a step later (StepLosses);
+        # the other backward passes below keep theirs too (a NaN there makes NaN parameters,
+        # which the worker checks before every exchange)
+        loss = self._backward(xb, yb)
         params, grads = self.flat.params, self.flat.grads
         if self.cfg.train.local == "sam":  # Foret et al. 2021: descend with the gradient at x + e
             e = sam_perturbation(grads, self.cfg.train.sam_rho)
@@ -110,7 +146,7 @@ class LocalTrainer:
             g = self.entropy.gradient(x, grad_at)
             params.copy_(x)
             grads.copy_(g)
-        return value
+        return loss
 
     def initial_loss(self) -> float:
         """The loss of the untrained model that the run's seed builds, on the first training

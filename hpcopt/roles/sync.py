@@ -16,6 +16,7 @@ reference in the same order, so all get the same average. DP-SGD's gradients go 
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -101,7 +102,10 @@ def train_sync(cfg: Config, world: MPI.Comm, ready: Prepared, *, recorder: Recor
         for w in range(p):
             rec.event("join", w, w, "", 0, "initial worker")
     losses = np.zeros(p, dtype=np.float64)
-    loss_sum, loss_n, rounds, t0 = 0.0, 0, 0, time.perf_counter()
+    # the round's losses summed on the device, read once a round (not a host wait every step);
+    # in float64, so the sum is the same as Python's sum of the float values
+    loss_sum = torch.zeros((), dtype=torch.float64, device=params.device)
+    loss_n, rounds, t0 = 0, 0, time.perf_counter()
     timeout = cfg.comm.timeout
 
     for step in range(total):
@@ -137,10 +141,15 @@ def train_sync(cfg: Config, world: MPI.Comm, ready: Prepared, *, recorder: Recor
                 params.copy_(theta)
             if compressed is not None:
                 compressed.restarted(host_params)
+        mean = float(loss_sum) / loss_n
+        if not math.isfinite(mean):
+            raise FloatingPointError(f"worker {rank}: training loss {mean} in the {loss_n} steps before step "
+                                     f"{done}; lower train.lr (now {cfg.train.lr})")
         losses[:] = 0
-        req = world.Igather(np.array([loss_sum / loss_n]), losses, root=0)
+        req = world.Igather(np.array([mean]), losses, root=0)
         wait_all([req], timeout, "the workers' losses")
-        loss_sum, loss_n = 0.0, 0
+        loss_sum.zero_()
+        loss_n = 0
         if rec is not None:
             _record_round(rec, rounds, done, trainer.batch, lr, losses, ring_bytes,
                           gathered if record_workers else None, host_params.pull().numpy(), final=done == total)

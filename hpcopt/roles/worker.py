@@ -30,7 +30,7 @@ from hpcopt.io.rundir import RunDir
 from hpcopt.launch.device import HostMirror
 from hpcopt.launch.signals import SignalFlag, ignore_leave_signals
 from hpcopt.models import FlatModel
-from hpcopt.roles.local import LocalTrainer
+from hpcopt.roles.local import LocalTrainer, StepLosses
 
 
 @dataclass
@@ -281,6 +281,7 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
             return False
         log(f"worker {worker_id}: {what} at step {step}: restarting from the center "
             f"(reset {resets} of at most {cfg.train.max_resets})")
+        losses.clear()  # a loss taken from the parameters the center is about to overwrite
         loss_sum, loss_n = bad_loss, 1  # the header carries the bad loss into the event
         if overlap is not None:
             overlap.finish()
@@ -290,18 +291,38 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
         guard.reset()
         return True
 
-    def why_not_exchange() -> str | None:
-        return "non-finite parameters" if not finite() else guard.exchange(loss_sum / loss_n if loss_n else math.nan)
+    def count(read: tuple[int, float] | None) -> tuple[str, int, float] | None:
+        """A step's loss, read (StepLosses): counted, or (why, step, loss) if the worker diverged."""
+        nonlocal loss_sum, loss_n
+        if read is None:
+            return None
+        at, value = read
+        why = guard.step(value)
+        if why is not None:
+            return why, at, value
+        loss_sum += value
+        loss_n += 1
+        return None
 
+    def why_not_exchange(step) -> tuple[str, int, float] | None:
+        """Before an exchange: the last step's loss read, then what it would send checked."""
+        bad = count(losses.take())
+        if bad is None:
+            mean = loss_sum / loss_n if loss_n else math.nan
+            why = "non-finite parameters" if not finite() else guard.exchange(mean)
+            bad = None if why is None else (why, step, mean)
+        return bad
+
+    losses = StepLosses(flat.params.device)
     step = first_step
     while step < total:
         if step > first_step and (step - first_step) % tau == 0:
             if overlap is not None:
                 overlap.finish()  # the previous move first: what is checked is what the next one sends
-            why = why_not_exchange()
-            if why is None:
+            bad = why_not_exchange(step)
+            if bad is None:
                 exchange(step)
-            elif not reset(why, step, loss_sum / loss_n if loss_n else math.nan):
+            elif not reset(*bad):
                 reason = P.GAVE_UP
                 break
         if overlap is not None:
@@ -313,32 +334,26 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
             reason = P.SIGNALLED if flags else P.STOPPED
             break
         lr = trainer.lr(step)
-        try:
-            loss = trainer.gradient(step)
-        except FloatingPointError:
-            loss = math.nan
-        why = guard.step(loss)
-        if why is not None:
-            if not reset(why, step, loss):
-                reason = P.GAVE_UP
-                break
-            step += 1
-            continue
-        loss_sum += loss
-        loss_n += 1
+        loss = trainer.gradient(step)
         if (step + 1) % tau == 0 or step + 1 == total:  # the gradient the next exchange reports
             grad_norm = float(flat.grads.norm())
         trainer.apply(lr)
         if talk:
             client.heartbeat(worker_id, step, heartbeat_every)
+        # the previous step's loss, now that this one is queued (on a GPU it is there by now);
+        # a divergence seen there restarts from the center, overwriting this step's parameters
+        bad = count(losses.push(step, loss))
         step += 1
+        if bad is not None and not reset(*bad):
+            reason = P.GAVE_UP
+            break
     if overlap is not None:
         overlap.finish()
     if reason != P.GAVE_UP:
-        why = why_not_exchange()
-        if why is None:
+        bad = why_not_exchange(step)
+        if bad is None:
             exchange(step, last=True)  # the last exchange: what the worker learnt since the previous one counts
-        elif not reset(why, step, loss_sum / loss_n if loss_n else math.nan):
+        elif not reset(*bad):
             reason = P.GAVE_UP
     if run is not None and reason in (P.SIGNALLED, P.STOPPED):
         save_state(step)

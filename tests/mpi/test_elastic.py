@@ -261,11 +261,13 @@ def test_a_worker_leaves_or_crashes_and_training_goes_on(tmp_path, sig):
     assert {0, 2} <= set(after["worker_id"].tolist()) and 1 not in set(after["worker_id"].tolist())
 
 
-def test_nan_worker_is_reset_to_the_center_not_mixed_in(tmp_path):
+@pytest.mark.parametrize("call", [30, 32])
+def test_nan_worker_is_reset_to_the_center_not_mixed_in(tmp_path, call):
     out = tmp_path / "n"
-    # rank 2 (worker 1) gets a NaN loss at its 30th loss evaluation
+    # rank 2 (worker 1) gets a NaN loss at its 30th loss evaluation, read (a step late) after its
+    # next step; or at its 32nd, the last step before its 8th exchange, read before that exchange
     p = mpirun(4, "train", "--out", str(out), *QUAD, "--train.epochs", "3",
-               "--model.kwargs", '{"poison_rank": 2, "poison_call": 30}')
+               "--model.kwargs", f'{{"poison_rank": 2, "poison_call": {call}}}')
     assert "restarting from the center" in p.stdout
     ev = events(out / "trajectory.h5")
     diverged = [e for e in ev if e[0] == "diverged"]

@@ -30,7 +30,7 @@ def train(precision: str, steps: int = 40, **train):
     t = LocalTrainer(cfg, 0, flat, separable())
     losses = []
     for step in range(steps):
-        losses.append(t.gradient(step))
+        losses.append(float(t.gradient(step)))
         t.apply(t.lr(step))
     return flat, losses, t
 

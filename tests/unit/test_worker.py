@@ -45,7 +45,7 @@ def test_sam_descends_with_the_gradient_at_the_ascent_point():
     t, flat = trainer(local="sam", sam_rho=0.5)
     x = flat.params.numpy().astype(np.float64)
     for step in range(3):
-        loss = t.gradient(step)
+        loss = float(t.gradient(step))
         assert loss == pytest.approx(0.5 * np.sum(H * (x - XSTAR) ** 2), rel=1e-5)  # loss at x itself
         t.apply(0.1)
         g = grad(x)
@@ -120,17 +120,31 @@ def test_lars_step_needs_no_host_sync():
 
 
 @pytest.mark.parametrize("local", ["sgd", "adamw", "sam", "lars", "entropy-sgd"])
-def test_a_local_step_reads_one_value_from_the_device(monkeypatch, local):
-    """The loss the divergence guard needs is the one host sync of a step (a GPU waits for it)."""
+def test_a_local_step_reads_nothing_from_the_device(monkeypatch, local):
+    """A GPU would wait for every kernel queued so far at any read; the loss stays on the device
+    for StepLosses to read a step later."""
     t, _ = trainer(local=local, langevin_steps=3, momentum=0.9)
     reads = []
     for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name: reads.append(_n) or _f(self, *a))
     for step in range(3):
-        t.gradient(step)
+        loss = t.gradient(step)
         t.apply(0.1)
-    assert reads == ["item"] * 3
+    assert reads == [] and isinstance(loss, torch.Tensor) and loss.dim() == 0
+
+
+def test_step_losses_are_read_one_step_late():
+    from hpcopt.roles.local import StepLosses
+
+    losses = StepLosses(torch.device("cpu"))
+    assert losses.take() is None and losses.push(0, torch.tensor(2.5)) is None
+    assert losses.push(1, torch.tensor(float("nan")))[0] == 0
+    step, value = losses.take()
+    assert step == 1 and np.isnan(value) and losses.take() is None
+    losses.push(2, torch.tensor(1.0))
+    losses.clear()  # a restart from the center forgets the loss of the overwritten parameters
+    assert losses.take() is None
 
 
 def test_entropy_sgd_trainer_resumes_exactly():
