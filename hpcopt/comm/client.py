@@ -78,6 +78,7 @@ class CenterClient:
                             .astype(int) for c in self.chunks]
             self.up = [np.empty(int(o[-1]), dtype=np.uint8) for o in self.offsets]
             self.down = [np.empty(int(o[-1]), dtype=np.uint8) for o in self.offsets]
+            self.scratch = np.empty(max(b - a for c in self.chunks for a, b in c), dtype=np.float32)
 
     # ------------------------------------------------------------------ notices
     def poll_notices(self) -> bool:
@@ -167,8 +168,9 @@ class CenterClient:
             while to_send[s] and len(flying[s]) < SEND_WINDOW:
                 i, (a, b) = to_send[s].pop(0)
                 o, p = self.offsets[s][i], self.offsets[s][i + 1]
-                codec.encode(fmt, x[a:b] - ref[a:b], self.up[s][o:p])
-                ref[a:b] += codec.decode(fmt, self.up[s][o:p], b - a)
+                change = np.subtract(x[a:b], ref[a:b], out=self.scratch[:b - a])
+                codec.encode(fmt, change, self.up[s][o:p], decoded=change)  # (no decode pass)
+                ref[a:b] += change
                 flying[s].append(comm.Isend(self.up[s][o:p], dest=rank, tag=P.TAG_PARAMS_Q))
 
         deadline, backoff = time.monotonic() + self.timeout, Backoff(cap=BUSY_CAP)
@@ -185,7 +187,7 @@ class CenterClient:
                 if recvs[j][1] is not None:
                     s, i, a, b = recvs[j][1]
                     o, p = self.offsets[s][i], self.offsets[s][i + 1]
-                    move = codec.decode(fmt, self.down[s][o:p], b - a)
+                    move = codec.decode(fmt, self.down[s][o:p], b - a, out=self.scratch[:b - a])
                     x[a:b] -= move
                     ref[a:b] -= move
             self._pace(progress, deadline, backoff,

@@ -62,24 +62,43 @@ def _scale_of(amax: np.ndarray, levels: int) -> np.ndarray:
     return scales
 
 
-def encode(fmt: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """x (float32) -> out (uint8, payload_size(fmt, x.size) bytes). Returns out."""
+# the integer formats work through a vector SUB values at a time, so the half-dozen passes each
+# value takes (scale, divide, round, clip, cast, pack) run in cache rather than in memory
+SUB = 1024 * BLOCK  # 1 MiB of float32: a core's L2 here (measured: 20.7 ms to encode 9.2M int4 values vs 36.9 in one piece)
+
+
+def encode(fmt: str, x: np.ndarray, out: np.ndarray, decoded: np.ndarray | None = None) -> np.ndarray:
+    """x (float32) -> out (uint8, payload_size(fmt, x.size) bytes). Returns out. With `decoded`
+    (float32, x.size; it may be x itself) it also gets what decode(fmt, out) gives, bit for bit,
+    without a decode pass."""
     n = x.size
     if fmt == "bf16":
         u = x.view(np.uint32)
         rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
         rounded[np.isnan(x)] = 0x7FC0  # rounding could carry a NaN's mantissa into the sign
         out.view(np.uint16)[:] = rounded
+        if decoded is not None:
+            decoded.view(np.uint32)[:] = rounded.astype(np.uint32) << np.uint32(16)
         return out
     if fmt == "top8":
-        return _encode_top(x, out)
-    levels = _LEVELS[fmt]
+        return _encode_top(x, out, decoded)
+    nb = -(-n // BLOCK)
+    per_byte = 8 // _BITS[fmt]
+    scales, values = out[:4 * nb].view(np.float32), out[4 * nb:]
+    for lo in range(0, n, SUB):  # (SUB is a multiple of BLOCK and of per_byte: pieces align)
+        hi = min(n, lo + SUB)
+        _encode_int(fmt, x[lo:hi], scales[lo // BLOCK:-(-hi // BLOCK)], values[lo // per_byte:-(-hi // per_byte)],
+                    None if decoded is None else decoded[lo:hi])
+    return out
+
+
+def _encode_int(fmt: str, x: np.ndarray, scales_out: np.ndarray, values: np.ndarray,
+                decoded: np.ndarray | None) -> None:
+    n, levels = x.size, _LEVELS[fmt]
     scales = _scales(x, levels)
-    nb = scales.size
-    out[:4 * nb].view(np.float32)[:] = scales
+    scales_out[:] = scales
     safe = np.where(scales > 0, scales, np.float32(1))  # an all-zero block: zeros
     v = np.empty(n, dtype=np.float32)
-
     full = n // BLOCK * BLOCK
     with np.errstate(invalid="ignore"):  # Inf / Inf in a block whose scale is Inf: zeroed below
         if full:  # per block, the scale broadcast (never a per-value copy of the scales)
@@ -90,7 +109,6 @@ def encode(fmt: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     np.clip(v, -levels, levels, out=v)
     with np.errstate(invalid="ignore"):  # NaN only in a block whose scale is NaN/Inf: it decodes
         q = v.astype(np.int8)  # non-finite whatever its values (and pairs of values never span blocks)
-    values = out[4 * nb:]
     if fmt == "int8":
         values.view(np.int8)[:] = q
     else:  # 8 / bits values per byte, lowest bits first, each as q + levels + 1 (int4: 1..15)
@@ -103,7 +121,21 @@ def encode(fmt: str, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         np.copyto(values, group[:, 0])
         for i in range(1, per_byte):
             values |= group[:, i] << np.uint8(bits * i)
-    return out
+    if decoded is not None:  # decode's arithmetic on the same integers and scales
+        decoded[:] = q
+        _scale_blocks(decoded, scales)
+
+
+def _scale_blocks(out: np.ndarray, scales: np.ndarray) -> None:
+    """out (integers as float32) *= the scale of its block, in place."""
+    n = out.size
+    full = n // BLOCK * BLOCK
+    with np.errstate(invalid="ignore"):  # 0 x Inf scale: NaN, as it should be
+        if full:
+            blocks = out[:full].reshape(-1, BLOCK)
+            np.multiply(blocks, scales[:full // BLOCK, None], out=blocks)
+        if full < n:
+            np.multiply(out[full:], scales[-1], out=out[full:])
 
 
 def decode(fmt: str, payload: np.ndarray, n: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -116,8 +148,16 @@ def decode(fmt: str, payload: np.ndarray, n: int, out: np.ndarray | None = None)
     if fmt == "top8":
         return _decode_top(payload, n, out)
     nb = -(-n // BLOCK)
-    scales = payload[:4 * nb].view(np.float32)
-    values = payload[4 * nb:]
+    scales, values = payload[:4 * nb].view(np.float32), payload[4 * nb:]
+    per_byte = 8 // _BITS[fmt]
+    for lo in range(0, n, SUB):
+        hi = min(n, lo + SUB)
+        _decode_int(fmt, scales[lo // BLOCK:-(-hi // BLOCK)], values[lo // per_byte:-(-hi // per_byte)], out[lo:hi])
+    return out
+
+
+def _decode_int(fmt: str, scales: np.ndarray, values: np.ndarray, out: np.ndarray) -> None:
+    n = out.size
     if fmt == "int8":
         out[:] = values.view(np.int8)[:n]
     else:
@@ -128,14 +168,7 @@ def decode(fmt: str, payload: np.ndarray, n: int, out: np.ndarray | None = None)
             np.bitwise_and(values >> np.uint8(bits * i), mask, out=group[:, i].view(np.uint8))
         group -= np.int8(levels + 1)
         out[:] = group.reshape(-1)[:n]
-    full = n // BLOCK * BLOCK
-    with np.errstate(invalid="ignore"):  # 0 x Inf scale: NaN, as it should be
-        if full:
-            blocks = out[:full].reshape(-1, BLOCK)
-            np.multiply(blocks, scales[:full // BLOCK, None], out=blocks)
-        if full < n:
-            np.multiply(out[full:], scales[-1], out=out[full:])
-    return out
+    _scale_blocks(out, scales)
 
 
 def _blocks(x: np.ndarray) -> np.ndarray:
@@ -155,7 +188,7 @@ def _top_layout(out: np.ndarray, nb: int):
             out[(4 + k) * nb:(4 + 2 * k) * nb].view(np.int8).reshape(nb, k))
 
 
-def _encode_top(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+def _encode_top(x: np.ndarray, out: np.ndarray, decoded: np.ndarray | None = None) -> np.ndarray:
     import torch  # topk over rows: torch's is several times faster than numpy's argpartition
 
     rows = _blocks(x)
@@ -170,6 +203,8 @@ def _encode_top(x: np.ndarray, out: np.ndarray) -> np.ndarray:
         q = np.clip(np.rint(picked / safe[:, None]), -127, 127)
         values[:] = q.astype(np.int8)
     where[:] = idx.astype(np.uint8)
+    if decoded is not None:
+        _decode_top(out, x.size, decoded)
     return out
 
 

@@ -63,8 +63,8 @@ class CompressedAverage:
         x = buf.pull().numpy()
         change = x - self.ref
         change += self.err
-        codec.encode(self.fmt, change, self.mine)
-        np.subtract(change, codec.decode(self.fmt, self.mine, x.size), out=self.err)
+        codec.encode(self.fmt, change, self.mine, decoded=self.err)
+        np.subtract(change, self.err, out=self.err)
         req = self.comm.Iallgather(self.mine, self.all)
         wait_all([req], timeout, what)
         total = np.zeros_like(x)

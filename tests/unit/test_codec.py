@@ -72,3 +72,40 @@ def test_ratios_and_unknown_format():
         2.0, 3.94, 7.76, 15.06, 51.19]
     with pytest.raises(ValueError, match="unknown format"):
         codec.payload_size("int3", 10)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int2", "top8"])
+def test_the_decoded_values_encode_gives_are_decodes_bit_for_bit(fmt):
+    """encode(..., decoded=) spares the decode pass both sides make after encoding (the
+    references must stay bit-identical); across the codec's SUB pieces, with non-finite and
+    huge values, and written over x itself."""
+    n = 2 * codec.SUB + 301
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-6, 3, n)).astype(np.float32)
+    x[rng.integers(0, n, 5)] = np.nan
+    x[rng.integers(0, n, 3)] = np.inf
+    x[rng.integers(0, n, 3)] = 3.4e38
+    x[codec.SUB - 10:codec.SUB + 10] = 0
+    payload, again = (np.empty(codec.payload_size(fmt, n), dtype=np.uint8) for _ in range(2))
+    decoded = np.empty(n, np.float32)
+    with np.errstate(all="ignore"):
+        codec.encode(fmt, x, payload, decoded=decoded)
+        want = codec.decode(fmt, payload, n)
+        codec.encode(fmt, x.copy(), again)
+        assert np.array_equal(payload, again)  # asking for decoded changes nothing of the payload
+        np.testing.assert_array_equal(decoded.view(np.uint32), want.view(np.uint32))
+        codec.encode(fmt, x, again, decoded=x)
+        np.testing.assert_array_equal(x.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt,levels", [("int8", 127), ("int4", 7), ("int2", 1)])
+def test_block_formats_across_the_codecs_pieces(fmt, levels):
+    n = 2 * codec.SUB + 300  # (the codec works through long vectors SUB values at a time)
+    x = np.random.default_rng(5).standard_normal(n).astype(np.float32)
+    x[codec.SUB:codec.SUB + 1000] *= 1e-4
+    blocks = np.zeros(-(-n // codec.BLOCK) * codec.BLOCK, np.float32)
+    blocks[:n] = x
+    blocks = blocks.reshape(-1, codec.BLOCK)
+    scale = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(levels)
+    want = (np.clip(np.rint(blocks / scale), -levels, levels) * scale).reshape(-1)[:n]
+    np.testing.assert_array_equal(roundtrip(fmt, x), want)
