@@ -194,7 +194,7 @@ class LocalTrainer:
             loss = _loss(self.module, xb, yb)
         self.flat.zero_grad()
         loss.backward()  # outside autocast, as torch recommends: the backward ops follow the forward's dtypes
-        return loss.detach()
+        return loss.detach().reshape(())  # (a user loss of shape [1] backpropagates too)
 
     def apply(self, lr: float) -> None:
         """The local step with the gradient in flat.grads."""

@@ -273,7 +273,7 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
 
     def reset(what: str, step: int, bad_loss: float) -> bool:
         """Restart from the center (RESET) after a divergence; False once it happened too often."""
-        nonlocal resets, loss_sum, loss_n
+        nonlocal resets, loss_sum, loss_n, grad_norm
         resets += 1
         if resets > cfg.train.max_resets:
             log(f"worker {worker_id}: {what} at step {step}; diverged {resets} times "
@@ -282,6 +282,10 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
         log(f"worker {worker_id}: {what} at step {step}: restarting from the center "
             f"(reset {resets} of at most {cfg.train.max_resets})")
         losses.clear()  # a loss taken from the parameters the center is about to overwrite
+        # and no gradient norm from them either: the step read late may have computed the norms
+        # the next exchange reports (NaN: the server keeps the worker's previous weight)
+        grad_norm = math.nan
+        flat.layer_grad_norms[:] = math.nan
         loss_sum, loss_n = bad_loss, 1  # the header carries the bad loss into the event
         if overlap is not None:
             overlap.finish()
@@ -315,8 +319,10 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
 
     losses = StepLosses(flat.params.device)
     step = first_step
+    restarted = None  # the step at which the loop last restarted from the center
     while step < total:
-        if step > first_step and (step - first_step) % tau == 0:
+        # (right after a restart the parameters are the center's: nothing to exchange yet)
+        if step > first_step and (step - first_step) % tau == 0 and restarted != step:
             if overlap is not None:
                 overlap.finish()  # the previous move first: what is checked is what the next one sends
             bad = why_not_exchange(step)
@@ -344,12 +350,14 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
         # a divergence seen there restarts from the center, overwriting this step's parameters
         bad = count(losses.push(step, loss))
         step += 1
-        if bad is not None and not reset(*bad):
-            reason = P.GAVE_UP
-            break
+        if bad is not None:
+            if not reset(*bad):
+                reason = P.GAVE_UP
+                break
+            restarted = step
     if overlap is not None:
         overlap.finish()
-    if reason != P.GAVE_UP:
+    if reason != P.GAVE_UP and restarted != step:
         bad = why_not_exchange(step)
         if bad is None:
             exchange(step, last=True)  # the last exchange: what the worker learnt since the previous one counts

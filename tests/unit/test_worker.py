@@ -134,6 +134,16 @@ def test_a_local_step_reads_nothing_from_the_device(monkeypatch, local):
     assert reads == [] and isinstance(loss, torch.Tensor) and loss.dim() == 0
 
 
+def test_a_user_loss_of_shape_one_gives_a_scalar():
+    """A model's own loss(x, y) of shape [1] backpropagates; the step's loss must still be 0-d
+    (the synchronous sum and a GPU's page-locked copy take a scalar)."""
+    t, _ = trainer()
+    plain = t.module.loss
+    t.module.loss = lambda x, y: plain(x, y).reshape(1)
+    loss = t.gradient(0)
+    assert loss.shape == () and torch.isfinite(loss)
+
+
 def test_step_losses_are_read_one_step_late():
     from hpcopt.roles.local import StepLosses
 
