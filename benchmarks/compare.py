@@ -28,6 +28,11 @@ Timings on a shared machine are noisy: run it more than once.
 synchronous methods run plain. With --utilisation a first run measures the workers' compute
 alone (EAMSGD with one exchange at the end), and the table gets each run's worker compute
 utilisation: its workers' samples per second over that run's (1.0: communication costs nothing).
+Both are measured in runs whose center is evaluated only at the end, so each hpcopt row runs
+twice: once for the accuracy columns, once for its utilisation. A run with no exchanges has no
+new center to evaluate, and evaluating the wide setting's 9.2M-parameter center every second
+took 0.18 of the 2 cores (server 0.33 core with evaluations, 0.13 without): counted in, it
+looked like a cost of communication (one invocation, the same variant: 0.70 vs 0.79).
 """
 
 import argparse
@@ -136,9 +141,10 @@ def samples_per_second(exchanges):
     return sum(rates) / len(rates) if rates else float("nan")
 
 
-def run_hpcopt(method, workers, epochs, budget, out, wide, variant="plain"):
+def run_hpcopt(method, workers, epochs, budget, out, wide, variant="plain", evals=True):
+    """One hpcopt run; evals=False: the center is evaluated only at the end (utilisation runs)."""
     config, extra = METHODS[method]
-    extra = [*extra, *variant_flags(variant)]
+    extra = [*extra, *variant_flags(variant), *([] if evals else ["--record.eval_seconds", str(10 ** 9)])]
     ranks = workers + (0 if method in SYNC else 1)
     if wide:  # plain EASGD has no momentum: 10x the lr, as for the CNN (0.2 with momentum 0.9, 1.0 without)
         lr = 10 * WIDE_LR if method == "easgd" else WIDE_LR
@@ -199,16 +205,22 @@ def main():
     alone = None
     if args.utilisation:  # one exchange, at the end: the workers' compute with no communication
         print("running eamsgd without communication (compute alone) ...", flush=True)
-        alone = run_hpcopt("eamsgd", args.workers, epochs, args.budget, tmp / "alone", wide, "alone")
+        alone = run_hpcopt("eamsgd", args.workers, epochs, args.budget, tmp / "alone", wide, "alone", evals=False)
+        alone["utilisation_samples_per_second"] = alone["samples_per_second"]
         rows.append(("compute alone", alone))
     variants = args.variants.split(",")
     for method in methods:
         for variant in (["plain"] if method in SYNC else variants):
             name = method if variant == "plain" else f"{method} [{variant}]"
             print(f"running {name} ...", flush=True)
-            rows.append((name, run_hpcopt(method, args.workers, epochs, args.budget,
-                                          tmp / name.replace(" ", "_").replace("[", "").replace("]", ""), wide,
-                                          variant)))
+            stem = tmp / name.replace(" ", "_").replace("[", "").replace("]", "")
+            r = run_hpcopt(method, args.workers, epochs, args.budget, stem, wide, variant)
+            if args.utilisation:
+                print(f"running {name} again, evaluated only at the end (utilisation) ...", flush=True)
+                u = run_hpcopt(method, args.workers, epochs, args.budget, Path(f"{stem}-util"), wide, variant,
+                               evals=False)
+                r["utilisation_samples_per_second"] = u["samples_per_second"]
+            rows.append((name, r))
     ddp = None
     if not args.no_ddp:
         print("running torch DDP (gloo) ...", flush=True)
@@ -224,7 +236,7 @@ def main():
           f"per worker, batch 100 per worker (logs in {tmp})")
     ddp_final = ddp["curve"][-1][2] if ddp and ddp["curve"] else float("nan")
     last = f"s to {100 * ddp_final:.1f}%" if wide else "reached 94%"
-    util = alone["samples_per_second"] if alone else None
+    util = alone["utilisation_samples_per_second"] if alone else None
     print(f"{'method':26s} {'final acc':>9s} {'wall s':>7s} {'s to 90%':>9s} {'MB/worker':>10s}"
           + (f" {'util':>5s}" if util else "") + f"  {last}")
     for name, r in rows:
@@ -239,7 +251,7 @@ def main():
             cut = r["wall_seconds"] >= args.budget - 0.5  # stopped by the budget, not by its epochs
             note = (f"yes ({t94:.1f} s)" if t94 is not None
                     else f"no (budget {args.budget:g} s)" if cut else f"no ({epochs:g} epochs)")
-        u = r.get("samples_per_second")
+        u = r.get("utilisation_samples_per_second")
         print(f"{name:26s} {100 * acc:8.2f}% {r['wall_seconds']:7.1f} "
               f"{(f'{t90:9.1f}' if t90 is not None else '    never'):>9s} {r['bytes_per_worker'] / 1e6:10.1f}"
               + ((f" {u / util:5.2f}" if u else "     -") if util else "") + f"  {note}"
