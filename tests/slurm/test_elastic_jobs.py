@@ -73,25 +73,35 @@ def _preemptible_mid_run(slurm, run, out) -> str:
     return job
 
 
-@pytest.mark.parametrize("stop", ["requeue", "signal"])
+@pytest.mark.parametrize("stop", ["requeue", "signal", "step"])
 def test_preemptible_job_resumes_the_same_file_after_requeue(slurm, tmp_path, stop):
+    """requeue: SIGTERM to the whole job (an admin, preemption); signal: USR1 to the batch shell
+    (the time-limit warning); step: SIGTERM to the training's step alone, as when Slurm cancels the
+    step (the late clean-up of a killed step with the same id did, once): it stops cleanly,
+    unfinished, and the job script resumes it, counted as a retry."""
     if not (has_command("status") and "--resume" in slurm.run("bash", "-c", '"$HPCOPT" train --help').stdout):
         pytest.skip("`hpcopt train --resume` / `hpcopt status` are not there yet (issue 4)")
     run, out = tmp_path / "run", tmp_path / "job.out"
     job = _preemptible_mid_run(slurm, run, out)
     if stop == "requeue":
         slurm.run("scontrol", "requeue", job)  # as an admin or a preempting job would: SIGTERM to all
-    else:
+    elif stop == "signal":
         # what --signal=B:USR1@120 does before the time limit: USR1 to the batch shell, which
         # stops the run through the ranks and requeues the job itself
         slurm.run("scancel", "--batch", "--signal=USR1", job)
+    else:
+        slurm.run("scancel", "--signal=TERM", f"{job}.0")
     # A requeued job waits cred_expire + 1 s (11 s on the test cluster) and then starts by itself.
     slurm.wait(job, lambda i: i.get("Restarts", "0") != "0", 120, "requeued", out)
     info = slurm.wait_done(job, timeout=400, log=out)
     text = out.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}\n{slurm.controller_log(job)}"
     assert "start 2 of job" in text and "resuming" in text
-    assert ("got SIGUSR1" in text and "requeueing job" in text) if stop == "signal" else "got SIGTERM" in text
+    if stop == "step":
+        assert "got SIG" not in text and "stopped unfinished although this job was not told to stop" in text, text
+        assert (run / "failed-starts").read_text().strip() == "1"
+    else:
+        assert ("got SIGUSR1" in text and "requeueing job" in text) if stop == "signal" else "got SIGTERM" in text
 
     s = inspect(run / "trajectory.h5")
     assert s["status"] == "complete" and s["events"].get("resume", 0) >= 1, s
