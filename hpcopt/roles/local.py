@@ -111,7 +111,7 @@ class LocalTrainer:
     def lr(self, step: int) -> float:
         return learning_rate(step, self.total, self.cfg.train.lr, self.cfg.train.schedule, self.warmup)
 
-    def gradient(self, step: int) -> float:
+    def gradient(self, step: int) -> torch.Tensor:
         """The gradient the local step uses (into flat.grads) for local step `step`'s minibatch:
         plain, at the SAM ascent point, or the local-entropy gradient. Returns the minibatch loss
         at the current parameters, a 0-d tensor on the device (nothing here waits for a GPU)."""
