@@ -13,7 +13,7 @@ from . import protocol as P
 from hpcopt.launch.env import JobFatal
 from hpcopt.optim.lsgd import pull_
 
-from .wait import BUSY_CAP, Backoff, PeerTimeout, cancel, wait_all
+from .wait import BUSY_CAP, WAIT_SHARE, Backoff, PeerTimeout, cancel, wait_all
 
 SEND_WINDOW = 2
 
@@ -173,7 +173,7 @@ class CenterClient:
                 ref[a:b] += change
                 flying[s].append(comm.Isend(self.up[s][o:p], dest=rank, tag=P.TAG_PARAMS_Q))
 
-        deadline, backoff = time.monotonic() + self.timeout, Backoff(cap=BUSY_CAP)
+        deadline, backoff = time.monotonic() + self.timeout, Backoff(cap=BUSY_CAP, relative=WAIT_SHARE)
         pending = list(range(len(recvs)))
         while pending or any(flying.values()) or any(to_send.values()):
             progress = False
@@ -229,7 +229,7 @@ class CenterClient:
                 flying[s].append((comm.Isend(self.x[a:b], dest=rank, tag=P.TAG_PARAMS), (a, b)))
 
         deadline = time.monotonic() + self.timeout
-        backoff = Backoff(cap=BUSY_CAP)
+        backoff = Backoff(cap=BUSY_CAP, relative=WAIT_SHARE)
         total = len(recvs) + sum(len(c) for c in to_recv.values())
         done = 0
         while done < total:
@@ -266,7 +266,7 @@ class CenterClient:
         unsent = [w for w in work if w["to"] is not None]
         flying: list[dict] = []
         pending = list(range(len(work)))
-        deadline, backoff = time.monotonic() + self.timeout, Backoff(cap=BUSY_CAP)
+        deadline, backoff = time.monotonic() + self.timeout, Backoff(cap=BUSY_CAP, relative=WAIT_SHARE)
         while pending:
             progress = False
             for w in [w for w in flying if w["send"].Test()]:
@@ -309,7 +309,7 @@ class CenterClient:
         """wait_all with comm.timeout; a server that dropped this worker says so (Dropped), any
         other silence ends the job (CenterLost)."""
         try:
-            wait_all(requests, self.timeout, what)
+            wait_all(requests, self.timeout, what, relative=WAIT_SHARE)
         except PeerTimeout as e:
             self.poll_notices()
             raise CenterLost(str(e)) from None

@@ -17,6 +17,8 @@ import time
 
 BUSY_CAP = 2e-4
 IDLE_CAP = 1e-3
+MAX_SLEEP = 0.05  # the longest sleep of a relative back-off (a wait's deadline is checked between)
+WAIT_SHARE = 0.125  # a worker waiting on its servers notices the answer at most this share of its wait late
 
 
 def tighten_timer_slack() -> None:
@@ -39,23 +41,33 @@ class PeerTimeout(RuntimeError):
 class Backoff:
     """Between two tests: for the first `spin` seconds after progress only yield the core (a
     message that lands soon is seen at once, and a runnable process on the same core still gets
-    the core), then sleep a little longer each round (doubling from `low` up to a cap)."""
+    the core), then sleep a little longer each round (doubling from `low` up to a cap).
 
-    def __init__(self, low: float = 2e-5, cap: float = IDLE_CAP, spin: float = 1e-3):
-        self.low, self.cap, self.spin = low, cap, spin
+    `relative` (a fraction) lets the cap grow with the wait: a rank that has waited t seconds
+    since its last progress sleeps up to max(cap, relative * t), never more than MAX_SLEEP. A
+    worker queued behind 63 others for 90 ms then tests about 30 times instead of 450, and
+    the 64 wake-ups every 200 us no longer take the cores the server needs to answer them; it
+    notices its answer at most `relative` of its wait late."""
+
+    def __init__(self, low: float = 2e-5, cap: float = IDLE_CAP, spin: float = 1e-3, relative: float = 0.0):
+        self.low, self.cap, self.spin, self.relative = low, cap, spin, relative
         self.reset()
 
     def idle(self, cap: float | None = None) -> None:
+        now = time.monotonic()
         if self.spin_until is None:
-            self.spin_until = time.monotonic() + self.spin
-        if time.monotonic() < self.spin_until:
+            self.since, self.spin_until = now, now + self.spin
+        if now < self.spin_until:
             os.sched_yield()
             return
         time.sleep(self.delay)
-        self.delay = min(self.delay * 2, self.cap if cap is None else cap)
+        cap = self.cap if cap is None else cap
+        if self.relative:
+            cap = max(cap, min(self.relative * (now - self.since), MAX_SLEEP))
+        self.delay = min(self.delay * 2, cap)
 
     def reset(self) -> None:
-        self.delay, self.spin_until = self.low, None
+        self.delay, self.spin_until, self.since = self.low, None, 0.0
 
 
 def cancel(requests) -> bool:
@@ -72,7 +84,7 @@ def cancel(requests) -> bool:
     return False
 
 
-def wait_all(requests: list, timeout: float, what: str, cap: float = BUSY_CAP) -> None:
+def wait_all(requests: list, timeout: float, what: str, cap: float = BUSY_CAP, relative: float = 0.0) -> None:
     """Wait until all requests complete, or raise PeerTimeout after `timeout` seconds
     (cancelling what is still pending, so the buffers may be reused or dropped)."""
     from mpi4py import MPI
@@ -80,7 +92,7 @@ def wait_all(requests: list, timeout: float, what: str, cap: float = BUSY_CAP) -
     if MPI.Request.Testall(requests):
         return
     deadline = time.monotonic() + timeout
-    backoff = Backoff(cap=cap)
+    backoff = Backoff(cap=cap, relative=relative)
     while not MPI.Request.Testall(requests):
         if time.monotonic() > deadline:
             cancel(requests)
