@@ -16,7 +16,7 @@ demo: setup
 	$(VENV)/bin/hpcopt inspect runs/demo/trajectory.h5
 
 test: setup
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=20 tests
 
 bench: setup
 	mpirun --oversubscribe -n 2 $(VENV)/bin/python benchmarks/exchange.py

@@ -12,11 +12,17 @@ servers serve every exchange (each exchange touches every shard), so a point's r
 number of exchanges the tier completed per second, and its cost per exchange on one server is
 1/R when the server is the bottleneck.
 
+Every point is measured over its steady window (see steady()): from the moment every worker has
+completed an exchange until the first one stops. Start-up and shut-down are left out: with 64
+ranks on 2 cores they took longer than the exchanges and made the rate 5-8x too low.
+
 The model. Every point measures, besides its rate R, the CPU time the servers and the workers
 spent per exchange. Both are fitted, per path, as a fixed part and a part per byte:
     server:  c_s(P, S) = a_s + b_s x bytes(P / S)   (one server, its shard; bytes = up and back:
                                                       2 x 4 P/S plain, twice the payload compressed)
-    worker:  c_w(P)    = a_w + b_w x bytes(P)       (the client's side: copies, codec, MPI)
+    worker:  c_w(P, W) = a_w + b_w x bytes(P)       (the client's side: copies, codec, MPI,
+                         + d_w x W                    and waiting: a worker queued behind W-1
+                                                      others wakes to test more often)
 and the rate follows from the two resources an exchange needs:
     R = min( 1 / c_s ,  C / (S x c_s + c_w) )
 one server's own time per exchange (each exchange visits every shard), and the C cores every rank
@@ -41,6 +47,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -87,10 +94,20 @@ def inner(args):
         server = CenterServer(world=world, servers=servers, workers=workers, bounds=bounds, rule=rule,
                               recorder=recorder, comm=comm, start=start, shared=share.workers or None,
                               sync=share.sync, log=lambda *a: None)
+        samples, serving = [], threading.Event()
+
+        def sample():  # the server's CPU time and count, to be read over the steady window
+            while not serving.wait(0.02):
+                samples.append((time.monotonic(), time.process_time(), server.exchanges))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         summary = server.serve()
+        serving.set()
+        sampler.join()
         writer.close()
         result = {"exchanges": summary.exchanges, "seconds": summary.wall_seconds,
-                  "cpu_seconds": summary.cpu_seconds, "in_place": bool(share.workers)}
+                  "cpu_seconds": summary.cpu_seconds, "in_place": bool(share.workers), "samples": samples}
     else:
         wid = world.rank - S
         params = share.params if share.params is not None else torch.zeros(n)
@@ -99,12 +116,14 @@ def inner(args):
         k, t_end, cpu0 = 0, time.monotonic() + args.seconds, time.process_time()
         rng = np.random.default_rng(wid)
         noise = torch.from_numpy(rng.standard_normal(min(n, 4096)).astype(np.float32) * 1e-3)
+        done = []  # (when, CPU time) at each completed exchange
         while time.monotonic() < t_end:
             k += 1
             params[:noise.numel()] += noise  # a change to send (the compressed path encodes it)
             client.exchange(make_header(EXCHANGE, wid, k, k))
+            done.append((time.monotonic(), time.process_time()))
         client.done(wid, k)
-        result = {"worker": wid, "exchanges": k, "cpu_seconds": time.process_time() - cpu0}
+        result = {"worker": wid, "exchanges": k, "cpu_seconds": time.process_time() - cpu0, "done": done}
     results = world.gather(result, root=0)  # servers first (ranks 0..S-1), then the workers
     if world.rank == 0:
         print("RESULT " + json.dumps(results), flush=True)
@@ -114,6 +133,8 @@ def inner(args):
 def point(S, W, P, path, seconds):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_rmaps_base_oversubscribe="1")
+    seconds *= max(1, W / 16, P / 4e6)  # a steady window of many exchanges: many ranks take long to
+    # all be exchanging, and a large model makes few exchanges
     cmd = ["mpirun", "-n", str(S + W), sys.executable, __file__, "--inner", "--servers", str(S), "--params", str(P),
            "--path", path, "--seconds", str(seconds)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -121,11 +142,41 @@ def point(S, W, P, path, seconds):
     if p.returncode or not line:
         raise SystemExit(f"point S={S} W={W} P={P} {path} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     res = json.loads(line[0][7:])
-    servers, workers = res[:S], res[S:]
-    done = max(sum(r["exchanges"] for r in workers), 1)
-    return {"S": S, "W": W, "P": P, "path": path, "rate": res[0]["exchanges"] / res[0]["seconds"],
-            "cpu_per_exchange": max(r["cpu_seconds"] / max(r["exchanges"], 1) for r in servers),
-            "worker_cpu_per_exchange": sum(r["cpu_seconds"] for r in workers) / done}
+    return steady(S, W, P, path, res[:S], res[S:])
+
+
+def steady(S, W, P, path, servers, workers):
+    """The point's rate and CPU costs over its steady window: from the moment every worker has
+    completed an exchange to the moment the first one made its last (CLOCK_MONOTONIC is one
+    clock for every process of the machine). Start-up (64 ranks importing torch on 2 cores,
+    every worker's first fetch) and shut-down (workers leaving one by one) are outside it: with
+    few exchanges per worker they used to weigh as much as the exchanges themselves."""
+    t0 = max(r["done"][0][0] for r in workers)
+    t1 = min(r["done"][-1][0] for r in workers)
+    if t1 - t0 < 0.25 * (max(r["done"][-1][0] for r in workers) - min(r["done"][0][0] for r in workers)):
+        print(f"  (S={S} W={W} P={P:,} {path}: a steady window of only {t1 - t0:.2f} s; give it more --seconds)")
+    count, worker_cpu = 0, 0.0
+    for r in workers:
+        inside = [d for d in r["done"] if t0 <= d[0] <= t1]
+        if len(inside) >= 2:
+            count += len(inside) - 1
+            worker_cpu += inside[-1][1] - inside[0][1]
+    server_cpu = []
+    for r in servers:
+        inside = [x for x in r["samples"] if t0 <= x[0] <= t1]
+        if len(inside) >= 2 and inside[-1][2] > inside[0][2]:
+            server_cpu.append((inside[-1][1] - inside[0][1]) / (inside[-1][2] - inside[0][2]))
+    served = [x for x in servers[0]["samples"] if t0 <= x[0] <= t1]
+    if len(served) >= 2 and served[-1][2] > served[0][2]:
+        rate = (served[-1][2] - served[0][2]) / (served[-1][0] - served[0][0])
+    else:  # a window shorter than the sampling: the whole run's
+        rate = servers[0]["exchanges"] / servers[0]["seconds"]
+    whole = max(sum(r["exchanges"] for r in workers), 1)
+    return {"S": S, "W": W, "P": P, "path": path, "rate": rate, "window": t1 - t0,
+            "cpu_per_exchange": max(server_cpu) if server_cpu else
+            max(r["cpu_seconds"] / max(r["exchanges"], 1) for r in servers),
+            "worker_cpu_per_exchange": worker_cpu / count if count else
+            sum(r["cpu_seconds"] for r in workers) / whole}
 
 
 def shard_bytes(P, S, path):
@@ -140,28 +191,34 @@ def shard_bytes(P, S, path):
 
 def fit(points):
     """Per path: (a_s, b_s) of the servers' CPU seconds per exchange against their shard's bytes,
-    and (a_w, b_w) of the worker side's against the whole vector's, least squares in relative
-    error (the model is judged by its relative error at every point, small and large)."""
-    def line(x, t):
-        A = np.stack([np.ones_like(x), x], axis=1) / t[:, None]
-        (a, b), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
-        return max(a, 0.0), max(b, 0.0)
+    and (a_w, b_w, d_w) of the worker side's against the whole vector's bytes and the number of
+    workers, least squares in relative error (the model is judged by its relative error at every
+    point, small and large), no coefficient negative."""
+    def line(t, *xs):
+        A = np.stack([np.ones_like(t), *xs], axis=1) / t[:, None]
+        coef, *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
+        while (coef < 0).any():  # refit without the negative terms (at 0)
+            keep = coef > 0
+            coef = np.zeros_like(coef)
+            coef[keep], *_ = np.linalg.lstsq(A[:, keep], np.ones_like(t), rcond=None)
+        return tuple(float(c) for c in coef)
 
     model = {}
     for path in sorted({p["path"] for p in points}):
         mine = [p for p in points if p["path"] == path]
         xs = np.array([shard_bytes(p["P"], p["S"], path) for p in mine], dtype=float)
         xw = np.array([shard_bytes(p["P"], 1, path) for p in mine], dtype=float)
-        model[path] = (line(xs, np.array([p["cpu_per_exchange"] for p in mine])),
-                       line(xw, np.array([p["worker_cpu_per_exchange"] for p in mine])))
+        ws = np.array([p["W"] for p in mine], dtype=float)
+        model[path] = (line(np.array([p["cpu_per_exchange"] for p in mine]), xs),
+                       line(np.array([p["worker_cpu_per_exchange"] for p in mine]), xw, ws))
     return model
 
 
-def predict(model, S: int, P: int, path: str, cores: int) -> float:
+def predict(model, S: int, W: int, P: int, path: str, cores: int) -> float:
     """Exchanges per second of S servers on a machine of `cores` cores that every rank shares."""
-    (a_s, b_s), (a_w, b_w) = model[path]
+    (a_s, b_s), (a_w, b_w, d_w) = model[path]
     c_s = a_s + b_s * shard_bytes(P, S, path)
-    c_w = a_w + b_w * shard_bytes(P, 1, path)
+    c_w = a_w + b_w * shard_bytes(P, 1, path) + d_w * W
     return min(1 / c_s, cores / (S * c_s + c_w))
 
 
@@ -199,15 +256,16 @@ def main():
         Path(args.save).write_text(json.dumps(points, indent=1))
     model = fit(points)
     cores = args.cores or os.cpu_count()
-    print("\nfitted CPU seconds per exchange: a + b x bytes (server: of its shard; worker side: of the vector)")
-    for path, ((a_s, b_s), (a_w, b_w)) in model.items():
+    print("\nfitted CPU seconds per exchange: a + b x bytes (server: of its shard), a + b x bytes + d x W "
+          "(worker side: of the vector, W workers)")
+    for path, ((a_s, b_s), (a_w, b_w, d_w)) in model.items():
         bw = f"{1 / b_s / 1e9:.2f} GB/s" if b_s > 0 else "inf"
         print(f"  {path:9s} server a = {1e6 * a_s:7.1f} us  b = {1e9 * b_s:7.3f} ns/byte ({bw});  "
-              f"worker a = {1e6 * a_w:7.1f} us  b = {1e9 * b_w:7.3f} ns/byte")
+              f"worker a = {1e6 * a_w:7.1f} us  b = {1e9 * b_w:7.3f} ns/byte  d = {1e6 * d_w:5.1f} us/worker")
     print(f"\n{'S':>2} {'W':>3} {'P':>11} {'path':9s} {'measured/s':>11} {'model/s':>9} {'error':>7}   (cores: {cores})")
     worst = 0.0
     for p in points:
-        pred = predict(model, p["S"], p["P"], p["path"], cores)
+        pred = predict(model, p["S"], p["W"], p["P"], p["path"], cores)
         err = pred / p["rate"] - 1
         worst = max(worst, abs(err))
         print(f"{p['S']:>2} {p['W']:>3} {p['P']:>11,} {p['path']:9s} {p['rate']:>11.1f} {pred:>9.1f} {100 * err:>6.1f}%")
@@ -215,7 +273,7 @@ def main():
     if args.check:
         S, W, P = (int(float(v)) for v in args.check.split(","))
         for path in model:
-            pred = predict(model, S, P, path, cores)
+            pred = predict(model, S, W, P, path, cores)
             pt = point(S, W, P, path, args.seconds)
             print(f"unseen point S={S} W={W} P={P:,} {path}: model {pred:.1f}/s, measured {pt['rate']:.1f}/s "
                   f"({100 * (pred / pt['rate'] - 1):+.1f}%)")
