@@ -181,6 +181,10 @@ def _launch_train(args, launch, under_mpi_launcher) -> int:
             rest.append(a)
     if args.resume:
         out = Path(args.resume)
+        try:
+            cfg = C.load(args.config or str(out / "config.toml"), {})
+        except (C.ConfigError, OSError):
+            cfg = None  # the ranks say what is wrong with it
     else:
         try:
             cfg = C.load(args.config, _overrides(args))
@@ -196,7 +200,24 @@ def _launch_train(args, launch, under_mpi_launcher) -> int:
             print(f"hpcopt train: error: {out / 'trajectory.h5'} already exists; choose another --out, pass "
                   f"--force to overwrite it, or --resume {out} to continue it", file=sys.stderr)
             return 2
+    live = _live_owner(out, cfg)
+    if live:  # before anything starts: a new ompi-server would replace the live run's rendezvous
+        print(f"hpcopt train: error: {live}", file=sys.stderr)
+        return 2
     return launch(args.np, ["train", *rest], out, own_server=True)
+
+
+def _live_owner(out, cfg) -> str | None:
+    """Why `out` may not be trained now (a live training holds its lock), or None."""
+    from hpcopt.io.rundir import RunDir, _read_lock
+    from hpcopt.roles.train import _stale_seconds
+
+    run = RunDir(out)
+    if not run.lock_file.exists() or run.stale(_stale_seconds(cfg) if cfg is not None else 60.0) is not None:
+        return None
+    owner = _read_lock(run.lock_file)
+    return (f"{out} is being trained by pid {owner.get('pid')} on {owner.get('host')}; stop it first, or wait "
+            f"for it to end")
 
 
 def _cmd_join(args) -> int:
