@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from hpcopt.launch.env import watchdog
+
 from . import protocol as P
 from .wait import PeerTimeout, wait_all
 
@@ -83,8 +85,17 @@ class Flushes:
         return True
 
     def flush(self, final: bool, evaluate: bool, checkpoint: bool) -> None:
-        """Collective over the servers: the recorder writes what every server has; then (when
-        due) the checkpoint, which matches the file as flushed."""
+        """Collective over the servers, so a server that dies inside it would leave the others in
+        MPI-IO forever (the final flush has no worker left to time out): past comm.timeout, the
+        longest any worker waits for the servers anyway, a watchdog ends the job. The checkpoint
+        stays as the last complete flush left it."""
+        with watchdog(self.server.timeout + self.server.worker_timeout,
+                      f"server {self.servers.rank}'s {'final ' if final else ''}flush"):
+            self._flush(final, evaluate, checkpoint)
+
+    def _flush(self, final: bool, evaluate: bool, checkpoint: bool) -> None:
+        """The recorder writes what every server has; then (when due) the checkpoint, which
+        matches the file as flushed."""
         s, rec = self.server, self.server.recorder
         rec.report(s.exchanges, len(s.active))  # progress lines so far, with today's counts
         if final:
@@ -93,7 +104,8 @@ class Flushes:
             # server may not have taken the last uploads yet): take them
             s.take_uploads()
         # a run whose workers all finished is complete; one that some left on a signal or a stop
-        # (they saved their state) is stopped, and --resume continues them
+        # (they saved their state), that lost some to a crash, or that a resume did not start all
+        # the checkpoint's workers in (s.departed: workers owed work) is stopped: --resume continues them
         state = ("stopped" if s.departed else "complete") if final else "stopping" if s.stopping else "running"
         rec.flush(final=final, evaluate=evaluate, exchanges=s.exchanges, exchanges_total=s.exchanges,
                   center=s.center, status=state if final else "running", active=len(s.active))

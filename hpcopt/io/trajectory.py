@@ -133,6 +133,7 @@ class TrajectoryWriter:
         dset.resize(base + n, axis=0)
         meta.resize(base + n, axis=0)
         failpoint("trajectory.flush.resized")
+        failpoint(f"trajectory.flush.resized.server{self.comm.rank if self.comm is not None else 0}")  # one server only
         block = np.stack(rows) if n > 1 else rows[0][None, :]
         with dset.collective if self.comm is not None else contextlib.nullcontext():
             dset[base:base + n, self.lo:self.hi] = block

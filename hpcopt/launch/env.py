@@ -6,10 +6,12 @@ names; none set means a single local process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 
@@ -47,19 +49,51 @@ def record_outcome(code: int) -> None:
             pass
 
 
+def _ask_launcher_to_end_job() -> None:
+    """With Open MPI's recovery mode on (OMPI_MCA_orte_enable_recovery, set by `hpcopt train -n`),
+    neither MPI_Abort nor a rank's death ends the other ranks: ask the launcher (this rank's
+    parent: mpirun or orted) to end the job."""
+    if os.environ.get("OMPI_MCA_orte_enable_recovery", "0").lower() in ("1", "true", "yes"):
+        parent = os.getppid()
+        with open(f"/proc/{parent}/comm") as f:
+            if f.read().strip() in ("mpirun", "orterun", "orted", "mpiexec"):
+                os.kill(parent, signal.SIGTERM)
+
+
 def abort_job(comm) -> None:
-    """End every rank of the job now. With Open MPI's recovery mode on (OMPI_MCA_orte_enable_recovery,
-    set by `hpcopt train -n`), MPI_Abort no longer kills the other ranks, so first ask the launcher
-    (this rank's parent: mpirun or orted) to end the job."""
+    """End every rank of the job now."""
     try:
-        if os.environ.get("OMPI_MCA_orte_enable_recovery", "0").lower() in ("1", "true", "yes"):
-            parent = os.getppid()
-            with open(f"/proc/{parent}/comm") as f:
-                if f.read().strip() in ("mpirun", "orterun", "orted", "mpiexec"):
-                    os.kill(parent, signal.SIGTERM)
+        _ask_launcher_to_end_job()
         comm.Abort(1)
     finally:
         os._exit(1)
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float, what: str):
+    """End this process, and the job, if the block has not completed after `seconds`: for
+    collective calls with no deadline of their own (MPI-IO, HDF5), which a dead peer would hang
+    forever. From a timer thread, so no MPI call (the main thread is inside one): the launcher
+    is asked to end the job, and this rank exits; plain mpirun ends a job whose rank exits
+    without finalising, and every other rank that waits has a watchdog or a deadline too."""
+    def fire():
+        try:
+            sys.stderr.write(f"[hpcopt {socket.gethostname()} pid {os.getpid()}] {what} did not complete within "
+                             f"{seconds:g} s (comm.timeout): another rank is dead or the file system hangs; "
+                             f"ending the job\n")
+            sys.stderr.flush()
+            record_outcome(1)
+            _ask_launcher_to_end_job()
+        finally:
+            os._exit(1)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def install_abort_on_error(comm, *, whole_job: bool = True) -> None:
