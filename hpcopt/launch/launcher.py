@@ -104,7 +104,11 @@ def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
     cmd = [_mpirun(), "--oversubscribe", "-n", str(n), *(mpirun_args or []),
            sys.executable, "-m", "hpcopt", *hpcopt_args]
     print("hpcopt: " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent())  # SIGTERM: mpirun ends every rank
+    # mpirun in a session of its own: a terminal's Ctrl-C (SIGINT to the foreground process group)
+    # reaches this launcher only, which turns it into the graceful stop below; mpirun given the
+    # SIGINT itself would abort every rank, racing the stop (rank 0 killed after its final
+    # flush: no center.pt, a stale lock). SIGTERM from _die_with_parent still ends it with us
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent(), start_new_session=True)
     signals = {"n": 0}
 
     def forward(signum, frame):
@@ -145,7 +149,7 @@ def _run_outcome(folder: Path, mpirun_code: int) -> int:
     except (OSError, ValueError):
         print("hpcopt: rank 0 ended without an exit status (killed?); the training failed", file=sys.stderr)
         return mpirun_code or 1
-    return code or mpirun_code
+    return code  # (mpirun's own status says nothing in recovery mode, or how a signal ended it)
 
 
 def _rank0_gone(run_dir: Path, outcome: Path, since: float) -> bool:

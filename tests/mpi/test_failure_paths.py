@@ -156,6 +156,25 @@ def test_a_killed_launcher_takes_its_ompi_server_and_job_along(tmp_path):
         _kill_run(run)
 
 
+def test_a_terminal_ctrl_c_to_the_whole_process_group_is_a_graceful_stop(tmp_path):
+    """A terminal's Ctrl-C goes to the whole foreground process group, not to the launcher alone:
+    mpirun got it too and aborted the ranks, racing the graceful stop (exit 1; or rank 0 killed
+    after its final flush: no center.pt, a stale lock)."""
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "3", "--out", str(run), "--train.epochs", "100000", *QUAD, log=log)
+    try:
+        wait_for("exchanges", lambda: status(run).get("exchanges", 0) > 50, proc, log=log)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does (launch() made the launcher a group leader)
+        out = finish(proc, log)
+        assert proc.returncode == 0, out
+        assert status(run)["state"] == "stopped", out
+        assert (run / "center.pt").exists() and not (run / "lock").exists(), out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_run(run)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real, small file system (tmpfs of 6 MB) to fill up; skipped where mounting is not allowed."""
