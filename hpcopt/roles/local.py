@@ -209,7 +209,7 @@ class LocalTrainer:
 
     def state_dict(self) -> dict:
         """What a resumed worker needs to go on exactly: local step state and data order."""
-        state = {"local": self.local.state_dict(), "gen": self.gen.get_state(),
+        state = {"local": self.local.state_dict(), "local_kind": self.cfg.train.local, "gen": self.gen.get_state(),
                  "perm": None if self.perm is None else self.perm.cpu(),
                  "torch_rng": torch.get_rng_state()}
         if self.entropy is not None:  # its scope gamma_t and Langevin noise
@@ -218,8 +218,21 @@ class LocalTrainer:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.local.load_state_dict(state["local"])
+    def load_state_dict(self, state: dict) -> str | None:
+        """Returns a note when the local step's own state could not be taken (a resume with another
+        train.local, or its settings changed): the worker keeps its parameters, step and data
+        order, and its local step starts fresh, instead of every worker crashing on a KeyError."""
+        note = None
+        saved = state.get("local_kind")  # (states saved before it have none)
+        try:
+            if saved is not None and saved != self.cfg.train.local:
+                raise ValueError(f"it was saved by train.local = {saved!r}")
+            self.local.load_state_dict(state["local"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            self.reset_local_state()
+            note = (f"its saved local-step state does not fit train.local = {self.cfg.train.local!r} "
+                    f"({e if isinstance(e, ValueError) else type(e).__name__ + ': ' + str(e)}): the local "
+                    f"step starts fresh; parameters, step and data order are resumed")
         self.gen.set_state(state["gen"])
         self.perm = None if state["perm"] is None else state["perm"].to(self.device)
         torch.set_rng_state(state["torch_rng"])
@@ -227,3 +240,4 @@ class LocalTrainer:
             self.entropy.load_state_dict(state["entropy"])
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        return note

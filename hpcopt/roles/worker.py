@@ -219,7 +219,9 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
     k = 0
     if state is not None:
         flat.params.copy_(state["params"].to(flat.params.device))
-        trainer.load_state_dict(state["trainer"])
+        note = trainer.load_state_dict(state["trainer"])
+        if note:
+            log(f"worker {worker_id}: {note}")
         first_step, k = int(state["step"]), int(state["exchange"])
     flags = SignalFlag()
     heartbeat_every = cfg.comm.worker_timeout / 4

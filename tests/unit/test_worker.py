@@ -238,3 +238,35 @@ def test_a_gpu_workers_warm_up_changes_nothing_of_the_training():
     assert torch.equal(flat.params, params) and all(torch.equal(a, b) for a, b in zip(module.buffers(), buffers))
     assert torch.equal(torch.get_rng_state(), rng_state) and module.training
     assert not flat.grads.any()
+
+
+@pytest.mark.parametrize("saved_kind,resumed_kind,tag", [("sgd", "adamw", True), ("adamw", "sgd", True),
+                                                         ("sgd", "adamw", False)])
+def test_a_resume_with_another_local_step_starts_that_step_fresh_instead_of_crashing(saved_kind, resumed_kind, tag):
+    """`--resume RUN --train.local adamw` of a run trained with SGD crashed every worker with
+    KeyError: 'm'. The worker keeps its data order and says why its local step starts fresh;
+    states saved before the kind was recorded (tag False) fail on their keys, with the same result."""
+    old, _ = trainer(local=saved_kind)
+    for s in range(3):
+        old.gradient(s)
+        old.apply(0.1)
+    state = old.state_dict()
+    if not tag:
+        del state["local_kind"]
+    new, _ = trainer(local=resumed_kind)
+    fresh = new.local.state_dict()
+    note = new.load_state_dict(state)
+    assert note is not None and "starts fresh" in note, note
+    assert new.gen.get_state().equal(state["gen"])  # the data order is resumed
+    for k, v in new.local.state_dict().items():  # the local step's state is the initial one
+        assert torch.equal(v, fresh[k]) if isinstance(v, torch.Tensor) else v == fresh[k], k
+    new.gradient(3)
+    new.apply(0.1)  # and it steps
+
+
+def test_a_resume_with_the_same_local_step_takes_its_state_silently():
+    old, _ = trainer(local="adamw")
+    old.gradient(0)
+    old.apply(0.1)
+    new, _ = trainer(local="adamw")
+    assert new.load_state_dict(old.state_dict()) is None
