@@ -46,23 +46,63 @@ def key_of(spec: dict, *arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def _writer_lock(path: Path) -> int:
+    """An exclusive lock on PATH.lock for as long as the returned descriptor is open (the kernel
+    drops it with the process, so a killed analysis leaves none): two analyses writing one
+    results file at once corrupt its HDF5 metadata (a bad heap free list), losing all of it."""
+    import fcntl
+    import os
+
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ResultsError(f"{path} is being written by another hpcopt analyze (it holds {lock}); wait for it to "
+                           f"end, or pick another --out") from None
+    return fd
+
+
 def open_results(path: str | Path, source: str):
-    """Open (or create) the results file; refuse a foreign file or a newer schema."""
+    """Open (or create) the results file; refuse a foreign file or a newer schema, and a file
+    another analysis is writing. Closing the file releases it."""
+    import os
+
     import h5py
+
+    class Results(h5py.File):
+        def close(self):
+            try:
+                super().close()
+            finally:
+                fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+                if fd is not None:
+                    os.close(fd)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
+    fd = _writer_lock(path)
+    existed, f = path.exists(), None
+    try:
         try:
-            f = h5py.File(path, "a", locking=False)
+            f = Results(path, "a" if existed else "w", locking=False)
         except OSError as e:
             raise ResultsError(f"{path} exists but is not a readable HDF5 file ({e}); remove it or pick another --out") from None
-        _check_format(f, path, "remove it or pick another --out")
-    else:
-        f = h5py.File(path, "w", locking=False)
-        f.attrs["format"] = FORMAT
-        f.attrs["schema_version"] = SCHEMA_VERSION
-    f.attrs["source"] = str(source)
+        f._lock_fd, fd = fd, None  # the file holds the lock now
+        if existed:
+            _check_format(f, path, "remove it or pick another --out")
+        else:
+            f.attrs["format"] = FORMAT
+            f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["source"] = str(source)
+    except BaseException:
+        if f is not None:
+            f.close()
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
     return f
 
 

@@ -211,6 +211,22 @@ def test_bad_options_and_a_foreign_results_file(run, tmp_path):
     assert p.returncode == 2 and p.stderr.count("is not an hpcopt analysis file") == 1
 
 
+def test_a_second_analysis_writing_the_same_results_file_is_refused(run, tmp_path):
+    """Two `hpcopt analyze` at once on one --out corrupted analysis.h5 (a bad heap free list: every
+    result lost). The writer holds a lock; the second says so (exit 2) and touches nothing."""
+    from hpcopt.analyze.store import open_results, read_results
+
+    out = tmp_path / "o"
+    f = open_results(out / "analysis.h5", "first")  # an analysis writing now
+    f["mine"] = np.arange(3)
+    f.flush()
+    p = hpcopt("analyze", str(run / "run"), "--out", str(out), "--skip", "pca")
+    assert p.returncode == 2 and "is being written by another hpcopt analyze" in p.stderr, p.stdout + p.stderr
+    f.close()
+    assert list(read_results(out / "analysis.h5")["mine"]) == [0, 1, 2]
+    open_results(out / "analysis.h5", "again").close()  # released by close()
+
+
 def test_saved_models_by_name_also_across_runs(run):
     from hpcopt.analyze.source import load_run, point, resolve_point
 
