@@ -44,6 +44,17 @@ def open_trajectory(path: str | Path):
 
 
 def summarize(path: str | Path) -> dict:
+    """The run's summary; a damaged file (a missing field, a garbled attribute or dataset) is a
+    TrajectoryError that says so, never a traceback."""
+    try:
+        return _summarize(path)
+    except TrajectoryError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, OSError, RuntimeError, MemoryError, json.JSONDecodeError) as e:
+        raise TrajectoryError(f"{path} is damaged: {type(e).__name__}: {e}") from None
+
+
+def _summarize(path: str | Path) -> dict:
     with open_trajectory(path) as f:
         a = f.attrs
         exchanges = f["exchanges"][()]
