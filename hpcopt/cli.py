@@ -177,7 +177,7 @@ def _launch_train(args, launch, under_mpi_launcher) -> int:
             skip = False
         elif a in ("-n", "--np"):
             skip = True
-        elif not a.startswith(("-n=", "--np=")):
+        elif not a.startswith(("-n=", "--np=")) and not (a.startswith("-n") and a[2:].isdigit()):  # -n2 too
             rest.append(a)
     if args.resume:
         out = Path(args.resume)
@@ -273,7 +273,12 @@ def _cmd_status(args) -> int:
     except ValueError as e:
         print(f"hpcopt status: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(status) if args.json else format_status(status))
+    try:
+        text = json.dumps(status) if args.json else format_status(status)
+    except (TypeError, ValueError, KeyError, OverflowError) as e:  # a shape read_status did not foresee
+        print(f"hpcopt status: error: malformed status.json in {args.run}: {e}", file=sys.stderr)
+        return 2
+    print(text)
     return 0
 
 
@@ -360,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] in (["train"], ["join"]):
+        from hpcopt.launch.signals import catch_early
+
+        catch_early()  # a stop or a preemption while this process starts is not a crash
     parser = argparse.ArgumentParser(
         prog="hpcopt", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Asynchronous elastic-averaging training (EASGD/EAMSGD) under MPI, with the\n"

@@ -79,6 +79,12 @@ def start_ompi_server(run_dir: Path, timeout: float = 30.0) -> subprocess.Popen 
 def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
            mpirun_args: list[str] | None = None) -> int:
     """Run `mpirun -n N python -m hpcopt ARGS` with the run's rendezvous; returns its exit code."""
+    from hpcopt.launch.signals import early_signal, ignore_leave_signals
+
+    if early_signal() is not None:  # (catch_early, in cli) told to stop before anything started
+        print(f"hpcopt: {signal.Signals(early_signal()).name} before the launch: nothing was started",
+              file=sys.stderr, flush=True)
+        return 0
     if own_server:  # (a join only goes to a run directory that is there)
         run_dir.mkdir(parents=True, exist_ok=True)
     server = start_ompi_server(run_dir) if own_server else None
@@ -109,19 +115,34 @@ def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
     # SIGINT itself would abort every rank, racing the stop (rank 0 killed after its final
     # flush: no center.pt, a stale lock). SIGTERM from _die_with_parent still ends it with us
     proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent(), start_new_session=True)
-    signals = {"n": 0}
+    started = time.time()
+    # A graceful stop is passed on once the ranks catch it: when rank 0 holds the run's lock,
+    # every rank is past MPI_Init, so past catch_early. Sent sooner, mpirun would forward it to
+    # ranks still starting Python, whose default action for SIGUSR1 is to die.
+    signals = {"n": 0, "pending": early_signal() is not None}
+
+    def ready() -> bool:
+        return outcome is None or _rank0_started(run_dir, started)
 
     def forward(signum, frame):
         signals["n"] += 1
-        if proc.poll() is None:
-            # first: a graceful stop through every rank; then: let mpirun end the job
-            proc.send_signal(signal.SIGUSR1 if signals["n"] == 1 else signal.SIGTERM)
+        if proc.poll() is not None:
+            return
+        if signals["n"] == 1 and not ready():
+            signals["pending"] = True  # (the wait below passes it on)
+            return
+        # first: a graceful stop through every rank; then: let mpirun end the job
+        proc.send_signal(signal.SIGUSR1 if signals["n"] == 1 else signal.SIGTERM)
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(s, forward)
-    started = time.time()
+    if signals["pending"]:  # it came while ompi-server and mpirun started
+        signals["n"] = 1
     try:
         while True:
+            if signals["pending"] and signals["n"] == 1 and ready() and proc.poll() is None:
+                signals["pending"] = False
+                proc.send_signal(signal.SIGUSR1)
             try:
                 code = proc.wait(timeout=1.0)
                 break
@@ -130,6 +151,9 @@ def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
                     _end(proc)
         return code if outcome is None else _run_outcome(outcome, code)
     finally:
+        # the job is over: a second SIGTERM (scancel, timeout) must not kill this process while it
+        # tidies up and exits with the job's status (Python restores the default handlers at exit)
+        ignore_leave_signals()
         if outcome is not None:
             shutil.rmtree(outcome, ignore_errors=True)
         if server is not None:
@@ -150,6 +174,16 @@ def _run_outcome(folder: Path, mpirun_code: int) -> int:
         print("hpcopt: rank 0 ended without an exit status (killed?); the training failed", file=sys.stderr)
         return mpirun_code or 1
     return code  # (mpirun's own status says nothing in recovery mode, or how a signal ended it)
+
+
+def _rank0_started(run_dir: Path, since: float) -> bool:
+    """Whether this launch's rank 0 took the run's lock (so every rank is running hpcopt)."""
+    import json
+
+    try:
+        return float(json.loads((run_dir / "lock").read_text())["since"]) >= since
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _rank0_gone(run_dir: Path, outcome: Path, since: float) -> bool:

@@ -8,11 +8,32 @@ import signal
 LEAVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
+_early: list[int] = []  # the first leave signal caught by catch_early()
+
+
+def catch_early(signals=LEAVE_SIGNALS) -> None:
+    """From a process's first line on, remember a leave signal instead of dying of it: SIGUSR1's
+    and SIGTERM's default action is to kill, so a preemption while a rank still imports torch or
+    starts MPI (seconds) read as a failed start. The SignalFlag made later takes it over, and
+    the rank leaves gracefully at its first check."""
+    def handler(signum, frame):
+        if not _early:
+            _early.append(signum)
+
+    for s in signals:
+        signal.signal(s, handler)
+
+
+def early_signal() -> int | None:
+    return _early[0] if _early else None
+
+
 class SignalFlag:
-    """Remembers the first leave signal; the training loop checks it between steps."""
+    """Remembers the first leave signal (one catch_early() caught before counts); the training
+    loop checks it between steps."""
 
     def __init__(self, signals=LEAVE_SIGNALS):
-        self.received: int | None = None
+        self.received: int | None = early_signal()
         for s in signals:
             signal.signal(s, self._handler)
 

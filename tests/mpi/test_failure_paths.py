@@ -175,6 +175,26 @@ def test_a_terminal_ctrl_c_to_the_whole_process_group_is_a_graceful_stop(tmp_pat
         _kill_run(run)
 
 
+def test_a_stop_signal_while_the_ranks_start_is_a_graceful_stop(tmp_path):
+    """SIGTERM (scancel, a preemption) to `hpcopt train -n 3` right after it started mpirun, while
+    the ranks still import torch and start MPI: the forwarded SIGUSR1 killed them (its default
+    action), and the exit status said the training failed. The launcher now passes it on once
+    rank 0 holds the run, the ranks remember it from their first line on, and the run stops."""
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "3", "--out", str(run), "--train.epochs", "100000", *QUAD, log=log)
+    try:
+        wait_for("mpirun to start", lambda: "hpcopt: " in log.read_text(), proc, log=log)
+        os.kill(proc.pid, signal.SIGTERM)
+        out = finish(proc, log)
+        assert proc.returncode == 0, out
+        assert "Traceback" not in out and "failed" not in out, out
+        assert status(run)["state"] == "stopped" and not (run / "lock").exists(), out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_run(run)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real, small file system (tmpfs of 6 MB) to fill up; skipped where mounting is not allowed."""
