@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,10 @@ class RunConfig:
         _choice("run.method", self.method, METHODS)
         _at_least("run.servers", self.servers, 1)
         _at_least("run.threads", self.threads, 1)
+        if self.threads > MAX_THREADS:
+            raise ConfigError(f"run.threads must be <= {MAX_THREADS}, got {self.threads}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ConfigError(f"run.seed must be in [0, 2**40), got {self.seed}")
         if not self.out:
             raise ConfigError("run.out must be a directory path, got an empty string")
 
@@ -66,6 +72,9 @@ class ModelConfig:
     def __post_init__(self):
         if not isinstance(self.kwargs, dict):
             raise ConfigError(f"model.kwargs must be a table, got {self.kwargs!r}")
+        problem = _not_toml(self.kwargs, "model.kwargs")
+        if problem:
+            raise ConfigError(problem)
 
 
 @dataclass(kw_only=True)
@@ -79,6 +88,8 @@ class DataConfig:
 
     def __post_init__(self):
         _at_least("data.batch_size", self.batch_size, 1)
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"data.seed must be in [0, 2**32), got {self.seed}")
 
 
 @dataclass(kw_only=True)
@@ -121,8 +132,8 @@ class TrainConfig:
     """a worker reset more often than this leaves the run"""
 
     def __post_init__(self):
-        if not self.epochs > 0:
-            raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")
+        if not 0 < self.epochs <= 1e6:
+            raise ConfigError(f"train.epochs must be > 0 and <= 1e6, got {self.epochs}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         _choice("train.schedule", self.schedule, SCHEDULES)
@@ -292,6 +303,10 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
 
     def __post_init__(self):
+        for section in SECTIONS:  # also for a Config built in code rather than loaded
+            part = getattr(self, section)
+            for f in dataclasses.fields(part):
+                _check_number(f"{section}.{f.name}", getattr(part, f.name))
         if self.comm.overlap and self.synchronous:
             raise ConfigError(f"comm.overlap applies to the asynchronous methods' exchanges; {self.run.method} "
                               f"synchronizes every round: set it false")
@@ -329,6 +344,48 @@ SECTIONS: dict[str, type] = {
 }
 
 
+MAX_SEED = 2**40  # run.seed: workers derive theirs from it (seed * 1_000_003 + id) within torch's 64 bits
+MAX_THREADS = 4096
+MAX_INT = 2**63  # TOML integers are 64-bit; every count and period fits well below
+
+
+def _check_number(name, value):
+    """A config number must be finite (no field takes NaN or infinity) and fit in 64 bits."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if isinstance(value, int) and not -MAX_INT <= value < MAX_INT:
+        raise ConfigError(f"{name} must fit in 64 bits, got {value}")
+
+
+def _not_toml(value, where) -> str | None:
+    """Why `value` (model.kwargs) cannot be written to the run's config.toml, or None."""
+    if value is None:
+        return f"{where} is null, which TOML cannot hold: leave the key out (the factory's default applies)"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{where} has a non-string key {k!r}"
+            problem = _not_toml(v, f"{where}.{k}")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            problem = _not_toml(v, f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} must be a finite number, got {value}"
+    if isinstance(value, int) and not isinstance(value, bool) and not -MAX_INT <= value < MAX_INT:
+        return f"{where} must fit in 64 bits, got {value}"
+    if isinstance(value, (bool, int, float, str)):
+        return None
+    return f"{where} = {value!r} cannot be written as TOML"
+
+
 def _choice(name, value, allowed):
     if value not in allowed:
         raise ConfigError(f"{name} = {value!r} is not one of: {', '.join(allowed)}")
@@ -354,20 +411,28 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             return value.lower() in ("true", "1", "yes")
     elif kind == "int":
         if isinstance(value, int) and not isinstance(value, bool):
+            _check_number(name, value)
             return value
         if isinstance(value, str):
             try:
-                return int(value)
+                number = int(value)
             except ValueError:
                 pass
+            else:
+                _check_number(name, number)
+                return number
     elif kind == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_number(name, float(value))
             return float(value)
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                _check_number(name, number)
+                return number
     elif kind == "str":
         if isinstance(value, str):
             return value
@@ -446,6 +511,9 @@ def fields_for_cli():
 
 def dump_toml(data: dict) -> str:
     """Write nested dicts of plain values as TOML (enough for Config; no dependency needed)."""
+    def key(k):
+        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -454,7 +522,7 @@ def dump_toml(data: dict) -> str:
         if isinstance(v, str):
             return json.dumps(v)
         if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+            return "{ " + ", ".join(f"{key(k)} = {value(x)}" for k, x in v.items()) + " }"
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(value(x) for x in v) + "]"
         raise TypeError(f"cannot write {v!r} as TOML")

@@ -123,12 +123,33 @@ def state_dict_of(model) -> dict:
 def check_writable(path) -> None:
     """Before any work: the file's folder must exist, and a .safetensors name needs the
     safetensors package."""
+    if not str(path).strip():
+        raise ExportError("the output file name is empty: name the file to write, e.g. -o model.pt")
+    if Path(path).is_dir():
+        raise ExportError(f"cannot write {path}: it is a directory; name a file in it, e.g. {Path(path) / 'model.pt'}")
     folder = Path(path).parent
     if not folder.is_dir():
         raise ExportError(f"cannot write {path}: no such directory {folder}")
     if Path(path).suffix == SAFETENSORS and importlib.util.find_spec("safetensors") is None:
         raise ExportError(f"{path}: writing safetensors needs the safetensors package, which is not installed: "
                           f"`pip install safetensors` (into this Python's environment), or write a .pt file")
+
+
+def check_not_run_file(run, path) -> None:
+    """Refuse to write over a file of the run being exported (its trajectory, checkpoint, config,
+    status, center.pt, ... or anything in its workers/ and joins/), also through a symlink."""
+    from hpcopt.io.rundir import RunDir
+
+    src = Path(run)
+    rd = RunDir(src if src.is_dir() else src.parent)
+    target = Path(path).resolve()
+    own = {Path(p).resolve() for p in (src, rd.trajectory, rd.config, rd.token, rd.server_uri, rd.join_info,
+                                       rd.status, rd.checkpoint, rd.center_model, rd.lock_file,
+                                       rd.path / "data.npz")}
+    inside = any(target.is_relative_to(d.resolve()) for d in (rd.workers, rd.joins))
+    if target in own or inside:
+        raise ExportError(f"{path} is a file of the run {rd.path} itself: writing it would destroy the run; "
+                          f"choose another file name, e.g. {rd.path / 'model.pt'}")
 
 
 def save_state_dict(state: dict, path) -> None:
@@ -153,6 +174,7 @@ def save_state_dict(state: dict, path) -> None:
 def export(run, at: str, out):
     """`hpcopt export`: the saved model `at` of `run` as a state_dict file `out`. Returns the model."""
     check_writable(out)
+    check_not_run_file(run, out)
     model = load_model(run, at)
     save_state_dict(state_dict_of(model), out)
     return model

@@ -149,8 +149,9 @@ class RunFile:
             raise RecorderError(f"cannot create the run directory {run.path}: {e.strerror}") from None
         try:
             if not staged:
+                toml = cfg.to_toml()  # before anything is deleted: a config that cannot be written loses nothing
                 run.clear_previous()  # as hpcopt train does: the previous run's files, analysis, events
-                write_atomic(run.config, cfg.to_toml())
+                write_atomic(run.config, toml)
             n = sum(int(np.prod(s)) for s in layout["shapes"])
             attrs = run_attributes(cfg, n_parameters=n, hosts=hosts, bounds=[(0, n)], n_servers=0,
                                    n_workers=len(hosts), alpha=1.0, tau=1)

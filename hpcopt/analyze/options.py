@@ -4,7 +4,8 @@ docstrings are also the command line's help. No torch import here, so `hpcopt --
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -94,8 +95,18 @@ class AnalyzeOptions:
         for name in ("line_points", "interp_points", "top_k", "threads", "batch", "density_runs", "density_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for f in fields(self):  # no option takes NaN or infinity (time_limit's "no limit" is 0)
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v < 2**63:
+                raise ValueError(f"{f.name} must fit in 64 bits, got {v}")
         if self.timeout <= 0 or self.span <= 0 or self.sharpness_eps <= 0 or self.trace_rtol <= 0:
             raise ValueError("timeout, span, sharpness_eps and trace_rtol must be > 0")
+        for name in ("samples", "seed", "max_points", "time_limit", "lanczos_steps", "curvature_samples",
+                     "trace_max_probes", "sharpness_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def wants(self, part: str) -> bool:
         if part == "density":

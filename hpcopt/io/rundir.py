@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -32,6 +33,17 @@ from pathlib import Path
 
 class RunLocked(ValueError):
     """Another training owns the run directory."""
+
+
+_WORKER_FILE = re.compile(r"worker-\d+\.pt")  # RunDir.worker_state
+_JOIN_FILE = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}\.(req|ok|refused|port-\d+)")  # hpcopt.comm.joins
+_TEMP = re.compile(r"\.(.+)\.\d+\.tmp")  # write_atomic's temporary beside a file
+
+
+def _is_own(pattern: re.Pattern, name: str) -> bool:
+    """A file hpcopt writes in workers/ or joins/ (`pattern`), or write_atomic's temporary of one."""
+    temp = _TEMP.fullmatch(name)
+    return bool(pattern.fullmatch(temp[1] if temp else name))
 
 
 _HELD: set[str] = set()  # the run directories whose lock this process took and has not released
@@ -67,10 +79,13 @@ class RunDir:
                                                                   self.center_model):
             stale.unlink(missing_ok=True)
         tb.clear(tensorboard_dir or self.path / "tensorboard", tb.TRAIN_SUFFIX)  # events over the same steps
-        for d in (self.workers, self.joins):
-            if d.is_dir():
-                for f in d.iterdir():
-                    f.unlink()
+        for d, own in ((self.workers, _WORKER_FILE), (self.joins, _JOIN_FILE)):
+            if d.is_symlink():  # never follow it: the folder it points to is not this run's
+                d.unlink()
+            elif d.is_dir():
+                for f in d.iterdir():  # only hpcopt's own files (and its temporaries); nothing else
+                    if _is_own(own, f.name) and (f.is_file() or f.is_symlink()):
+                        f.unlink()
         shutil.rmtree(self.path / "analysis", ignore_errors=True)  # measured on the previous trajectory
 
     def worker_state(self, worker_id: int) -> Path:

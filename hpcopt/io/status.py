@@ -4,6 +4,7 @@ server 0 at every flush)."""
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from pathlib import Path
 
@@ -23,10 +24,54 @@ def read_status(run_dir) -> dict:
         status = read_json(run.status)
     except ValueError as e:
         raise ValueError(f"{run.status} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {run.status}: {e.strerror or e}") from None
+    problem = _malformed(status)
+    if problem:
+        raise ValueError(f"malformed status.json ({run.status}): {problem}")
     status["age_seconds"] = round(time.time() - float(status.get("updated", 0)), 1)
     if status.get("state") == "running" and status["age_seconds"] > STALE_SECONDS:
         status["state"] = "unresponsive"
     return status
+
+
+_NUMBERS = ("updated", "elapsed_seconds", "exchanges_per_second")
+_WORKER_NUMBERS = ("joined_at", "silent_seconds")
+_WORKER_KEYS = ("id", "host", "rank", "step", "exchanges")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _malformed(s) -> str | None:
+    """What makes a (hand-edited, damaged) status.json unusable, or None: its shape is what
+    server 0 writes (a JSON object; times and rates finite numbers; workers a list of objects)."""
+    if not isinstance(s, dict):
+        return f"expected a JSON object, got {type(s).__name__}"
+    for key in _NUMBERS:
+        if key in s and not _number(s[key]):
+            return f"{key!r} must be a finite number, got {s[key]!r}"[:200]
+    if not 0 <= s.get("updated", 0) < 253402300800:  # a time datetime can show (before the year 10000)
+        return f"'updated' is not a time, got {s['updated']!r}"
+    acc = s.get("center_test_accuracy")
+    if acc is not None and not _number(acc):
+        return f"'center_test_accuracy' must be a number, got {acc!r}"[:200]
+    for key in ("state", "method"):
+        if key in s and s[key] is not None and not isinstance(s[key], str):
+            return f"{key!r} must be a string, got {s[key]!r}"[:200]
+    if not isinstance(s.get("servers", []), list) or not all(isinstance(h, str) for h in s.get("servers", [])):
+        return f"'servers' must be a list of host names, got {s.get('servers')!r}"[:200]
+    workers = s.get("workers", [])
+    if not isinstance(workers, list):
+        return f"'workers' must be a list, got {workers!r}"[:200]
+    for w in workers:
+        if not isinstance(w, dict) or any(k not in w for k in _WORKER_KEYS + _WORKER_NUMBERS):
+            return f"each worker must be an object with {', '.join(_WORKER_KEYS + _WORKER_NUMBERS)}, got {w!r}"[:200]
+        if not all(_number(w[k]) for k in _WORKER_NUMBERS) or not all(
+                isinstance(w[k], (int, float, str)) for k in _WORKER_KEYS):
+            return f"a worker's fields have the wrong types: {w!r}"[:200]
+    return None
 
 
 def format_status(s: dict) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 LEAVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -26,6 +27,16 @@ def catch_early(signals=LEAVE_SIGNALS) -> None:
 
 def early_signal() -> int | None:
     return _early[0] if _early else None
+
+
+def release_early() -> None:
+    """For a process with no graceful stop (the synchronous baselines): the leave signals get
+    their default action back, and one caught while it started is delivered again, as if
+    catch_early() had never run."""
+    for s in LEAVE_SIGNALS:
+        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+    if _early:
+        os.kill(os.getpid(), _early[0])
 
 
 class SignalFlag:

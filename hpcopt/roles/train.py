@@ -58,13 +58,14 @@ def _prepare_run_dir(cfg: Config, force: bool) -> str:
         run.path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create the run directory {run.path}: {e.strerror}") from None
+    toml = cfg.to_toml()  # before anything is deleted: a config that cannot be written loses nothing
     note = run.lock(_stale_seconds(cfg))  # before anything is deleted: a live run is never overwritten
     if note:
         print(f"hpcopt: {note}", flush=True)
     run.clear_previous(tb.log_dir(cfg))  # its files, analysis, and events that would overlap this run's
     run.workers.mkdir(exist_ok=True)
     run.joins.mkdir(exist_ok=True)
-    write_atomic(run.config, cfg.to_toml())
+    write_atomic(run.config, toml)
     run.new_token()
     return str(run.trajectory)
 
@@ -205,6 +206,9 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
     worker_ranks = list(range(S, world.size))
     workers = dict(zip(worker_ranks, _worker_ids(ckpt, len(worker_ranks))))  # world rank -> worker id
     if cfg.synchronous:
+        from hpcopt.launch.signals import release_early
+
+        release_early()  # no graceful stop there: a stop signal ends the job, as it always did
         alpha, tau = 1.0, 1 if cfg.run.method == "dp-sgd" else cfg.sync.period
     elif cfg.run.method == "lsgd":
         alpha, tau = cfg.lsgd.lam, cfg.easgd.tau
@@ -439,8 +443,9 @@ def _check_complete(run: RunDir) -> None:
 
 
 def _worker_ids(ckpt, n: int) -> list[int]:
-    """Worker ids for n workers: on a resume, the checkpoint's active workers first (they
-    continue from their saved state), then new ids."""
+    """Worker ids for n workers: on a resume, the checkpoint's workers first (they continue from
+    their saved state: those active at the checkpoint, those that left on a signal or crashed,
+    and those an earlier resume with fewer workers did not start), then new ids."""
     if ckpt is None:
         return list(range(n))
     old = sorted(int(w) for w in ckpt["workers"]["worker_id"])

@@ -1,0 +1,217 @@
+"""Bad input is refused with a clear error and loses nothing (no MPI)."""
+
+import json
+import sys
+
+import pytest
+
+from hpcopt import config as C
+from hpcopt.io.rundir import RunDir
+
+
+def _old_run(tmp_path):
+    """A run directory as a finished training leaves it (the files only, no real content)."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    for f in (run.trajectory, run.checkpoint, run.status, run.center_model, run.config):
+        f.write_text("previous run\n")
+    run.workers.mkdir()
+    run.worker_state(3).write_text("state\n")
+    run.joins.mkdir()
+    return run
+
+
+# ---------------------------------------------------------------- model.kwargs and the config file
+def test_null_in_model_kwargs_is_a_config_error():
+    with pytest.raises(C.ConfigError, match=r"model.kwargs.channels is null"):
+        C.load(None, {"model.kwargs": '{"channels": null}'})
+    with pytest.raises(C.ConfigError, match=r"model.kwargs.a\[1\] is null"):
+        C.load(None, {"model.kwargs": '{"a": [1, null]}'})
+
+
+def test_model_kwargs_with_odd_keys_round_trip_through_toml():
+    import tomllib
+
+    cfg = C.load(None, {"model.kwargs": '{"a b": 1, "c": {"d.e": [1, 2.5, "x"]}}'})
+    assert tomllib.loads(cfg.to_toml())["model"]["kwargs"] == {"a b": 1, "c": {"d.e": [1, 2.5, "x"]}}
+
+
+def test_a_config_that_cannot_be_written_deletes_nothing(tmp_path, monkeypatch):
+    """hpcopt train --force: the config is serialised before the previous run's files go."""
+    from hpcopt.roles import train
+
+    run = _old_run(tmp_path)
+    cfg = C.load(None, {"run.out": str(run.path)})
+    cfg.model.kwargs = {"channels": None}  # past the config checks (built in code)
+    with pytest.raises(TypeError):
+        train._prepare_run_dir(cfg, force=True)
+    assert run.trajectory.read_text() == "previous run\n" and run.checkpoint.exists()
+    assert run.worker_state(3).exists()
+
+
+# ---------------------------------------------------------------- numbers
+@pytest.mark.parametrize("key, value", [
+    ("train.epochs", "inf"), ("train.epochs", "1e308"), ("train.warmup_epochs", "nan"),
+    ("train.weight_decay", "nan"), ("train.gamma1", "nan"), ("comm.chunk_mb", "inf"), ("comm.timeout", "inf"),
+    ("record.checkpoint_seconds", "nan"), ("record.eval_seconds", "nan"), ("sync.switch_epochs", "inf"),
+    ("run.seed", "100000000000000"), ("run.seed", "-1"), ("run.threads", "100000000000000000000"),
+    ("run.threads", "100000"), ("easgd.tau", "100000000000000000000000"), ("data.seed", "-1"),
+    ("data.batch_size", "100000000000000000000"),
+])
+def test_non_finite_and_out_of_range_numbers_are_config_errors(key, value):
+    with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
+        C.load(None, {key: value})
+
+
+def test_non_finite_numbers_in_a_toml_file(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[train]\nepochs = inf\n")
+    with pytest.raises(C.ConfigError, match=r"train\.epochs must be a finite number"):
+        C.load(p)
+    with pytest.raises(C.ConfigError, match=r"record\.checkpoint_seconds must be a finite number"):
+        C.Config(record=C.RecordConfig(checkpoint_seconds=float("nan")))
+    cfg = C.load(None, {"run.seed": str(2**40 - 1), "run.threads": "64", "train.epochs": "0.5"})
+    assert cfg.run.seed == 2**40 - 1 and cfg.run.threads == 64
+
+
+@pytest.mark.parametrize("kw", [dict(span=float("nan")), dict(span=float("inf")), dict(timeout=float("nan")),
+                                dict(time_limit=float("inf")), dict(sharpness_eps=float("nan")), dict(samples=-1),
+                                dict(seed=2**70)])
+def test_analyze_options_reject_non_finite_numbers(kw):
+    from hpcopt.analyze.options import AnalyzeOptions
+
+    with pytest.raises(ValueError):
+        AnalyzeOptions(**kw)
+
+
+# ---------------------------------------------------------------- workers/ and joins/ of a previous run
+def test_clear_previous_never_follows_a_symlinked_workers_folder(tmp_path):
+    run = _old_run(tmp_path)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine\n")
+    (precious / "worker-00001.pt").write_text("not the run's\n")
+    for d in (run.workers, run.joins):
+        import shutil
+
+        shutil.rmtree(d)
+        d.symlink_to(precious)
+    run.clear_previous()
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt", "worker-00001.pt"]
+    assert not run.workers.exists() and not run.joins.exists()
+
+
+def test_clear_previous_deletes_only_hpcopts_own_files(tmp_path):
+    run = _old_run(tmp_path)
+    (run.workers / "notes.txt").write_text("mine\n")
+    (run.workers / ".worker-00002.pt.123.tmp").write_text("temp\n")
+    for name in ("20260101T000000-0123abcd.req", "20260101T000000-0123abcd.ok",
+                 "20260101T000000-0123abcd.refused", "20260101T000000-0123abcd.port-1"):
+        (run.joins / name).write_text("{}\n")
+    (run.joins / "keep.txt").write_text("mine\n")
+    run.clear_previous()
+    assert [p.name for p in run.workers.iterdir()] == ["notes.txt"]
+    assert [p.name for p in run.joins.iterdir()] == ["keep.txt"]
+    assert not run.trajectory.exists()
+
+
+# ---------------------------------------------------------------- export onto the run's own files
+def test_export_refuses_the_runs_own_files_and_an_empty_name(tmp_path):
+    from hpcopt.export import ExportError, export
+
+    run = _old_run(tmp_path)
+    link = tmp_path / "link.h5"
+    link.symlink_to(run.checkpoint)
+    for out in (run.trajectory, run.checkpoint, run.config, run.status, run.center_model, link,
+                run.worker_state(3), run.workers / "new.pt"):
+        with pytest.raises(ExportError, match="file of the run"):
+            export(run.path, "center", out)
+        with pytest.raises(ExportError, match="file of the run"):
+            export(run.trajectory, "center", out)
+    with pytest.raises(ExportError, match="empty"):
+        export(run.path, "center", "")
+    with pytest.raises(ExportError, match="directory"):
+        export(run.path, "center", tmp_path)
+    assert run.trajectory.read_text() == "previous run\n"
+
+
+def test_export_cli_onto_a_real_runs_trajectory(tmp_path, capsys):
+    import torch
+
+    from hpcopt.cli import main
+    from hpcopt.models import build_model
+    from hpcopt.record import Recorder
+
+    torch.manual_seed(0)
+    model = build_model("cnn1d")
+    Recorder(tmp_path / "r", model, model_factory="cnn1d").close()
+    run = RunDir(tmp_path / "r")
+    before = run.trajectory.read_bytes()
+    assert main(["export", str(run.path), "-o", str(run.trajectory)]) == 2
+    assert main(["export", str(run.path), "-o", ""]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 2
+    assert run.trajectory.read_bytes() == before
+    assert main(["export", str(run.path), "-o", str(run.path / "m.pt")]) == 0  # a new file of its own name
+
+
+# ---------------------------------------------------------------- hand-edited status.json
+@pytest.mark.parametrize("text", ['[]', '"running"', '{"updated": null}', '{"updated": "yesterday"}',
+                                  '{"updated": 1e30}', '{"updated": NaN}', '{"updated": 0, "workers": [{}]}',
+                                  '{"updated": 0, "workers": 5}', '{"updated": 0, "elapsed_seconds": "x"}',
+                                  '{"updated": 0, "servers": [1, 2]}', None])
+def test_status_of_a_malformed_status_file(tmp_path, capsys, text):
+    from hpcopt.cli import main
+
+    run = RunDir(tmp_path)
+    run.config.write_text("[run]\n")
+    if text is None:
+        run.status.mkdir()
+    else:
+        run.status.write_text(text)
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("hpcopt status: error:") and len(err.splitlines()) == 1
+    if text is not None:
+        assert "malformed status.json" in err
+
+
+def test_status_of_a_good_status_file_and_of_a_non_object(tmp_path, capsys):
+    import time
+
+    from hpcopt.cli import main
+
+    (tmp_path / "status.json").write_text("[]")
+    assert main(["status", str(tmp_path)]) == 2
+
+    w = {"id": 0, "host": "h", "rank": 1, "pid": 9, "step": 5, "exchanges": 2, "joined_at": 0.1, "silent_seconds": 0.2}
+    (tmp_path / "status.json").write_text(json.dumps({
+        "updated": time.time(), "state": "running", "method": "easgd", "servers": ["h"], "elapsed_seconds": 1.0,
+        "exchanges": 2, "exchanges_per_second": 2.0, "center_test_accuracy": None, "workers": [w]}))
+    assert main(["status", str(tmp_path)]) == 0
+    assert "workers      1" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- hpcopt train -n2
+def test_train_launcher_drops_every_spelling_of_n(tmp_path, monkeypatch):
+    for n in (["-n2"], ["-n", "2"], ["--np=2"], ["-n=2"], ["--np", "2"]):
+        _launched_with(tmp_path, monkeypatch, n)
+
+
+def _launched_with(tmp_path, monkeypatch, n):
+    from hpcopt import cli
+
+    argv = ["hpcopt", "train", *n, "--out", str(tmp_path / "r"), "--train.epochs", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    seen = {}
+
+    def launch(np, rest, out, own_server):
+        seen.update(np=np, rest=rest)
+        return 0
+
+    import hpcopt.launch.launcher as L
+
+    monkeypatch.setattr(L, "launch", launch)
+    monkeypatch.setattr(L, "under_mpi_launcher", lambda: False)
+    assert cli.main(argv[1:]) == 0
+    assert seen["np"] == 2 and seen["rest"] == ["train", "--out", str(tmp_path / "r"), "--train.epochs", "1"]
