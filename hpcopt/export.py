@@ -144,7 +144,7 @@ def check_not_run_file(run, path) -> None:
     rd = RunDir(src if src.is_dir() else src.parent)
     target = Path(path).resolve()
     own = {Path(p).resolve() for p in (src, rd.trajectory, rd.config, rd.token, rd.server_uri, rd.join_info,
-                                       rd.status, rd.checkpoint, rd.center_model, rd.lock_file,
+                                       rd.status, rd.checkpoint, rd.checkpoint_sums, rd.center_model, rd.lock_file,
                                        rd.path / "data.npz")}
     inside = any(target.is_relative_to(d.resolve()) for d in (rd.workers, rd.joins))
     if target in own or inside:

@@ -35,11 +35,53 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, foreign, or does not match the model."""
 
 
+def sums_path(path) -> Path:
+    """PATH.sha256: the SHA-256 of the whole checkpoint file. HDF5's Fletcher-32 covers the
+    datasets' chunks only; a byte changed in the file's metadata made h5py segfault, spin for
+    minutes, or read a center half of zeros. The file is checked before h5py opens it."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _known_sums(path: Path) -> list[str] | None:
+    """The digests PATH.sha256 accepts (the newest first), or None when there is none (a run
+    written before it); CheckpointError when it is damaged."""
+    try:
+        sums = json.loads(sums_path(path).read_text())["sha256"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{sums_path(path)} is damaged ({type(e).__name__}): the checkpoint cannot be "
+                              f"trusted") from None
+    if not isinstance(sums, list) or not all(isinstance(x, str) for x in sums):
+        raise CheckpointError(f"{sums_path(path)} is damaged: the checkpoint cannot be trusted")
+    return sums
+
+
 def write(path, *, center: np.ndarray, workers: list[tuple], latest: dict[int, np.ndarray], attrs: dict) -> None:
+    from .rundir import write_atomic
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         _write(tmp, center=center, workers=workers, latest=latest, attrs=attrs)
+        # the new file's digest, and the old one's: a crash before the rename below leaves the old
+        # file, which must still pass
+        try:
+            old = (_known_sums(path) or [])[:1] if path.exists() else []
+        except CheckpointError:
+            old = []
+        write_atomic(sums_path(path), json.dumps({"sha256": [_sha256(tmp), *old]}) + "\n")
     except BaseException:
         tmp.unlink(missing_ok=True)  # (a full disk: what was written of it must not stay)
         raise
@@ -74,6 +116,11 @@ def read(path, *, n_parameters: int, layout: dict, method: str) -> dict:
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: the run never wrote one (it ran shorter than "
                               f"record.checkpoint_seconds?) or this is not a run directory")
+    sums = _known_sums(path)
+    if sums is not None and _sha256(path) not in sums:
+        raise CheckpointError(f"{path} is damaged (corrupt): it does not match the checksum written with it "
+                              f"({sums_path(path).name}); restore it from a backup, or remove both files to "
+                              f"resume from the trajectory's last center snapshot")
     try:
         with h5py.File(path, "r", locking=False) as f:
             if f.attrs.get("format") != FORMAT:

@@ -60,6 +60,7 @@ class RunDir:
         self.joins = self.path / "joins"
         self.status = self.path / "status.json"
         self.checkpoint = self.path / "checkpoint.h5"
+        self.checkpoint_sums = self.path / "checkpoint.h5.sha256"  # io.checkpoint.sums_path
         self.center_model = self.path / "center.pt"
         self.workers = self.path / "workers"
         self.logs = self.path / "logs"
@@ -75,8 +76,8 @@ class RunDir:
 
         from hpcopt.io import tensorboard as tb
 
-        for stale in ((self.trajectory,) if trajectory else ()) + (self.checkpoint, self.status, self.join_info,
-                                                                  self.center_model):
+        for stale in ((self.trajectory,) if trajectory else ()) + (self.checkpoint, self.checkpoint_sums, self.status,
+                                                                  self.join_info, self.center_model):
             stale.unlink(missing_ok=True)
         tb.clear(tensorboard_dir or self.path / "tensorboard", tb.TRAIN_SUFFIX)  # events over the same steps
         for d, own in ((self.workers, _WORKER_FILE), (self.joins, _JOIN_FILE)):

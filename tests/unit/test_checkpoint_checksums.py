@@ -34,7 +34,48 @@ def test_a_flipped_bit_in_the_checkpoint_center_is_refused(tmp_path):
     with h5py.File(path, "r") as f:
         offset = f["center"].id.get_chunk_info(0).byte_offset
     _flip(path, offset + 41)  # the low byte of a weight: still a finite number
+    with pytest.raises(checkpoint.CheckpointError, match="damaged"):  # the whole file's checksum
+        checkpoint.read(path, n_parameters=100, layout=LAYOUT, method="easgd")
+    checkpoint.sums_path(path).unlink()  # a checkpoint written before it: Fletcher-32 still refuses it
     with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+        checkpoint.read(path, n_parameters=100, layout=LAYOUT, method="easgd")
+
+
+def test_any_changed_byte_of_the_checkpoint_is_refused_before_hdf5_reads_it(tmp_path):
+    """A byte changed in the file's metadata (outside Fletcher-32's chunks) made h5py segfault,
+    spin for minutes, or return a center half of zeros. Every byte of the file, one at a time."""
+    path = tmp_path / "checkpoint.h5"
+    center = np.linspace(-1, 1, 100, dtype=np.float32)
+    _write(path, center)
+    good = path.read_bytes()
+    for offset in range(len(good)):
+        _flip(path, offset)
+        with pytest.raises(checkpoint.CheckpointError, match="damaged"):
+            checkpoint.read(path, n_parameters=100, layout=LAYOUT, method="easgd")
+        path.write_bytes(good)
+    assert np.array_equal(checkpoint.read(path, n_parameters=100, layout=LAYOUT, method="easgd")["center"], center)
+
+
+def test_a_crash_between_the_checksum_and_the_rename_leaves_a_checkpoint_that_reads(tmp_path):
+    path = tmp_path / "checkpoint.h5"
+    a, b, c = (np.full(100, v, dtype=np.float32) for v in (1.0, 2.0, 3.0))
+    _write(path, a)
+    old = path.read_bytes()
+    _write(path, b)
+    path.write_bytes(old)  # as if killed after the checksum file was written, before the rename
+    assert checkpoint.read(path, n_parameters=100, layout=LAYOUT, method="easgd")["center"][0] == 1.0
+    _write(path, b)
+    _write(path, c)  # only the newest two digests stay: the first one no longer passes
+    path.write_bytes(old)
+    with pytest.raises(checkpoint.CheckpointError, match="damaged"):
+        checkpoint.read(path, n_parameters=100, layout=LAYOUT, method="easgd")
+
+
+def test_a_damaged_checksum_file_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.h5"
+    _write(path, np.zeros(100, dtype=np.float32))
+    checkpoint.sums_path(path).write_text("{garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be trusted"):
         checkpoint.read(path, n_parameters=100, layout=LAYOUT, method="easgd")
 
 
