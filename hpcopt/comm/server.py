@@ -230,8 +230,10 @@ class CenterServer:
                 peer.ref.set(0, self.center.size, self.center)
                 peer.ref.synced = True
         self.left: dict[int, int] = {}  # how many workers left for each reason
-        # workers that left on a signal or a stop, having saved their state: a resume continues
-        # them (their checkpoint rows, kept from when they left)
+        # workers owed more work: those that left on a signal or a stop (having saved their
+        # state), those dropped as crashed (their last periodic state, if any), and on a resume the
+        # checkpoint's workers not started in this launch. A resume continues them (their
+        # checkpoint rows, kept from when they left); the run is complete only when there are none
         self.departed: dict[int, tuple] = {}
         self.crashed = 0  # workers dropped
         self.stop_flag = None  # set (e.g. by a signal handler) to end the run gracefully
@@ -343,6 +345,9 @@ class CenterServer:
         self.log(f"[{self.now():7.1f}s] dropping worker {wid} ({peer.host}): {why}")
         self.crashed += 1
         self.event("crash", wid, peer.step, why)
+        # it did not finish its epochs: its checkpoint row stays (before the rule forgets it), so
+        # the run ends stopped and a resume continues it from its last saved state
+        self.departed[wid] = (wid, peer.step, peer.exchanges, *self.rule.worker_scalars(wid))
         cancel(peer.posted or [])
         peer.posted = None
         cancel(self.replies.pop(wid, ([], 0))[0])

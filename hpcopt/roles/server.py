@@ -55,6 +55,11 @@ def serve(s, writer, evaluator) -> ServeSummary:
     finally:
         joins.close()
         ignore_leave_signals()
+    if role.rank == 0 and server.departed:
+        owed = sorted(server.departed)
+        s.log(f"hpcopt: the run is stopped, not complete: worker(s) {', '.join(map(str, owed))} did not finish "
+              f"their epochs (left, crashed, or not started in this launch); `hpcopt train -n N --resume "
+              f"{s.run.path}` continues them from their saved state")
     # after the final flush: server 0 leaves the final center as OUT/center.pt
     center = recorder.gather(rule.center.numpy())  # collective over the servers
     if role.rank == 0:
@@ -80,10 +85,14 @@ def _say_how(s, joins) -> None:
 
 def _restore(server: CenterServer, ckpt: dict, lo: int, hi: int) -> None:
     """A resumed server takes the checkpoint's per-worker state (the center rule's) for the
-    workers that continue."""
+    workers that continue. The checkpoint's workers not started in this launch (a resume with
+    fewer workers) keep their rows, as departed workers: every later checkpoint has them, the run
+    is not complete without them, and a later resume with more workers continues them."""
     for row in ckpt["workers"]:
         wid = int(row["worker_id"])
         if wid not in server.peers:
+            server.departed[wid] = (wid, int(row["step"]), int(row["exchanges"]), float(row["loss_avg"]),
+                                    float(row["grad_norm"]))
             continue
         server.peers[wid].step = int(row["step"])
         latest = ckpt["latest"].get(wid)

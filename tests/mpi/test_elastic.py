@@ -330,9 +330,9 @@ def _train_and(tmp_path, run, end, *extra, min_exchanges=60):
             subprocess.run(["pkill", "-9", "-f", str(run)], check=False)  # ranks are in their own sessions
 
 
-def _resume_a_while(tmp_path, run, more=40) -> str:
+def _resume_a_while(tmp_path, run, more=40, n=3) -> str:
     log = tmp_path / "resume.log"
-    proc = launch("train", "-n", "3", "--resume", str(run), log=log)
+    proc = launch("train", "-n", str(n), "--resume", str(run), log=log)
     try:
         n0 = status(run).get("exchanges", 0)
         wait_for("the resumed run", lambda: status(run).get("exchanges", 0) > n0 + more, proc, log=log)
@@ -405,6 +405,14 @@ def test_a_second_training_on_a_live_run_is_refused_and_a_dead_ones_lock_is_take
         for args in (["--resume", str(run)], ["--out", str(run), "--force", *QUAD]):
             p = mpirun(3, "train", *args, check=False)
             assert p.returncode == 2 and "is being trained by pid" in p.stderr, p.stderr
+        # the launcher form is refused before it starts anything: it used to start its own
+        # ompi-server first, whose URI replaced the live run's (joins to the live run then failed)
+        uri = (run / "ompi-server.uri").read_text()
+        for args in (["--resume", str(run)], ["--out", str(run), "--force", *QUAD]):
+            p = hpcopt("train", "-n", "3", *args)
+            assert p.returncode == 2 and "is being trained by pid" in p.stderr, p.stdout + p.stderr
+            assert "mpirun" not in p.stdout, p.stdout  # nothing was launched
+        assert (run / "ompi-server.uri").read_text() == uri
         n0 = status(run)["exchanges"]
         wait_for("more exchanges", lambda: status(run).get("exchanges", 0) > n0 + 20, proc, log=log)
     assert not (run / "lock").exists()  # released at the end
@@ -570,3 +578,104 @@ def test_a_dead_server_ends_every_rank_without_waiting_for_comm_timeout(tmp_path
     assert ("rank 0 (server 0" in out) if victim == 0 else ("acknowledge a flush" in out), out
     with h5py.File(run / "checkpoint.h5", "r") as f:
         assert np.isfinite(f["center"][...]).all()
+
+
+def test_a_server_killed_inside_the_final_flush_ends_the_job_instead_of_hanging(tmp_path):
+    """The final flush has no worker left to time out: server 1 SIGKILLed inside it left server 0
+    in the collective HDF5 write forever. A watchdog ends the job after comm.timeout +
+    comm.worker_timeout, with a failing exit status."""
+    run = tmp_path / "r"
+    p = subprocess.run([sys.executable, "-m", "hpcopt", "train", "-n", "4", "--run.servers", "2", "--out", str(run),
+                        "--train.epochs", "20", *QUAD, "--record.flush_seconds", "1000", "--comm.timeout", "10"],
+                       env=mpi_env({"HPCOPT_FAILPOINTS": "trajectory.flush.resized.server1@1"}), capture_output=True,
+                       text=True, timeout=300)  # (a hang guard: it used to hang here)
+    assert p.returncode != 0, p.stdout + p.stderr
+    assert "final flush did not complete within 14 s" in p.stderr, p.stdout + p.stderr
+    wait_for("every process of the killed job to end",
+             lambda: not subprocess.run(["pgrep", "-f", f"hpcopt train.*{run}"], capture_output=True).stdout, timeout=30)
+
+
+def _saved_step(run, wid) -> int:
+    import torch
+
+    return int(torch.load(run / "workers" / f"worker-{wid:05d}.pt", weights_only=True)["step"])
+
+
+def _ckpt_rows(run) -> dict[int, int]:
+    with h5py.File(run / "checkpoint.h5", "r") as f:
+        return {int(r["worker_id"]): int(r["step"]) for r in f["workers"][...]}
+
+
+def test_a_crashed_worker_is_owed_its_epochs_and_a_resume_continues_it(tmp_path):
+    """One worker of three SIGKILLed mid-run, the others finish: the run is stopped, not
+    complete (it used to say complete, drop the crashed worker's checkpoint row and refuse
+    --resume); the resume continues that worker from its own saved step to the end."""
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "4", "--out", str(run), "--train.epochs", "50", *QUAD, log=log)
+    try:
+        wait_for("worker 1's saved state", lambda: (run / "workers" / "worker-00001.pt").exists()
+                 and 1 in [w["id"] for w in status(run).get("workers", [])], proc, log=log)
+        os.kill(_worker_pid(run, 1), signal.SIGKILL)
+        out = finish(proc, log)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", str(run)], check=False)
+    assert proc.returncode == 0, out  # not every worker crashed
+    assert "the run is stopped, not complete: worker(s) 1 did not finish" in out, out
+    ev = events(run / "trajectory.h5")
+    assert [e[1] for e in ev if e[0] == "crash"] == [1]
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        assert f.attrs["status"] == "stopped"
+        ex = f["exchanges"][...]
+    last = {w: int(ex["step"][ex["worker_id"] == w].max()) for w in (0, 1, 2)}
+    assert last[0] == last[2] > last[1]  # 0 and 2 finished their epochs, 1 did not
+    assert status(run)["state"] == "stopped"
+    rows = _ckpt_rows(run)
+    assert sorted(rows) == [1] and last[0] > rows[1] >= last[1] > 0, rows  # the crashed worker's row, at its last step
+    saved = _saved_step(run, 1)
+    assert 0 < saved <= rows[1]
+
+    rlog = tmp_path / "resume.log"
+    proc = launch("train", "-n", "2", "--resume", str(run), log=rlog)  # 1 server + 1 worker
+    try:
+        out = finish(proc, rlog)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert "no saved state" not in out and "not complete" not in out, out
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        assert f.attrs["status"] == "complete"
+        after = f["exchanges"][len(ex):]
+    assert set(after["worker_id"].tolist()) == {1}
+    assert after["step"][0] == saved + 4 and after["step"][-1] == last[0], after["step"][[0, -1]]
+    assert status(run)["state"] == "complete"  # (--resume now refuses it)
+
+
+def test_a_resume_with_fewer_workers_keeps_the_others_for_a_later_one_with_more(tmp_path):
+    """2 workers, stop; resume with 1, stop; resume with 2: worker 1, not started by the second
+    launch, keeps its checkpoint row and continues from its own saved state in the third (it
+    used to be forgotten: a new worker 2 started with no saved state)."""
+    run = tmp_path / "r"
+    _train_and(tmp_path, run, "stop")
+    first = _ckpt_rows(run)
+    assert sorted(first) == [0, 1]
+    saved = _saved_step(run, 1)
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        n_first = len(f["exchanges"])
+    _resume_a_while(tmp_path, run, n=2)  # 1 server + worker 0
+    rows = _ckpt_rows(run)
+    assert sorted(rows) == [0, 1] and rows[1] == first[1] and rows[0] > first[0], (first, rows)
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        assert f.attrs["status"] == "stopped"
+        n_before = len(f["exchanges"])
+        assert set(f["exchanges"]["worker_id"][n_first:].tolist()) == {0}
+    assert _saved_step(run, 1) == saved
+    out = _resume_a_while(tmp_path, run, n=3)  # 1 server + workers 0 and 1
+    assert "no saved state" not in out, out
+    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
+        after = f["exchanges"][n_before:]
+    assert set(after["worker_id"].tolist()) == {0, 1}
+    mine = after[after["worker_id"] == 1]
+    assert mine["step"][0] == saved + 4, (saved, mine["step"][:3])
