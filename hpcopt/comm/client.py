@@ -16,6 +16,7 @@ from hpcopt.optim.lsgd import pull_
 from .wait import BUSY_CAP, WAIT_SHARE, Backoff, PeerTimeout, cancel, wait_all
 
 SEND_WINDOW = 2
+LIVENESS_EVERY = 1.0  # seconds between two gone() checks of a waiting client
 
 
 class Dropped(RuntimeError):
@@ -43,10 +44,14 @@ class CenterClient:
                  params: torch.Tensor, *, chunk: int, timeout: float,
                  layer_norms: np.ndarray | None = None, leaders: bool = False,
                  shared: set[int] = frozenset(), sync=lambda: None, compress: str = "none",
-                 exact_every: int = 0):
+                 exact_every: int = 0, gone=None):
         if params.device.type != "cpu" or not params.is_contiguous():
             raise ValueError("exchanges need a contiguous CPU parameter buffer")
         self.links, self.bounds, self.timeout = links, bounds, timeout
+        # gone(): why the servers are known dead (a joined worker reads the run's lock: its
+        # server 0's pid gone), else None; asked every LIVENESS_EVERY s of a wait. A joined worker
+        # is in no MPI job with the servers, so nothing else tells it before comm.timeout
+        self.gone, self._next_liveness = gone, 0.0
         self.params = params
         self.x = params.numpy()  # shares memory with params: sends and replies copy nothing more
         self.chunks = [P.chunk_bounds(lo, hi, chunk) for lo, hi in bounds]
@@ -303,13 +308,25 @@ class CenterClient:
         else:
             if any(r is not None for r in self._notice_reqs):
                 self.poll_notices()
+            self._check_liveness(outstanding)
             backoff.idle()
+
+    def _check_liveness(self, outstanding) -> None:
+        """Raise CenterLost (cancelling `outstanding()`) once gone() says the servers are dead."""
+        if self.gone is None or time.monotonic() < self._next_liveness:
+            return
+        self._next_liveness = time.monotonic() + LIVENESS_EVERY
+        why = self.gone()
+        if why:
+            cancel(outstanding())
+            raise CenterLost(f"the run's servers are gone ({why})")
 
     def _wait(self, requests: list, what: str) -> None:
         """wait_all with comm.timeout; a server that dropped this worker says so (Dropped), any
         other silence ends the job (CenterLost)."""
         try:
-            wait_all(requests, self.timeout, what, relative=WAIT_SHARE)
+            wait_all(requests, self.timeout, what, relative=WAIT_SHARE,
+                     check=None if self.gone is None else lambda: self._check_liveness(lambda: requests))
         except PeerTimeout as e:
             self.poll_notices()
             raise CenterLost(str(e)) from None

@@ -84,7 +84,8 @@ def cancel(requests) -> bool:
     return False
 
 
-def wait_all(requests: list, timeout: float, what: str, cap: float = BUSY_CAP, relative: float = 0.0) -> None:
+def wait_all(requests: list, timeout: float, what: str, cap: float = BUSY_CAP, relative: float = 0.0,
+             check=None) -> None:
     """Wait until all requests complete, or raise PeerTimeout after `timeout` seconds
     (cancelling what is still pending, so the buffers may be reused or dropped)."""
     from mpi4py import MPI
@@ -97,6 +98,8 @@ def wait_all(requests: list, timeout: float, what: str, cap: float = BUSY_CAP, r
         if time.monotonic() > deadline:
             cancel(requests)
             raise PeerTimeout(f"no answer within {timeout:g} s while waiting for {what}")
+        if check is not None:  # (may raise: the peer is known dead)
+            check()
         backoff.idle()
 
 

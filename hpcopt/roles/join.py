@@ -86,7 +86,8 @@ def join(run_path: str, *, token: str | None = None, log=print) -> WorkerSummary
     flat = ready.trainer.flat
     client = CenterClient(links, bounds, ready.mirror.host, chunk=_chunk(cfg), timeout=cfg.comm.timeout,
                           layer_norms=_layer_norms(cfg, flat), leaders=cfg.run.method == "lsgd",
-                          compress=cfg.comm.compress, exact_every=cfg.record.worker_every)
+                          compress=cfg.comm.compress, exact_every=cfg.record.worker_every,
+                          gone=lambda: run.stale(_stale_seconds(cfg)) if run.lock_file.exists() else None)
     status = _read_json_safe(run.status)
     start = time.monotonic() - float(status.get("elapsed_seconds", 0.0))
     install_abort_on_error(world, whole_job=False)

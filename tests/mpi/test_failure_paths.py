@@ -195,6 +195,29 @@ def test_a_stop_signal_while_the_ranks_start_is_a_graceful_stop(tmp_path):
         _kill_run(run)
 
 
+def test_a_joined_worker_whose_server_died_leaves_without_waiting_comm_timeout(tmp_path):
+    """A joined worker is in no MPI job with the servers: when server 0 was SIGKILLed the training
+    job ended in seconds, but the joiner waited comm.timeout (120 s) for a reply. It now reads
+    the run's lock while it waits: server 0's pid is gone, so it leaves (exit 1, saying why)."""
+    run, log, jlog = tmp_path / "r", tmp_path / "train.log", tmp_path / "join.log"
+    proc = launch("train", "-n", "3", "--out", str(run), "--train.epochs", "100000", *QUAD, "--comm.timeout", "600",
+                  log=log)
+    joiner = None
+    try:
+        wait_for("the first exchanges", lambda: status(run).get("exchanges", 0) > 20, proc, log=log)
+        joiner = launch("join", str(run), "-n", "1", log=jlog)
+        wait_for("the joiner", lambda: len(status(run).get("workers", [])) == 3, proc, log=log)
+        server0 = json.loads((run / "lock").read_text())["pid"]
+        os.kill(server0, signal.SIGKILL)
+        jout = finish(joiner, jlog, timeout=120)  # (comm.timeout is 600 s)
+        assert joiner.returncode != 0 and "servers are gone" in jout and "is gone" in jout, jout
+    finally:
+        for p in (proc, joiner):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        _kill_run(run)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real, small file system (tmpfs of 6 MB) to fill up; skipped where mounting is not allowed."""
