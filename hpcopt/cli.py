@@ -212,8 +212,16 @@ def _live_owner(out, cfg) -> str | None:
     from hpcopt.io.rundir import RunDir, _read_lock
     from hpcopt.roles.train import _stale_seconds
 
+    import time
+
     run = RunDir(out)
-    if not run.lock_file.exists() or run.stale(_stale_seconds(cfg) if cfg is not None else 60.0) is not None:
+    stale_seconds = _stale_seconds(cfg) if cfg is not None else 60.0
+    deadline = time.monotonic() + 5.0  # a training killed a moment ago may still be exiting
+    while run.lock_file.exists() and run.stale(stale_seconds) is None:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    else:
         return None
     owner = _read_lock(run.lock_file)
     return (f"{out} is being trained by pid {owner.get('pid')} on {owner.get('host')}; stop it first, or wait "

@@ -158,6 +158,8 @@ class RunDir:
             except (PermissionError, KeyError, ValueError, TypeError):
                 pass
             else:
+                if _zombie(int(owner["pid"])):  # killed, not yet reaped by its parent
+                    return f"its process {owner['pid']} is gone (a zombie)"
                 return None
         try:
             age = time.time() - self.lock_file.stat().st_mtime
@@ -184,6 +186,14 @@ class RunDir:
 def _mine(owner: dict) -> bool:
     """The lock `owner` is this process."""
     return owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _read_lock(path: Path) -> dict:
