@@ -216,7 +216,7 @@ def _live_owner(out, cfg) -> str | None:
 
     run = RunDir(out)
     stale_seconds = _stale_seconds(cfg) if cfg is not None else 60.0
-    deadline = time.monotonic() + 5.0  # a training killed a moment ago may still be exiting
+    deadline = time.monotonic() + 1.0  # a training killed a moment ago may still be exiting
     while run.lock_file.exists() and run.stale(stale_seconds) is None:
         if time.monotonic() > deadline:
             break
