@@ -7,7 +7,8 @@ one). It records the trajectory file's dataset sizes at that flush: a resume cut
 to them, so a killed run loses at most one checkpoint interval and the file stays consistent.
 
     attrs   format="hpcopt.checkpoint", version, method, model, n_parameters, layout (JSON),
-            exchanges, next_worker_id, time (run seconds), trajectory_sizes (JSON), created
+            exchanges, next_worker_id, time (run seconds), trajectory_sizes (JSON), created,
+            run_id (the trajectory's; absent before hpcopt had run ids)
     center            float32[P]   the center variable
     workers           table        worker_id, step, exchanges, loss_avg, grad_norm (active workers)
     latest/<id>       float32[P]   MGRAWA/LSGD: each active worker's latest parameters
@@ -259,6 +260,7 @@ def from_trajectory(path, *, n_parameters: int, layout: dict, method: str) -> di
             center = f["center/params"][last]
             next_id = max([int(w) for w in rows] + [int(f.attrs.get("n_workers", 0)) - 1]) + 1
             wall = float(f.attrs.get("wall_seconds", t))
+            run_id = str(f.attrs.get("run_id", ""))
     except CheckpointError:
         raise
     except (OSError, KeyError, ValueError) as e:
@@ -266,6 +268,7 @@ def from_trajectory(path, *, n_parameters: int, layout: dict, method: str) -> di
     return {"center": center, "latest": {},
             "workers": np.array([rows[w] for w in sorted(rows)], dtype=WORKER),
             "attrs": {"method": method, "n_parameters": n_parameters, "layout": json.dumps(layout),
-                      "exchanges": exchanges, "next_worker_id": next_id, "time": t, "trajectory_sizes": sizes},
+                      "exchanges": exchanges, "next_worker_id": next_id, "time": t, "trajectory_sizes": sizes,
+                      "run_id": run_id},
             "note": f"no checkpoint: resuming from the trajectory's last center snapshot (exchange {exchanges}, "
                     f"{t:.1f} s); the {max(0.0, wall - t):.1f} s recorded after it are dropped"}

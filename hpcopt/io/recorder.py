@@ -346,7 +346,7 @@ class Recorder:
                 ckpt.write(self.run.checkpoint, center=full, workers=workers, latest=latest, attrs={
                     "method": info.method, "model": info.model, "n_parameters": info.n_params,
                     "layout": info.layout, "exchanges": exchanges, "next_worker_id": next_worker_id,
-                    "time": self.now(), "trajectory_sizes": self.writer.sizes()})
+                    "time": self.now(), "trajectory_sizes": self.writer.sizes(), "run_id": self.writer.run_id})
             except (OSError, RuntimeError) as e:  # the old checkpoint stays (written aside, then renamed)
                 raise RecordingError(_cannot_write(self.run.checkpoint, e, self.run)) from None
         self.last_checkpoint = time.monotonic()

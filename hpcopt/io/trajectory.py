@@ -28,10 +28,12 @@ if TYPE_CHECKING:
 
 
 def run_attributes(cfg, *, n_parameters: int, hosts: dict, bounds: list, n_servers: int, n_workers: int,
-                   alpha: float, tau: int, mpi_library: str = "") -> dict:
+                   alpha: float, tau: int, mpi_library: str = "", run_id: str | None = None) -> dict:
     """The root attributes a new trajectory file starts with (docs/trajectory-schema.md); `cfg` is
-    the run's hpcopt.config.Config."""
+    the run's hpcopt.config.Config. `run_id` (a new random one if None) names the run: its
+    checkpoints carry it too, so a resume refuses a trajectory of another run."""
     import datetime
+    import uuid
 
     import torch
 
@@ -45,7 +47,7 @@ def run_attributes(cfg, *, n_parameters: int, hosts: dict, bounds: list, n_serve
         "n_servers": n_servers, "n_workers": n_workers, "n_parameters": n_parameters,
         "alpha": alpha, "beta": cfg.easgd.beta, "tau": tau, "seed": cfg.run.seed,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "shard_bounds": json.dumps(bounds),
+        "shard_bounds": json.dumps(bounds), "run_id": run_id or uuid.uuid4().hex,
     }
 
 
@@ -61,6 +63,7 @@ class TrajectoryWriter:
         self.written: dict = {}  # attributes as last written by flush
         if resume is not None:
             self._reopen(path, resume, attrs)
+            self.run_id = str(self.f.attrs.get("run_id", ""))
             return
         self.f = h5py.File(path, "w", **self._driver())
         f = self.f
@@ -69,6 +72,7 @@ class TrajectoryWriter:
         f.attrs["format"] = schema.FORMAT
         f.attrs["schema_version"] = schema.SCHEMA_VERSION
         f.attrs["status"] = "running"
+        self.run_id = str(attrs.get("run_id", ""))  # "" in files written before run ids
         model = f.create_group("model")
         for k, v in model_attrs.items():
             model.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)

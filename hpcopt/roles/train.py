@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,6 +128,7 @@ class Setup:
     workers: dict[int, int]  # world rank -> worker id
     alpha: float
     tau: int
+    run_id: str  # the trajectory's and its checkpoints' (hpcopt.io.trajectory.run_attributes)
     hosts: dict[int, str]  # world rank -> host
     pids: list[int]
     ckpt: dict | None  # the checkpoint a resumed run continues from
@@ -186,8 +188,10 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
             if not run.checkpoint.exists():  # killed before its first checkpoint
                 return checkpoint.from_trajectory(run.trajectory, n_parameters=n_params, layout=flat.layout(),
                                                   method=cfg.run.method)
-            return checkpoint.read(run.checkpoint, n_parameters=n_params, layout=flat.layout(),
+            ckpt = checkpoint.read(run.checkpoint, n_parameters=n_params, layout=flat.layout(),
                                    method=cfg.run.method)
+            _check_same_run(run, ckpt)
+            return ckpt
 
         ckpt = _on_root(world, read_checkpoint)
         if world.rank == 0 and ckpt.get("note"):
@@ -219,12 +223,14 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         alpha, tau = cfg.easgd.alpha or default_alpha(cfg.easgd.beta, len(workers)), cfg.easgd.tau
     hosts = dict(enumerate(world.allgather(env.host)))
     pids = world.allgather(os.getpid())
+    # one id for every rank (attributes are written collectively); a resume keeps its run's
+    run_id = world.bcast((ckpt["attrs"].get("run_id") if ckpt else None) or uuid.uuid4().hex, root=0)
     if world.rank == 0:
         what = f"resuming {path} at exchange {ckpt['attrs']['exchanges']}" if resume else f"out={path}"
         log(f"hpcopt {__version__}: {cfg.run.method} with {S} server(s) + {len(workers)} worker(s), "
             f"{n_params:,} parameters, tau={tau}, alpha={alpha:.4g}, {what}")
     s = Setup(cfg=cfg, world=world, role=role, run=run, path=path, data=data, flat=flat, bounds=bounds,
-              workers=workers, alpha=alpha, tau=tau, hosts=hosts, pids=pids, ckpt=ckpt, share=share, log=log)
+              workers=workers, alpha=alpha, tau=tau, run_id=run_id, hosts=hosts, pids=pids, ckpt=ckpt, share=share, log=log)
     recording = world.rank == 0 if cfg.synchronous else is_server
     writer = evaluator = None
     if recording:
@@ -276,7 +282,7 @@ def _open_trajectory(s: Setup, comm) -> TrajectoryWriter:
     cfg, flat, bounds = s.cfg, s.flat, s.bounds
     lo, hi = bounds[comm.rank]
     S = 0 if cfg.synchronous else cfg.run.servers
-    attrs = _attrs(cfg, flat, s.hosts, bounds, S, len(s.workers), s.alpha, s.tau)
+    attrs = _attrs(cfg, flat, s.hosts, bounds, S, len(s.workers), s.alpha, s.tau, s.run_id)
     model_attrs = {"name": cfg.model.name, "kwargs": cfg.model.kwargs, **flat.layout()}
     kw = dict(n_params=flat.numel, lo=lo, hi=hi, shard_width=bounds[0][1] - bounds[0][0], model_attrs=model_attrs)
     if s.ckpt is None:
@@ -414,6 +420,23 @@ def _check_resumable(run: RunDir, cfg: Config) -> None:
     _check_complete(run)
 
 
+def _check_same_run(run: RunDir, ckpt: dict) -> None:
+    """A trajectory.h5 or checkpoint.h5 copied in from another run would otherwise be spliced
+    together without a word (the sizes may well fit). Files from before run ids pass."""
+    import h5py
+
+    theirs = str(ckpt["attrs"].get("run_id", ""))
+    try:
+        with h5py.File(run.trajectory, "r", locking=False) as f:
+            ours = str(f.attrs.get("run_id", ""))
+    except OSError:
+        return  # damaged: it is set aside and a new file goes on from the checkpoint
+    if theirs and ours and theirs != ours:
+        raise UsageError(f"--resume {run.path}: trajectory.h5 belongs to run {ours}, checkpoint.h5 to run "
+                         f"{theirs}; one of them was copied in from another run. Put back the run's own file "
+                         f"(or start a new run)")
+
+
 def _check_not_recorded(run: RunDir) -> None:
     """A run hpcopt.Recorder recorded or hpcopt import wrote has no checkpoint to continue from."""
     import h5py
@@ -462,9 +485,9 @@ def _chunk(cfg: Config) -> int:
     return max(1, int(cfg.comm.chunk_mb * 1e6 / 4))
 
 
-def _attrs(cfg, flat, hosts, bounds, n_servers, n_workers, alpha, tau) -> dict:
+def _attrs(cfg, flat, hosts, bounds, n_servers, n_workers, alpha, tau, run_id) -> dict:
     from mpi4py import MPI
 
     return run_attributes(cfg, n_parameters=flat.numel, hosts=hosts, bounds=bounds, n_servers=n_servers,
-                          n_workers=n_workers, alpha=alpha, tau=tau,
+                          n_workers=n_workers, alpha=alpha, tau=tau, run_id=run_id,
                           mpi_library=MPI.Get_library_version().replace("\x00", "").strip())

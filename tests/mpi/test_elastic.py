@@ -543,6 +543,17 @@ def test_resume_with_another_model_or_a_corrupt_checkpoint_is_a_clear_error(tmp_
         f.attrs["status"] = "running"  # as a run killed mid-training leaves it (a complete one is not resumed)
     p = mpirun(3, "train", "--resume", str(out), "--model.kwargs", '{"layers": 2}', check=False)
     assert p.returncode == 2 and "does not match the model" in p.stderr, p.stderr
+    other = tmp_path / "other"  # same config, so every size fits: only the run id tells them apart
+    mpirun(3, "train", "--out", str(other), *QUAD, "--train.epochs", "2")
+    own = (out / "trajectory.h5").read_bytes()
+    with h5py.File(other / "trajectory.h5", "r+") as f:
+        f.attrs["status"] = "running"
+    foreign = (other / "trajectory.h5").read_bytes()
+    (out / "trajectory.h5").write_bytes(foreign)
+    p = mpirun(3, "train", "--resume", str(out), check=False)
+    assert p.returncode == 2 and "copied in from another run" in p.stderr, p.stderr
+    assert (out / "trajectory.h5").read_bytes() == foreign  # refused before anything was cut back or set aside
+    (out / "trajectory.h5").write_bytes(own)
     (out / "checkpoint.h5").write_bytes(b"garbage" * 100)
     p = mpirun(3, "train", "--resume", str(out), check=False)
     assert p.returncode == 2 and "corrupt" in p.stderr, p.stderr
