@@ -75,7 +75,8 @@ class _Session:
         self.f, error = None, None
         if self.rank == 0:
             try:
-                self.f = open_results(self.out / "analysis.h5", self.run.path)
+                run_id = str(self.run.attrs.get("run_id") or os.path.realpath(self.run.path))
+                self.f = open_results(self.out / "analysis.h5", self.run.path, run_id)
             except (ResultsError, OSError) as e:
                 error = str(e)
         error = par.bcast(comm, error, opts.timeout, "whether rank 0 opened the results file")

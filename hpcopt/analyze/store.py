@@ -64,9 +64,11 @@ def _writer_lock(path: Path) -> int:
     return fd
 
 
-def open_results(path: str | Path, source: str):
-    """Open (or create) the results file; refuse a foreign file or a newer schema, and a file
-    another analysis is writing. Closing the file releases it."""
+def open_results(path: str | Path, source: str, run: str = ""):
+    """Open (or create) the results file; refuse a foreign file or a newer schema, a file
+    another analysis is writing, and one holding the analysis of another run (`run`: the
+    trajectory's run_id, or its real path for files from before run ids): its grids and
+    measures would read as this run's. Closing the file releases it."""
     import os
 
     import h5py
@@ -92,10 +94,17 @@ def open_results(path: str | Path, source: str):
         f._lock_fd, fd = fd, None  # the file holds the lock now
         if existed:
             _check_format(f, path, "remove it or pick another --out")
+            theirs = str(f.attrs.get("run", ""))
+            if run and theirs and theirs != run:
+                raise ResultsError(f"{path} holds the analysis of another run ({f.attrs.get('source')}, run "
+                                   f"{theirs}); its results would read as this run's: pick another --out, or "
+                                   f"remove it")
         else:
             f.attrs["format"] = FORMAT
             f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["source"] = str(source)
+        if run:
+            f.attrs["run"] = str(run)
     except BaseException:
         if f is not None:
             f.close()

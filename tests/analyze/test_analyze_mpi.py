@@ -227,6 +227,21 @@ def test_a_second_analysis_writing_the_same_results_file_is_refused(run, tmp_pat
     open_results(out / "analysis.h5", "again").close()  # released by close()
 
 
+def test_the_analysis_of_another_run_in_the_same_out_is_refused(run, tmp_path):
+    """Analysing run B into run A's --out kept A's grids and measures beside B's, where they read
+    as B's. The results file names its run; another run's analysis is refused and kept."""
+    from hpcopt.analyze.store import open_results, read_results
+
+    out = tmp_path / "o"
+    with open_results(out / "analysis.h5", "elsewhere/trajectory.h5", "0123abcd") as f:
+        f["mine"] = np.arange(3)
+    p = hpcopt("analyze", str(run / "run"), "--out", str(out), "--skip", "pca")
+    assert p.returncode == 2 and "holds the analysis of another run" in p.stderr, p.stdout + p.stderr
+    assert list(read_results(out / "analysis.h5")["mine"]) == [0, 1, 2]
+    with open_results(out / "analysis.h5", "elsewhere/trajectory.h5", "0123abcd"):
+        pass  # the same run goes on in it
+
+
 def test_saved_models_by_name_also_across_runs(run):
     from hpcopt.analyze.source import load_run, point, resolve_point
 
