@@ -200,11 +200,24 @@ def _launch_train(args, launch, under_mpi_launcher) -> int:
             print(f"hpcopt train: error: {out / 'trajectory.h5'} already exists; choose another --out, pass "
                   f"--force to overwrite it, or --resume {out} to continue it", file=sys.stderr)
             return 2
-    live = _live_owner(out, cfg)
-    if live:  # before anything starts: a new ompi-server would replace the live run's rendezvous
-        print(f"hpcopt train: error: {live}", file=sys.stderr)
+    from hpcopt.io.rundir import RunDir, RunLocked
+
+    try:
+        held = RunDir(out).hold_launch()  # one launcher per run, until it ends
+    except RunLocked as e:
+        print(f"hpcopt train: error: {e}", file=sys.stderr)
         return 2
-    return launch(args.np, ["train", *rest], out, own_server=True)
+    except OSError:
+        held = None  # OUT cannot be made: the ranks say why
+    try:
+        live = _live_owner(out, cfg)
+        if live:  # before anything starts: a new ompi-server would replace the live run's rendezvous
+            print(f"hpcopt train: error: {live}", file=sys.stderr)
+            return 2
+        return launch(args.np, ["train", *rest], out, own_server=True)
+    finally:
+        if held is not None:
+            os.close(held)
 
 
 def _live_owner(out, cfg) -> str | None:

@@ -15,6 +15,7 @@
     OUT/logs/             one log per rank when launched by `hpcopt train -n` / `hpcopt join -n`
     OUT/tensorboard/      live metrics as TensorBoard event files (record.tensorboard; server 0)
     OUT/lock              who trains this run now (host, pid), refreshed at every flush
+    OUT/launch.lock       held (flock) by the `hpcopt train -n` launcher for as long as it runs
 
 Nothing is written outside it (no $HOME, no node-local /tmp), so it works on a shared file
 system across nodes.
@@ -65,6 +66,7 @@ class RunDir:
         self.workers = self.path / "workers"
         self.logs = self.path / "logs"
         self.lock_file = self.path / "lock"
+        self.launch_lock_file = self.path / "launch.lock"
 
     def clear_previous(self, tensorboard_dir=None, *, trajectory: bool = True) -> None:
         """Delete what an earlier run in this directory left, before a new one is written there:
@@ -103,6 +105,24 @@ class RunDir:
         except OSError as e:
             raise ValueError(f"cannot read the join token {self.token}: {e.strerror}") from None
 
+
+    def hold_launch(self) -> int:
+        """An exclusive flock on OUT/launch.lock for as long as the returned descriptor is open
+        (the kernel drops it with the process). Two launchers of one run both passed the run-lock
+        check before either's rank 0 took the lock, and each started an ompi-server whose URI
+        replaced the other's: the loser's dead rendezvous broke every later join of the winner.
+        Raises RunLocked while another launcher holds it."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.launch_lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunLocked(f"{self.path} is being launched by another `hpcopt train -n` (it holds "
+                            f"{self.launch_lock_file}); stop it first, or wait for it to end") from None
+        return fd
 
     # ------------------------------------------------------------------ the lock
     def lock(self, stale_seconds: float) -> str | None:

@@ -410,7 +410,7 @@ def test_a_second_training_on_a_live_run_is_refused_and_a_dead_ones_lock_is_take
         uri = (run / "ompi-server.uri").read_text()
         for args in (["--resume", str(run)], ["--out", str(run), "--force", *QUAD]):
             p = hpcopt("train", "-n", "3", *args)
-            assert p.returncode == 2 and "is being trained by pid" in p.stderr, p.stdout + p.stderr
+            assert p.returncode == 2 and "is being launched by another" in p.stderr, p.stdout + p.stderr
             assert "mpirun" not in p.stdout, p.stdout  # nothing was launched
         assert (run / "ompi-server.uri").read_text() == uri
         n0 = status(run)["exchanges"]

@@ -215,3 +215,42 @@ def _launched_with(tmp_path, monkeypatch, n):
     monkeypatch.setattr(L, "under_mpi_launcher", lambda: False)
     assert cli.main(argv[1:]) == 0
     assert seen["np"] == 2 and seen["rest"] == ["train", "--out", str(tmp_path / "r"), "--train.epochs", "1"]
+
+
+# ---------------------------------------------------------------- two launchers of one run
+def _launcher(*args):
+    import subprocess
+
+    from conftest import mpi_env
+
+    return subprocess.run([sys.executable, "-m", "hpcopt", "train", "-n", "3", *args], capture_output=True,
+                          text=True, timeout=120, env=mpi_env())
+
+
+def test_a_second_launcher_of_a_run_is_refused_before_it_starts_anything(tmp_path):
+    """Two `hpcopt train -n` of one run both passed the run-lock check before either's rank 0
+    took the lock, and each started an ompi-server whose URI replaced the other's."""
+    import os
+
+    run = RunDir(tmp_path / "r")
+    held = run.hold_launch()  # as a launcher running this run holds it
+    try:
+        p = _launcher("--out", str(run.path), "--train.epochs", "1")
+        assert p.returncode == 2 and "is being launched by another" in p.stderr, p.stdout + p.stderr
+        assert not run.server_uri.exists() and not run.trajectory.exists()  # nothing started
+    finally:
+        os.close(held)
+    os.close(run.hold_launch())  # released with the descriptor
+
+
+def test_a_launcher_on_a_run_trained_by_a_live_process_is_refused(tmp_path):
+    """A run started by plain mpirun or sbatch holds only the run lock: the launcher reads it."""
+    import os
+    import socket
+
+    run = _old_run(tmp_path)
+    run.lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": 0}))
+    run.config.unlink()
+    p = _launcher("--resume", str(run.path))
+    assert p.returncode == 2 and f"is being trained by pid {os.getpid()}" in p.stderr, p.stdout + p.stderr
+    assert not run.server_uri.exists()
