@@ -50,17 +50,13 @@ def _writer_lock(path: Path) -> int:
     """An exclusive lock on PATH.lock for as long as the returned descriptor is open (the kernel
     drops it with the process, so a killed analysis leaves none): two analyses writing one
     results file at once corrupt its HDF5 metadata (a bad heap free list), losing all of it."""
-    import fcntl
-    import os
+    from hpcopt.io.rundir import hold_flock
 
     lock = path.with_name(path.name + ".lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
+    fd = hold_flock(lock)
+    if fd is None:
         raise ResultsError(f"{path} is being written by another hpcopt analyze (it holds {lock}); wait for it to "
-                           f"end, or pick another --out") from None
+                           f"end, or pick another --out")
     return fd
 
 

@@ -112,16 +112,11 @@ class RunDir:
         check before either's rank 0 took the lock, and each started an ompi-server whose URI
         replaced the other's: the loser's dead rendezvous broke every later join of the winner.
         Raises RunLocked while another launcher holds it."""
-        import fcntl
-
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.launch_lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+        fd = hold_flock(self.launch_lock_file)
+        if fd is None:
             raise RunLocked(f"{self.path} is being launched by another `hpcopt train -n` (it holds "
-                            f"{self.launch_lock_file}); stop it first, or wait for it to end") from None
+                            f"{self.launch_lock_file}); stop it first, or wait for it to end")
         return fd
 
     # ------------------------------------------------------------------ the lock
@@ -222,6 +217,24 @@ def _read_lock(path: Path) -> dict:
         return out if isinstance(out, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def hold_flock(path: Path) -> int | None:
+    """A descriptor holding an exclusive flock on `path` (created; a symlink is not followed) for
+    as long as it is open, or None while another process holds it. The kernel drops the lock with
+    the process, so a killed holder leaves none behind."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
