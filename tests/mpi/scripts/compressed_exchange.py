@@ -57,8 +57,8 @@ def main():
         server._remove = keep_reference
         server.serve()
         np.save(f"{out}/server{world.rank}_center.npy", rule.center.numpy())
-        if world.rank == 1:
-            np.save(f"{out}/server1_ref.npy", kept[0])
+        if world.rank == 1:  # (its servers may end before server 1 has read the worker's goodbye)
+            np.save(f"{out}/server1_ref.npy", kept[0] if kept else server.peers[0].ref.x)
         return
     params = share.params
     rng = np.random.default_rng(0)
