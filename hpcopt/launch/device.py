@@ -244,6 +244,7 @@ class HostMirror:
 
         self.tensor = tensor
         self._pushed = None  # a CUDA event: the last asynchronous push has read the host buffer
+        self._side = None  # pull_async's CUDA stream
         cpu = tensor.device.type == "cpu"
         self.on_host = cpu and not separate  # the tensor is its own host copy
         self.pinned = cpu
@@ -271,6 +272,29 @@ class HostMirror:
             if self.tensor.is_cuda:
                 torch.cuda.current_stream(self.tensor.device).synchronize()
         return self.host
+
+    def pull_async(self):
+        """Start bringing the tensor's values to the host, and return a function that waits for
+        them (comm.overlap: the exchange's thread waits, the training goes on). On a GPU the copy
+        runs on a side stream after the kernels queued so far, and the training's stream waits
+        for it on the device, not the host, so no later step changes the parameters under it.
+        Elsewhere (CPU, or a host buffer that could not be page-locked) the copy is made now."""
+        if self.on_host or not self.tensor.is_cuda or not self.pinned:
+            self.pull()
+            return lambda: None
+        import torch
+
+        main = torch.cuda.current_stream(self.tensor.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.tensor.device)
+        side = self._side
+        side.wait_stream(main)  # the values the steps queued so far have written
+        with torch.cuda.stream(side):
+            self.host.copy_(self.tensor, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(side)
+        main.wait_stream(side)  # the next step's kernels run after the copy has read the parameters
+        return copied.synchronize
 
     def push(self) -> None:
         """The host's values into the tensor (ordered before the next kernels on this stream)."""

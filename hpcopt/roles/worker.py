@@ -158,21 +158,27 @@ class Overlap:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.waited = 0.0  # seconds the training waited for exchanges in flight (the link, or the servers)
+        self.moved = None  # a CUDA event: the last move's copy to the device has read `sent`
 
     @property
     def busy(self) -> bool:
         return self.thread is not None
 
     def start(self, header) -> None:
-        self.mirror.pull()
-        self.sent.copy_(self.mirror.host)
+        # the training's thread only starts the copy of its parameters (on a GPU it does not
+        # wait for it); the thread waits for it and keeps what was sent
+        copied = self.mirror.pull_async()
         if self.norms is not None:
             self.client.layer_norms[:] = self.norms
-        self.thread = threading.Thread(target=self._run, args=(header,), name="hpcopt-exchange", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(header, copied), name="hpcopt-exchange", daemon=True)
         self.thread.start()
 
-    def _run(self, header) -> None:
+    def _run(self, header, copied) -> None:
         try:
+            copied()
+            if self.moved is not None:
+                self.moved.synchronize()
+            self.sent.copy_(self.mirror.host)  # before the exchange rewrites the host copy
             self.client.exchange(header)  # (every wait in it has comm.timeout)
         except BaseException as e:  # raised where the training is: in finish()
             self.error = e
@@ -196,6 +202,9 @@ class Overlap:
             raise error
         move = self.sent.sub_(self.mirror.host)  # what the exchange did to the copy it sent
         self.mirror.tensor.sub_(move.to(self.mirror.tensor.device, non_blocking=True))
+        if self.mirror.tensor.is_cuda:  # the next exchange rewrites `sent` only once that copy has read it
+            self.moved = torch.cuda.Event()
+            self.moved.record(torch.cuda.current_stream(self.mirror.tensor.device))
 
 
 def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: float, *,
