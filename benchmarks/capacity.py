@@ -21,8 +21,10 @@ spent per exchange. Both are fitted, per path, as a fixed part and a part per by
     server:  c_s(P, S) = a_s + b_s x bytes(P / S)   (one server, its shard; bytes = up and back:
                                                       2 x 4 P/S plain, twice the payload compressed)
     worker:  c_w(P, W) = a_w + b_w x bytes(P)       (the client's side: copies, codec, MPI,
-                         + d_w x W                    and waiting: a worker queued behind W-1
-                                                      others wakes to test more often)
+                         + e_w x W x c_s              and waiting: a worker queued behind W-1
+                                                      others waits about W c_s seconds, and
+                                                      spends a share e_w of that wait on its
+                                                      CPU, waking to test its requests)
 and the rate follows from the two resources an exchange needs:
     R = min( 1 / c_s ,  C / (S x c_s + c_w) )
 one server's own time per exchange (each exchange visits every shard), and the C cores every rank
@@ -191,9 +193,11 @@ def shard_bytes(P, S, path):
 
 def fit(points):
     """Per path: (a_s, b_s) of the servers' CPU seconds per exchange against their shard's bytes,
-    and (a_w, b_w, d_w) of the worker side's against the whole vector's bytes and the number of
-    workers, least squares in relative error (the model is judged by its relative error at every
-    point, small and large), no coefficient negative."""
+    and (a_w, b_w, e_w) of the worker side's against the whole vector's bytes and the time a
+    worker waits in the server's queue (W x the fitted c_s), least squares in relative error (the
+    model is judged by its relative error at every point, small and large), no coefficient
+    negative. (A term linear in W alone, as before, missed 64 workers over messages by 51%: the
+    waiting grows with the server's cost per exchange, not with W alone.)"""
     def line(t, *xs):
         A = np.stack([np.ones_like(t), *xs], axis=1) / t[:, None]
         coef, *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
@@ -209,16 +213,17 @@ def fit(points):
         xs = np.array([shard_bytes(p["P"], p["S"], path) for p in mine], dtype=float)
         xw = np.array([shard_bytes(p["P"], 1, path) for p in mine], dtype=float)
         ws = np.array([p["W"] for p in mine], dtype=float)
-        model[path] = (line(np.array([p["cpu_per_exchange"] for p in mine]), xs),
-                       line(np.array([p["worker_cpu_per_exchange"] for p in mine]), xw, ws))
+        a_s, b_s = line(np.array([p["cpu_per_exchange"] for p in mine]), xs)
+        model[path] = ((a_s, b_s), line(np.array([p["worker_cpu_per_exchange"] for p in mine]), xw,
+                                        ws * (a_s + b_s * xs)))
     return model
 
 
 def predict(model, S: int, W: int, P: int, path: str, cores: int) -> float:
     """Exchanges per second of S servers on a machine of `cores` cores that every rank shares."""
-    (a_s, b_s), (a_w, b_w, d_w) = model[path]
+    (a_s, b_s), (a_w, b_w, e_w) = model[path]
     c_s = a_s + b_s * shard_bytes(P, S, path)
-    c_w = a_w + b_w * shard_bytes(P, 1, path) + d_w * W
+    c_w = a_w + b_w * shard_bytes(P, 1, path) + e_w * W * c_s
     return min(1 / c_s, cores / (S * c_s + c_w))
 
 
@@ -256,12 +261,12 @@ def main():
         Path(args.save).write_text(json.dumps(points, indent=1))
     model = fit(points)
     cores = args.cores or os.cpu_count()
-    print("\nfitted CPU seconds per exchange: a + b x bytes (server: of its shard), a + b x bytes + d x W "
-          "(worker side: of the vector, W workers)")
-    for path, ((a_s, b_s), (a_w, b_w, d_w)) in model.items():
+    print("\nfitted CPU seconds per exchange: a + b x bytes (server: of its shard), a + b x bytes + e x W x c_s "
+          "(worker side: of the vector, and a share e of its wait in the queue of W workers)")
+    for path, ((a_s, b_s), (a_w, b_w, e_w)) in model.items():
         bw = f"{1 / b_s / 1e9:.2f} GB/s" if b_s > 0 else "inf"
         print(f"  {path:9s} server a = {1e6 * a_s:7.1f} us  b = {1e9 * b_s:7.3f} ns/byte ({bw});  "
-              f"worker a = {1e6 * a_w:7.1f} us  b = {1e9 * b_w:7.3f} ns/byte  d = {1e6 * d_w:5.1f} us/worker")
+              f"worker a = {1e6 * a_w:7.1f} us  b = {1e9 * b_w:7.3f} ns/byte  e = {e_w:.4f}")
     print(f"\n{'S':>2} {'W':>3} {'P':>11} {'path':9s} {'measured/s':>11} {'model/s':>9} {'error':>7}   (cores: {cores})")
     worst = 0.0
     for p in points:
