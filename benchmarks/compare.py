@@ -141,8 +141,17 @@ def samples_per_second(exchanges):
     return sum(rates) / len(rates) if rates else float("nan")
 
 
-def run_hpcopt(method, workers, epochs, budget, out, wide, variant="plain", evals=True):
-    """One hpcopt run; evals=False: the center is evaluated only at the end (utilisation runs)."""
+def pinned(cmd, servers: int, server_cores: str, worker_cores: str) -> list:
+    """cmd for every rank of an mpirun, the first `servers` ranks on `server_cores` and the others
+    on `worker_cores` (taskset lists): a server with cores of its own, as on a cluster."""
+    pick = (f'c={worker_cores}; [ "$OMPI_COMM_WORLD_RANK" -lt {servers} ] && c={server_cores}; '
+            'exec taskset -c "$c" "$0" "$@"')
+    return ["sh", "-c", pick, *cmd]
+
+
+def run_hpcopt(method, workers, epochs, budget, out, wide, variant="plain", evals=True, server_cores=None):
+    """One hpcopt run; evals=False: the center is evaluated only at the end (utilisation runs);
+    server_cores: (the server's cores, the workers' cores), or None (every rank on every core)."""
     config, extra = METHODS[method]
     extra = [*extra, *variant_flags(variant), *([] if evals else ["--record.eval_seconds", str(10 ** 9)])]
     ranks = workers + (0 if method in SYNC else 1)
@@ -151,9 +160,12 @@ def run_hpcopt(method, workers, epochs, budget, out, wide, variant="plain", eval
         extra = [*extra, "--model.name", "mlp", "--model.kwargs", json.dumps(WIDE), "--train.lr", str(lr),
                  "--record.worker_every", "0", "--record.center_every", "1000000", "--comm.worker_timeout", "120",
                  "--comm.shared_memory", "false"]  # as between nodes: every exchange crosses the link
-    cmd = ["mpirun", "-n", str(ranks), sys.executable, "-m", "hpcopt", "train", "--config",
-           str(ROOT / "configs" / config), "--out", str(out), "--train.epochs", str(epochs),
-           "--record.eval_seconds", "1", "--record.flush_seconds", "1", *extra]
+    rank = [sys.executable, "-m", "hpcopt", "train", "--config",
+            str(ROOT / "configs" / config), "--out", str(out), "--train.epochs", str(epochs),
+            "--record.eval_seconds", "1", "--record.flush_seconds", "1", *extra]
+    if server_cores:
+        rank = pinned(rank, ranks - workers, *server_cores)
+    cmd = ["mpirun", "-n", str(ranks), *rank]
     rc = launch(cmd, wide, budget + 10, f"{out}.log", started=(out / "trajectory.h5").exists)
     with h5py.File(out / "trajectory.h5", "r", locking=False) as f:
         ev, ex = f["evals"][()], f["exchanges"][()]
@@ -191,11 +203,18 @@ def main():
                     help="comma-separated: plain, bf16, int8, int4, int2, top8, overlap, or joined by + (int4+overlap)")
     ap.add_argument("--utilisation", action="store_true",
                     help="first measure the workers' compute alone, then report each run's utilisation")
+    ap.add_argument("--server-cores", default=None, metavar="SERVER:WORKERS",
+                    help="utilisation runs only: pin the server rank and the workers to these cores (taskset "
+                         "lists, e.g. 0:1), in the compute-alone run too: the server has cores of its own, as on "
+                         "a cluster, so what utilisation loses is the workers' own cost of communicating")
     ap.add_argument("--no-ddp", action="store_true", help="skip the torch DDP row")
     ap.add_argument("--torchft", default="",
                     help="comma-separated torchft peers to add as rows: diloco, localsgd (needs the bench extra)")
     args = ap.parse_args()
     wide = args.setting == "wide"
+    cores = tuple(args.server_cores.split(":")) if args.server_cores else None
+    if cores and (len(cores) != 2 or not args.utilisation):
+        raise SystemExit("--server-cores SERVER:WORKERS (e.g. 0:1) goes with --utilisation")
     epochs = args.epochs or (50 if wide else 30)
     methods = (args.methods or ("easgd,eamsgd,lsgd,mgrawa" if wide else ",".join(METHODS))).split(",")
     if wide:
@@ -205,7 +224,8 @@ def main():
     alone = None
     if args.utilisation:  # one exchange, at the end: the workers' compute with no communication
         print("running eamsgd without communication (compute alone) ...", flush=True)
-        alone = run_hpcopt("eamsgd", args.workers, epochs, args.budget, tmp / "alone", wide, "alone", evals=False)
+        alone = run_hpcopt("eamsgd", args.workers, epochs, args.budget, tmp / "alone", wide, "alone", evals=False,
+                           server_cores=cores)
         alone["utilisation_samples_per_second"] = alone["samples_per_second"]
         rows.append(("compute alone", alone))
     variants = args.variants.split(",")
@@ -218,7 +238,7 @@ def main():
             if args.utilisation:
                 print(f"running {name} again, evaluated only at the end (utilisation) ...", flush=True)
                 u = run_hpcopt(method, args.workers, epochs, args.budget, Path(f"{stem}-util"), wide, variant,
-                               evals=False)
+                               evals=False, server_cores=cores)
                 r["utilisation_samples_per_second"] = u["samples_per_second"]
             rows.append((name, r))
     ddp = None
