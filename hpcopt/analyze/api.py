@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from hpcopt.io import tensorboard
+from hpcopt.io.inspect import TrajectoryError, probe_trajectory
 
 from . import curvature as K
 from . import landscape as L
@@ -69,7 +70,8 @@ class _Session:
         self.opts, self.comm, self.log, self.device = opts, comm, log, device
         self.rank = comm.rank if comm is not None else 0
         self.size = comm.size if comm is not None else 1
-        self.run: Run = load_run(path)
+        self.probe(path)
+        self.run: Run = load_run(path, probe=False)
         self.others: dict = {}
         self.out = out_dir(path, opts)
         self.f, error = None, None
@@ -106,7 +108,24 @@ class _Session:
             self.data = self.bcast(data, "the data set from rank 0")
         return self.data
 
+    def probe(self, path: str) -> None:
+        """Collective: rank 0 checks the trajectory's metadata in a child process (a damaged
+        file can crash HDF5), and every rank raises its TrajectoryError, so none waits."""
+        error = None
+        if self.rank == 0:
+            try:
+                probe_trajectory(path)
+            except TrajectoryError as e:
+                error = str(e)
+        error = self.bcast(error, f"whether rank 0 could read {path}")
+        if error:
+            raise TrajectoryError(error)
+
     def point(self, spec: str) -> tuple[str, np.ndarray]:
+        other = spec.partition("#")[0] if "#" in spec else None
+        if other is not None and other not in self.others:  # another run's model: probed as this one was
+            self.probe(other)
+            self.others[other] = load_run(other, probe=False)
         return resolve_point(self.run, spec, self.others)
 
     def stop(self) -> bool:
@@ -483,7 +502,7 @@ def compare(paths: list[str], opts: AnalyzeOptions | None = None, comm=None, out
         seen[lab] = seen.get(lab, 0) + 1
         if seen[lab] > 1:
             r["run"]["label"] = f"{lab} ({seen[lab]})"
-        run = load_run(r["run"]["path"])
+        run = load_run(r["run"]["path"], probe=False)  # analyze() above has probed it
         run.label = r["run"]["label"]
         runs.append(run)
     shared = None

@@ -48,12 +48,13 @@ class Run:
         return sorted(ids)
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path, probe: bool = True) -> Run:
     """Read a trajectory file (or run directory). Raises TrajectoryError with a clear message
-    for a missing, foreign, corrupt, empty or newer-schema file."""
+    for a missing, foreign, corrupt, empty or newer-schema file. probe=False: the caller has
+    already checked the file's metadata (hpcopt.io.inspect.probe_trajectory)."""
     from hpcopt import config as C
 
-    with open_trajectory(path) as f:
+    with open_trajectory(path, probe=probe) as f:
         try:
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
             try:

@@ -16,17 +16,26 @@ class TrajectoryError(ValueError):
     """The file is missing, not HDF5, not an hpcopt trajectory, or of an unknown schema."""
 
 
-def open_trajectory(path: str | Path):
-    import h5py
-
+def trajectory_path(path: str | Path) -> Path:
+    """The trajectory file that `path` (the file, or its run directory) names."""
     path = Path(path)
     if not path.exists():
         raise TrajectoryError(f"{path} does not exist")
     if path.is_dir():
         if (path / "trajectory.h5").exists():
-            path = path / "trajectory.h5"
-        else:
-            raise TrajectoryError(f"{path} is a directory without a trajectory.h5")
+            return path / "trajectory.h5"
+        raise TrajectoryError(f"{path} is a directory without a trajectory.h5")
+    return path
+
+
+def open_trajectory(path: str | Path, probe: bool = True):
+    """The trajectory file, open read-only without locking. probe: first walk its metadata in a
+    child process (probe_trajectory), so that damaged metadata is a TrajectoryError, not a crash."""
+    import h5py
+
+    path = trajectory_path(path)
+    if probe:
+        probe_trajectory(path)
     try:
         f = h5py.File(path, "r", locking=False)
     except OSError as e:
@@ -41,6 +50,134 @@ def open_trajectory(path: str | Path):
         f.close()
         raise TrajectoryError(f"{path} has schema version {version}; this hpcopt reads 1..{schema.SCHEMA_VERSION}")
     return f
+
+
+# ---- the metadata probe ----------------------------------------------------------------------
+# A flipped byte in an HDF5 object header, B-tree or heap can make the HDF5 library itself crash
+# (SIGSEGV, abort) or loop, where no Python `except` helps: the command would die with a bare
+# "Segmentation fault" or hang. So before a reader opens a trajectory in its own process, a child
+# process walks the metadata those readers touch; the child dying or running past a deadline is
+# reported as a damaged file. A child process, not fork(): the caller may have MPI initialised.
+# Python errors in the child are not reported: the reader meets them too and says what they are.
+
+PROBE_TIMEOUT_ENV = "HPCOPT_PROBE_TIMEOUT"
+PROBE_TIMEOUT = 60.0          # seconds; HDF5 walking a sane trajectory's metadata takes well under 1
+_PROBE_READ_BYTES = 64 << 20  # datasets up to this size are read whole (the tables, the meta rows)
+_PROBE_MAX_OBJECTS = 100_000  # a damaged group structure that points in circles ends here
+
+
+def probe_trajectory(path: str | Path, timeout: float | None = None) -> None:
+    """Walk the trajectory's HDF5 metadata in a child process (read-only, no file locking, so a
+    file a training is writing is read as any reader reads it). A TrajectoryError when the child
+    is killed by a signal (HDF5 crashed), fails, or has not finished within `timeout` seconds
+    (default PROBE_TIMEOUT, or $HPCOPT_PROBE_TIMEOUT). The file is never changed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = trajectory_path(path)
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get(PROBE_TIMEOUT_ENV) or PROBE_TIMEOUT)
+        except ValueError:
+            timeout = PROBE_TIMEOUT
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])  # hpcopt importable in the child, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env.pop("PYTHONSTARTUP", None)
+    code = "import sys; from hpcopt.io.inspect import _probe_child; _probe_child(sys.argv[1])"
+    try:
+        child = subprocess.run([sys.executable, "-c", code, str(path)], env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed the child and waited for it
+        raise TrajectoryError(f"{path} is damaged: HDF5 did not finish reading its metadata in {timeout:g} s "
+                              f"(it may be going round a damaged structure); the file is left as it is. "
+                              f"If it is only slow (a very slow file system), set {PROBE_TIMEOUT_ENV}=SECONDS "
+                              f"to wait longer") from None
+    except OSError as e:  # no child at all (out of processes): the reader goes on unprobed
+        print(f"hpcopt: warning: cannot check {path} in a child process ({e}); reading it directly",
+              file=sys.stderr)
+        return
+    if child.returncode < 0:
+        try:
+            name = signal.Signals(-child.returncode).name
+        except ValueError:
+            name = f"signal {-child.returncode}"
+        raise TrajectoryError(f"{path} is damaged: HDF5 crashed ({name}) reading its metadata; the file is "
+                              f"left as it is")
+    if child.returncode != 0:
+        lines = child.stderr.decode(errors="replace").strip().splitlines()
+        raise TrajectoryError(f"{path} is damaged: reading its metadata failed (exit status {child.returncode}"
+                              + (f": {lines[-1]}" if lines else "") + ")")
+
+
+def _probe_child(path: str) -> None:
+    """The probe's child: open the file and touch every object's header, attributes, dataspace,
+    datatype and chunk index as the readers would; Python errors are passed over (see above)."""
+    import time
+
+    import h5py
+
+    from hpcopt.failpoints import failpoint
+
+    failpoint("inspect.probe.crash")  # tests: the child dies (SIGKILL) as a crashing HDF5 does
+    try:
+        failpoint("inspect.probe.hang", error=TimeoutError())
+    except TimeoutError:  # tests: an HDF5 that spins
+        time.sleep(3600)
+    try:
+        f = h5py.File(path, "r", locking=False)
+    except Exception:
+        return
+    seen = [0]
+
+    def attrs(obj) -> None:
+        try:
+            for name in list(obj.attrs):
+                try:
+                    obj.attrs[name]
+                except Exception:
+                    pass
+        except Exception:
+            pass
+
+    def dataset(d) -> None:
+        shape, dtype, chunks = d.shape, d.dtype, d.chunks
+        if d.size * dtype.itemsize <= _PROBE_READ_BYTES:
+            d[()]
+        elif chunks is not None and all(shape):
+            # the parameters (gigabytes on a long run): walk the whole chunk index without reading
+            # the data (a strided read of one value per chunk reads every chunk), then read one
+            # value at each end
+            d.id.get_num_chunks()
+            d[(0,) * len(shape)]
+            d[tuple(n - 1 for n in shape)]
+
+    def walk(group, depth: int) -> None:  # not visititems: it stops at the first damaged object
+        for name in list(group):
+            seen[0] += 1
+            if seen[0] > _PROBE_MAX_OBJECTS or depth > 32:
+                return
+            try:
+                obj = group[name]
+            except Exception:
+                continue
+            attrs(obj)
+            try:
+                if isinstance(obj, h5py.Group):
+                    walk(obj, depth + 1)
+                elif isinstance(obj, h5py.Dataset):
+                    dataset(obj)
+            except Exception:
+                pass
+
+    with f:
+        attrs(f)
+        try:
+            walk(f, 0)
+        except Exception:
+            pass
 
 
 def summarize(path: str | Path) -> dict:

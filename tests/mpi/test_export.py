@@ -10,8 +10,10 @@ snapshot, with the same forward pass over the whole test set, and stores correct
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -212,3 +214,50 @@ def test_import_hpcopt_stays_cheap():
                         "print(sorted(m for m in ('torch', 'h5py', 'mpi4py') if m in sys.modules))"],
                        capture_output=True, text=True, timeout=60, check=True)
     assert p.stdout.strip() == "[]"
+
+
+def _crashing_copy(run: Path, to: Path) -> Path:
+    """A copy of `run` whose trajectory.h5 has one flipped metadata byte on which HDF5 itself
+    crashes (found by flipping the bytes of a real trajectory one at a time): the low byte of the
+    byte offset of the member `kind` (8, after `time`) in the compound datatype of the events
+    table's object header. HDF5 then converts the table's rows past its buffers and glibc aborts
+    the process (free(): invalid pointer, SIGABRT): no Python `except` can catch it."""
+    shutil.copytree(run, to)
+    path = to / "trajectory.h5"
+    data = bytearray(path.read_bytes())
+    member = b"kind" + b"\0" * 4 + (8).to_bytes(4, "little")  # name padded to 8 bytes, then its offset
+    assert data.count(member) == 1, "this HDF5 encodes the events datatype differently: find another byte"
+    data[data.index(member) + 8] ^= 0xFF
+    path.write_bytes(data)
+    return to
+
+
+def test_a_trajectory_that_crashes_hdf5_is_a_clear_error_and_is_kept(runs, tmp_path):
+    """A damaged trajectory that makes HDF5 crash: inspect, export and analyze (also under mpirun)
+    said nothing or 'Aborted' and died with the signal's status; now each says the file is
+    damaged, with exit 2, and leaves it byte for byte as it was."""
+    run = _crashing_copy(runs["eamsgd"], tmp_path / "run")
+    before = (run / "trajectory.h5").read_bytes()
+    plain = subprocess.run([sys.executable, "-c", "import sys, h5py; h5py.File(sys.argv[1], 'r')['events'][()]",
+                            str(run / "trajectory.h5")], capture_output=True, timeout=60)
+    assert plain.returncode < 0, "the recipe no longer crashes plain h5py: the test proves nothing"
+    said = f"{run / 'trajectory.h5'} is damaged: HDF5 crashed (SIG"  # SIGABRT or SIGSEGV: what the heap holds
+    for args in (["inspect", str(run)], ["export", str(run), "-o", str(tmp_path / "m.pt")],
+                 ["analyze", str(run), "--out", str(tmp_path / "analysis"), "--no-progress"]):
+        p = hpcopt(*args)
+        assert p.returncode == 2 and said in p.stderr and p.stderr.count("\n") == 1, (args, p.returncode, p.stderr)
+    p = mpirun(2, "analyze", str(run), "--out", str(tmp_path / "analysis"), "--no-progress", check=False)
+    assert p.returncode == 2 and p.stderr.count(said) == 1, (p.returncode, p.stderr)
+    assert (run / "trajectory.h5").read_bytes() == before
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "analysis" / "analysis.h5").exists()
+
+
+def test_a_trajectory_hdf5_spins_on_is_a_clear_error_in_time(runs, tmp_path):
+    """HDF5 going round a damaged structure for minutes (here the probe's child sleeps) is cut
+    off at the deadline ($HPCOPT_PROBE_TIMEOUT) and said to be damage, with exit 2."""
+    env = {"HPCOPT_FAILPOINTS": "inspect.probe.hang@1", "HPCOPT_PROBE_TIMEOUT": "1"}
+    for args in (["inspect", str(runs["eamsgd"])], ["export", str(runs["eamsgd"]), "-o", str(tmp_path / "m.pt")]):
+        t = time.monotonic()
+        p = hpcopt(*args, env=env, timeout=60)
+        assert p.returncode == 2 and "did not finish reading its metadata in 1 s" in p.stderr, p.stderr
+        assert time.monotonic() - t < 30 and not (tmp_path / "m.pt").exists()
