@@ -181,6 +181,9 @@ def _launch_train(args, launch, under_mpi_launcher) -> int:
             rest.append(a)
     if args.resume:
         out = Path(args.resume)
+        if not (out / "config.toml").is_file():  # before the launcher makes a folder there (a typo)
+            print(f"hpcopt train: error: --resume {out}: no run there (no {out / 'config.toml'})", file=sys.stderr)
+            return 2
         try:
             cfg = C.load(args.config or str(out / "config.toml"), {})
         except (C.ConfigError, OSError):
@@ -204,11 +207,9 @@ def _launch_train(args, launch, under_mpi_launcher) -> int:
 
     try:
         held = RunDir(out).hold_launch()  # one launcher per run, until it ends
-    except RunLocked as e:
+    except (RunLocked, OSError) as e:
         print(f"hpcopt train: error: {e}", file=sys.stderr)
         return 2
-    except OSError:
-        held = None  # OUT cannot be made: the ranks say why
     try:
         live = _live_owner(out, cfg)
         if live:  # before anything starts: a new ompi-server would replace the live run's rendezvous

@@ -111,12 +111,25 @@ class RunDir:
         (the kernel drops it with the process). Two launchers of one run both passed the run-lock
         check before either's rank 0 took the lock, and each started an ompi-server whose URI
         replaced the other's: the loser's dead rendezvous broke every later join of the winner.
-        Raises RunLocked while another launcher holds it."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = hold_flock(self.launch_lock_file)
+        Raises RunLocked while another launcher holds it, or when it cannot be taken."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunLocked(f"cannot make the run directory {self.path}: {e.strerror}") from None
+        try:
+            fd = hold_flock(self.launch_lock_file)
+        except OSError as e:  # a folder or a symlink there: never taken for "no other launcher"
+            raise RunLocked(f"cannot lock {self.launch_lock_file} ({e.strerror}): it must be a plain file; "
+                            f"remove it") from None
         if fd is None:
-            raise RunLocked(f"{self.path} is being launched by another `hpcopt train -n` (it holds "
+            try:
+                holder = self.launch_lock_file.read_text().strip() or "?"
+            except OSError:
+                holder = "?"
+            raise RunLocked(f"{self.path} is being launched by another `hpcopt train -n` (pid {holder}; it holds "
                             f"{self.launch_lock_file}); stop it first, or wait for it to end")
+        os.ftruncate(fd, 0)  # who holds it, for the refusal's message
+        os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
         return fd
 
     # ------------------------------------------------------------------ the lock

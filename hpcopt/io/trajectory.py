@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from typing import TYPE_CHECKING
 
 import h5py
@@ -64,6 +65,7 @@ class TrajectoryWriter:
         if resume is not None:
             self._reopen(path, resume, attrs)
             self.run_id = str(self.f.attrs.get("run_id", ""))
+            self.file_id = str(self.f.attrs.get("file_id", ""))
             return
         self.f = h5py.File(path, "w", **self._driver())
         f = self.f
@@ -73,6 +75,9 @@ class TrajectoryWriter:
         f.attrs["schema_version"] = schema.SCHEMA_VERSION
         f.attrs["status"] = "running"
         self.run_id = str(attrs.get("run_id", ""))  # "" in files written before run ids
+        # one per file: a trajectory set aside and begun again keeps its run's run_id, not this
+        self.file_id = self._bcast(uuid.uuid4().hex)
+        f.attrs["file_id"] = self.file_id
         model = f.create_group("model")
         for k, v in model_attrs.items():
             model.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
@@ -94,16 +99,29 @@ class TrajectoryWriter:
         f.flush()
 
     def _reopen(self, path: str, sizes: dict, attrs: dict) -> None:
-        self.f = f = h5py.File(path, "r+", **self._driver())
+        self.f = h5py.File(path, "r+", **self._driver())
+        try:
+            self._cut_back(path, sizes, attrs)
+        except BaseException:
+            # (left open, the mpio file made the caller's next step, setting it aside, abort the job)
+            self.f.close()
+            raise
+
+    def _cut_back(self, path: str, sizes: dict, attrs: dict) -> None:
+        f = self.f
         if f.attrs.get("format") != schema.FORMAT or f["center/params"].shape[1] != self.n_params:
             raise ValueError(f"{path} is not this run's trajectory file")
+        expected = sizes.get("file_id")
+        if expected and f.attrs.get("file_id") != expected:
+            raise ValueError(f"{path} is not the file the checkpoint was taken of (file_id "
+                             f"{f.attrs.get('file_id')!r}, the checkpoint's {expected!r})")
         self.center, self.center_meta = f["center/params"], f["center/meta"]
         self.workers, self.workers_meta = f["workers/params"], f["workers/meta"]
         self.tables = {name: f[name] for name in schema.TABLES}
         if schema.LAYER_NORMS in f:
             self.tables[schema.LAYER_NORMS] = f[schema.LAYER_NORMS]
         for name, dset in self._datasets().items():
-            n = int(sizes.get(name, 0))
+            n = int(sizes.get(name, 0))  # (every growing dataset; file_id is not one)
             if dset.shape[0] < n:
                 raise ValueError(f"{path}: /{name} has {dset.shape[0]} rows, fewer than the "
                                  f"checkpoint's {n}: the file does not belong to this checkpoint")
@@ -125,8 +143,12 @@ class TrajectoryWriter:
                 "workers/meta": self.workers_meta, **self.tables}
 
     def sizes(self) -> dict:
-        """Rows in every growing dataset (a checkpoint records them)."""
-        return {name: int(d.shape[0]) for name, d in self._datasets().items()}
+        """Rows in every growing dataset, and which file they are of (a checkpoint records them):
+        a resume cuts back only the very file they were counted in."""
+        sizes: dict = {name: int(d.shape[0]) for name, d in self._datasets().items()}
+        if self.file_id:
+            sizes["file_id"] = self.file_id
+        return sizes
 
     def _append_params(self, dset, meta, rows: list[np.ndarray], meta_rows: np.ndarray | None) -> None:
         """Collective: append len(rows) rows (same count on every rank); this rank's columns."""

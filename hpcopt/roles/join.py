@@ -53,7 +53,7 @@ def join(run_path: str, *, token: str | None = None, log=print) -> WorkerSummary
     t_start = time.monotonic()
     cfg = _on_root(world, load_cfg)
     torch.set_num_threads(cfg.run.threads)
-    data = _shared_data(run, cfg, world)
+    data = _load_data(cfg, world, run)
     t_data = time.monotonic()
     flat = FlatModel(build_model(cfg.model.name, cfg.model.kwargs))
     hosts, pids = world.gather(env.host, root=0), world.gather(os.getpid(), root=0)
@@ -97,21 +97,6 @@ def join(run_path: str, *, token: str | None = None, log=print) -> WorkerSummary
         f"with {len(links)} server(s), starting at step {answer['start_step']}: config+data {t_data - t_start:.2f} s, "
         f"handshake {t0 - t_data:.2f} s, connect+fetch {time.monotonic() - t0:.2f} s")
     return run_worker(cfg, wid, ready, client, start, run=run, first_step=answer["start_step"], log=log_all)
-
-
-def _shared_data(run: RunDir, cfg, world) -> dict:
-    """The run's own data set (OUT/data.npz, written at its start), else the config's."""
-    import numpy as np
-
-    path = run.path / "data.npz"
-    if not path.exists():
-        return _load_data(cfg, world)
-
-    def read():
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-
-    return _on_root(world, read)
 
 
 def _read_json_safe(path) -> dict:

@@ -31,8 +31,6 @@ def serve(s, writer, evaluator) -> ServeSummary:
     tensorboard = tb.for_run(cfg, resumed=resumed, log=s.log) if role.rank == 0 else None
     recorder = Recorder(role, writer, cfg.record, bounds=s.bounds, start=s.start, evaluator=evaluator, log=s.log,
                         exchanges=resumed, center=rule.center.numpy(), run=s.run, info=info, tensorboard=tensorboard)
-    if s.fresh_trajectory:  # a new file after a damaged one: it starts with the checkpoint's center
-        recorder.center(resumed, rule.center.numpy(), t=float(ckpt["attrs"]["time"]))
     server = CenterServer(
         world=s.world, servers=role, workers={w: (r, s.hosts[r], s.pids[r]) for r, w in s.workers.items()},
         bounds=s.bounds, rule=rule, recorder=recorder, comm=cfg.comm, start=s.start,
@@ -95,6 +93,7 @@ def _restore(server: CenterServer, ckpt: dict, lo: int, hi: int) -> None:
                                     float(row["grad_norm"]))
             continue
         server.peers[wid].step = int(row["step"])
+        server.peers[wid].exchanges = int(row["exchanges"])  # counted over the run, not this launch
         latest = ckpt["latest"].get(wid)
         server.rule.restore(wid, loss_avg=float(row["loss_avg"]), grad_norm=float(row["grad_norm"]),
                             params=None if latest is None else torch.from_numpy(np.ascontiguousarray(latest[lo:hi])))

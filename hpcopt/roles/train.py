@@ -71,7 +71,16 @@ def _prepare_run_dir(cfg: Config, force: bool) -> str:
     return str(run.trajectory)
 
 
-def _load_data(cfg: Config, world) -> dict:
+def _load_data(cfg: Config, world, run: RunDir | None = None) -> dict:
+    """The config's data set; for a run that has begun (a resume, a join), the copy it keeps
+    (OUT/data.npz, written at its start) when it has one, so every worker of the run, resumed
+    or joined, trains on the very same data."""
+    if run is not None and (run.path / "data.npz").exists():
+        def read():
+            with np.load(run.path / "data.npz") as f:
+                return {k: f[k] for k in f.files}
+
+        return _on_root(world, read)
     if cfg.data.name.endswith((".h5", ".hdf5", ".hdf")):
         try:  # a user file: every rank reads it on its own
             return load_data(cfg.data.name, cfg.data.seed)
@@ -135,7 +144,6 @@ class Setup:
     share: object  # hpcopt.comm.shared.NodeShare
     start: float = 0.0  # the run's clock: time.monotonic() at its second 0
     log: object = print
-    fresh_trajectory: bool = False  # a resume whose damaged file was set aside: a new one began
     ready: object = None  # a worker (any rank of a synchronous run): hpcopt.roles.worker.Prepared
 
 
@@ -169,7 +177,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         _on_root(world, lambda: _check_resumable(run, cfg))
     else:
         path = _on_root(world, lambda: _prepare_run_dir(cfg, force))
-    data = _load_data(cfg, world)
+    data = _load_data(cfg, world, run if resume else None)
     if world.rank == 0 and not resume:
         _share_data(run, cfg, data)
     try:
@@ -197,9 +205,6 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         if world.rank == 0 and ckpt.get("note"):
             log(f"hpcopt: {ckpt['note']}")
         flat.params.copy_(torch.from_numpy(ckpt["center"]))
-        if world.rank == 0:  # the config as resumed (overrides included) is what joiners read; a new token
-            write_atomic(run.config, cfg.to_toml())
-            run.new_token()
     try:
         bounds = shard_bounds(n_params, max(S, 1))
     except ValueError as e:
@@ -221,6 +226,9 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
                              f"(the global pull happens at an exchange)")
     else:
         alpha, tau = cfg.easgd.alpha or default_alpha(cfg.easgd.beta, len(workers)), cfg.easgd.tau
+    if resume and world.rank == 0:  # (once every check passed: a refused resume changes nothing)
+        write_atomic(run.config, cfg.to_toml())  # the config as resumed (overrides included): joiners read it
+        run.new_token()
     hosts = dict(enumerate(world.allgather(env.host)))
     pids = world.allgather(os.getpid())
     # one id for every rank (attributes are written collectively); a resume keeps its run's
@@ -302,11 +310,28 @@ def _open_trajectory(s: Setup, comm) -> TrajectoryWriter:
     if s.world.rank == 0:
         s.log(f"hpcopt: {s.path} cannot be reopened ({error}); it is kept as {aside}, and a new trajectory "
               f"file goes on from the checkpoint at exchange {s.ckpt['attrs']['exchanges']}")
-    s.fresh_trajectory = True
     try:
-        return TrajectoryWriter(s.path, comm, attrs={**attrs, "continues": os.path.basename(aside)}, **kw)
+        writer = TrajectoryWriter(s.path, comm, attrs={**attrs, "continues": os.path.basename(aside)}, **kw)
     except (ValueError, OSError) as e:
         raise RuntimeError(f"cannot create {s.path}: {e}") from None
+    # it starts with the checkpoint's center, written now: the checkpoint is rewritten next to
+    # count this file's rows (it counted those of the file set aside), and a resume cuts back to them
+    from hpcopt.io import schema
+
+    lo, hi = s.bounds[comm.rank]
+    writer.flush(center_rows=[np.ascontiguousarray(s.ckpt["center"][lo:hi])], worker_rows=[], worker_meta=None,
+                 center_meta=np.array([(s.ckpt["attrs"]["exchanges"], s.ckpt["attrs"]["time"])],
+                                      dtype=schema.CENTER_META), tables=None, attrs=None)
+    if comm.rank == 0:
+        from hpcopt.io import checkpoint
+
+        attrs = {k: v for k, v in s.ckpt["attrs"].items() if k not in ("format", "version", "created")}
+        try:
+            checkpoint.write(s.run.checkpoint, center=s.ckpt["center"], workers=list(s.ckpt["workers"]),
+                             latest=s.ckpt["latest"], attrs={**attrs, "trajectory_sizes": writer.sizes()})
+        except OSError as e:  # the old checkpoint names the old file: a resume sets this one aside too
+            s.log(f"hpcopt: could not rewrite {s.run.checkpoint} for the new trajectory file ({e})")
+    return writer
 
 
 def _set_aside(path: str) -> str:
@@ -414,10 +439,29 @@ def _check_resumable(run: RunDir, cfg: Config) -> None:
         raise UsageError(f"--resume {run.path}: no such run directory")
     if not run.trajectory.exists():
         raise UsageError(f"--resume {run.path}: it has no trajectory.h5")
+    _check_same_data(run, cfg)
     note = run.lock(_stale_seconds(cfg))
     if note:
         print(f"hpcopt: {note}", flush=True)
     _check_complete(run)
+
+
+def _check_same_data(run: RunDir, cfg: Config) -> None:
+    """A resume goes on with the run's own data and model: a changed data set crashed resumed
+    workers (their saved data order indexes the old one) and split the run, joiners reading the
+    old data.npz; the workers' states and the center belong to the run's model."""
+    from hpcopt import config as C
+
+    try:
+        own = C.load(str(run.config), {})
+    except (C.ConfigError, OSError):
+        return  # (the config the resume runs with was read from it: a race, not a user's change)
+    for key in ("data.name", "data.seed", "model.name", "model.kwargs"):
+        section, field = key.split(".")
+        theirs, ours = getattr(getattr(own, section), field), getattr(getattr(cfg, section), field)
+        if theirs != ours:
+            raise UsageError(f"--resume {run.path}: the run trains with {key} = {theirs!r}; a resume cannot change "
+                             f"it (to {ours!r}): start a new run for that")
 
 
 def _check_same_run(run: RunDir, ckpt: dict) -> None:

@@ -389,8 +389,12 @@ def test_graceful_stop_then_resume_continues_every_worker_from_its_saved_state(t
     with h5py.File(run / "checkpoint.h5", "r") as f:
         saved = {int(r["worker_id"]): int(r["step"]) for r in f["workers"][...]}
     assert sorted(saved) == [0, 1] and min(saved.values()) > 0
+    with h5py.File(run / "checkpoint.h5", "r") as f:
+        counted = {int(r["worker_id"]): int(r["exchanges"]) for r in f["workers"][...]}
     out = _resume_a_while(tmp_path, run)
     assert "no saved state" not in out, out
+    with h5py.File(run / "checkpoint.h5", "r") as f:  # each worker's exchanges count over the run
+        assert all(int(r["exchanges"]) > counted[int(r["worker_id"])] for r in f["workers"][...])
     with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
         after = f["exchanges"][len(before):]
     for w, step in saved.items():
@@ -480,13 +484,50 @@ def test_a_damaged_trajectory_is_set_aside_and_the_run_goes_on_from_its_checkpoi
     size = (run / "trajectory.h5").stat().st_size
     with open(run / "trajectory.h5", "r+b") as f:
         f.truncate(size // 2)
+    # the worst moment: killed at the new file's first flush after it began, before any checkpoint.
+    # The checkpoint still counted the rows of the file set aside: every later resume aborted (the
+    # new file is shorter), or cut a longer new file back to them and spliced (exchanges 96..180, 100..)
+    p = subprocess.run([sys.executable, "-m", "hpcopt", "train", "-n", "3", "--resume", str(run)],
+                       env=mpi_env({"HPCOPT_FAILPOINTS": "trajectory.flush.done@2"}), capture_output=True, text=True,
+                       timeout=600)  # (a hang guard)
+    assert p.returncode != 0 and "cannot be reopened" in p.stdout + p.stderr, p.stdout + p.stderr
+    subprocess.run(["pkill", "-9", "-f", str(run)], check=False)
     out = _resume_a_while(tmp_path, run)
-    assert "cannot be reopened" in out and "a new trajectory file goes on from the checkpoint" in out, out
+    assert "cannot be reopened" not in out, out  # the new file goes on
     assert len(list(run.glob("trajectory.damaged-*.h5"))) == 1
     s = json.loads(hpcopt("inspect", "--json", str(run)).stdout)
     assert s["status"] == "stopped"
     with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
-        assert int(f["center/meta"]["exchanges"][0]) == ck and f.attrs["continues"].startswith("trajectory.damaged-")
+        meta = f["center/meta"][...]
+        assert int(meta["exchanges"][0]) == ck and f.attrs["continues"].startswith("trajectory.damaged-")
+        assert np.all(np.diff(meta["exchanges"]) > 0), meta["exchanges"]
+    # a file with fewer rows than its checkpoint counted (hand-edited): the reopen raised with the
+    # file still open under MPI-IO, and setting it aside then aborted the job
+    with h5py.File(run / "trajectory.h5", "r+") as f:
+        f["exchanges"].resize(1, axis=0)
+    out = _resume_a_while(tmp_path, run)
+    assert "does not belong to this checkpoint" in out and "a new trajectory file goes on" in out, out
+    assert len(list(run.glob("trajectory.damaged-*.h5"))) == 2
+
+
+def test_a_trajectory_file_is_resumed_only_by_a_checkpoint_of_that_very_file(tmp_path):
+    import gc
+
+    from hpcopt.io.trajectory import TrajectoryWriter
+
+    kw = dict(n_params=4, lo=0, hi=4, shard_width=4, model_attrs={})
+    w = TrajectoryWriter(str(tmp_path / "t.h5"), None, attrs={"run_id": "r"}, **kw)
+    sizes = {**w.sizes(), "exchanges": 5}  # more rows than the file has
+    w.close()
+    with pytest.raises(ValueError, match="does not belong to this checkpoint"):
+        TrajectoryWriter(str(tmp_path / "t.h5"), None, attrs={}, resume=sizes, **kw)
+    gc.collect()
+    os.replace(tmp_path / "t.h5", tmp_path / "aside.h5")
+    with h5py.File(tmp_path / "aside.h5", "r+") as f:  # nothing holds it open
+        assert f.attrs["file_id"] == sizes["file_id"]
+    with pytest.raises(ValueError, match="not the file the checkpoint was taken of"):
+        TrajectoryWriter(str(tmp_path / "aside.h5"), None, attrs={}, resume={**sizes, "exchanges": 0,
+                                                                           "file_id": "another"}, **kw)
 
 
 @pytest.mark.parametrize("point", ["trajectory.flush.resized@8", "trajectory.flush.tables@8", "checkpoint.written@3"])
@@ -541,13 +582,24 @@ def test_resume_with_another_model_or_a_corrupt_checkpoint_is_a_clear_error(tmp_
     mpirun(3, "train", "--out", str(out), *QUAD, "--train.epochs", "2")
     with h5py.File(out / "trajectory.h5", "r+") as f:
         f.attrs["status"] = "running"  # as a run killed mid-training leaves it (a complete one is not resumed)
-    p = mpirun(3, "train", "--resume", str(out), "--model.kwargs", '{"layers": 2}', check=False)
-    assert p.returncode == 2 and "does not match the model" in p.stderr, p.stderr
-    other = tmp_path / "other"  # same config, so every size fits: only the run id tells them apart
-    mpirun(3, "train", "--out", str(other), *QUAD, "--train.epochs", "2")
+    config = (out / "config.toml").read_text()
+    # another model or data set: the workers' states and data order belong to the run's (a smaller
+    # train set crashed resumed workers; joiners kept reading the old data.npz)
+    for flag, value in (("--model.kwargs", '{"layers": 2}'), ("--data.seed", "7")):
+        p = mpirun(3, "train", "--resume", str(out), flag, value, check=False)
+        assert p.returncode == 2 and "a resume cannot change it" in p.stderr and flag[2:] in p.stderr, p.stderr
+    assert (out / "config.toml").read_text() == config
+    other = tmp_path / "other"  # the same model, so every size fits: only the run id tells them apart
+    mpirun(3, "train", "--out", str(other), *QUAD, "--train.epochs", "2", "--run.method", "lsgd", "--lsgd.tau_g", "8")
     own = (out / "trajectory.h5").read_bytes()
     with h5py.File(other / "trajectory.h5", "r+") as f:
         f.attrs["status"] = "running"
+    # a resume refused by a check after the checkpoint's: it rewrote config.toml and the join token
+    # first, so every later resume was refused too
+    config, token = (other / "config.toml").read_text(), (other / "token").read_text()
+    p = mpirun(3, "train", "--resume", str(other), "--easgd.tau", "3", check=False)
+    assert p.returncode == 2 and "must be a multiple of easgd.tau = 3" in p.stderr, p.stderr
+    assert (other / "config.toml").read_text() == config and (other / "token").read_text() == token
     foreign = (other / "trajectory.h5").read_bytes()
     (out / "trajectory.h5").write_bytes(foreign)
     p = mpirun(3, "train", "--resume", str(out), check=False)

@@ -63,7 +63,7 @@ def test_join_then_scancel_the_joiners(slurm, tmp_path):
 
 def _preemptible_mid_run(slurm, run, out) -> str:
     """preemptible.sbatch on two nodes, waited for until it is mid-run with a checkpoint."""
-    epochs = ["--train.epochs", "40", "--record.flush_seconds", "0.5", "--record.eval_seconds", "1",
+    epochs = ["--train.epochs", "20", "--record.flush_seconds", "0.5", "--record.eval_seconds", "1",
               "--record.center_every", "10", "--record.checkpoint_seconds", "1"]
     job = slurm.sbatch("-N", "2", "--ntasks-per-node=1", f"--output={out}", "jobscripts/preemptible.sbatch",
                        str(run), *epochs)

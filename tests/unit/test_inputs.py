@@ -250,7 +250,21 @@ def test_a_launcher_on_a_run_trained_by_a_live_process_is_refused(tmp_path):
 
     run = _old_run(tmp_path)
     run.lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": 0}))
-    run.config.unlink()
     p = _launcher("--resume", str(run.path))
     assert p.returncode == 2 and f"is being trained by pid {os.getpid()}" in p.stderr, p.stdout + p.stderr
     assert not run.server_uri.exists()
+
+
+def test_the_launcher_refuses_a_launch_lock_it_cannot_take_and_a_run_dir_it_cannot_make(tmp_path):
+    """A folder (or a symlink) at launch.lock silently turned the one-launcher guard off; an --out
+    that cannot be made, or a --resume of a folder with no run, gave a traceback or made the folder."""
+    run = RunDir(tmp_path / "r")
+    run.launch_lock_file.mkdir(parents=True)
+    p = _launcher("--out", str(run.path), "--train.epochs", "1")
+    assert p.returncode == 2 and "it must be a plain file" in p.stderr, p.stdout + p.stderr
+    (tmp_path / "afile").write_text("x")
+    p = _launcher("--out", str(tmp_path / "afile"), "--train.epochs", "1")
+    assert p.returncode == 2 and "cannot make the run directory" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = _launcher("--resume", str(tmp_path / "typo"))
+    assert p.returncode == 2 and "no run there" in p.stderr, p.stderr
+    assert not (tmp_path / "typo").exists()
