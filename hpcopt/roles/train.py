@@ -318,7 +318,6 @@ def _open_trajectory(s: Setup, comm) -> TrajectoryWriter:
     # count this file's rows (it counted those of the file set aside), and a resume cuts back to them
     from hpcopt.io import schema
 
-    lo, hi = s.bounds[comm.rank]
     writer.flush(center_rows=[np.ascontiguousarray(s.ckpt["center"][lo:hi])], worker_rows=[], worker_meta=None,
                  center_meta=np.array([(s.ckpt["attrs"]["exchanges"], s.ckpt["attrs"]["time"])],
                                       dtype=schema.CENTER_META), tables=None, attrs=None)
