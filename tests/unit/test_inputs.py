@@ -219,12 +219,15 @@ def _launched_with(tmp_path, monkeypatch, n):
 
 # ---------------------------------------------------------------- two launchers of one run
 def _launcher(*args):
+    """`hpcopt train -n 3 ARGS` (each case here is refused before mpirun starts). (Not conftest's
+    mpi_env: under the whole suite `conftest` can name tests/slurm's.)"""
+    import os
     import subprocess
 
-    from conftest import mpi_env
-
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1")
     return subprocess.run([sys.executable, "-m", "hpcopt", "train", "-n", "3", *args], capture_output=True,
-                          text=True, timeout=120, env=mpi_env())
+                          text=True, timeout=120, env=env)
 
 
 def test_a_second_launcher_of_a_run_is_refused_before_it_starts_anything(tmp_path):
