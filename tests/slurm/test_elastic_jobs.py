@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import h5py
 import numpy as np
@@ -61,70 +62,73 @@ def test_join_then_scancel_the_joiners(slurm, tmp_path):
     assert s["events"].get("crash", 0) == 0, s["events"]  # the joiners left cleanly
 
 
-def _preemptible_mid_run(slurm, run, out) -> str:
-    """preemptible.sbatch on two nodes, waited for until it is mid-run with a checkpoint."""
-    epochs = ["--train.epochs", "20", "--record.flush_seconds", "0.5", "--record.eval_seconds", "1",
-              "--record.center_every", "10", "--record.checkpoint_seconds", "1"]
-    job = slurm.sbatch("-N", "2", "--ntasks-per-node=1", f"--output={out}", "jobscripts/preemptible.sbatch",
-                       str(run), *epochs)
-    log = lambda: out.read_text()[-3000:] if out.exists() else ""
-    wait_for("mid-run, with a checkpoint", lambda: read_status(run).get("exchanges", 0) >= 40
-             and (run / "checkpoint.h5").exists(), 240, log)
-    return job
+PREEMPTIBLE = ["--train.epochs", "20", "--record.flush_seconds", "0.5", "--record.eval_seconds", "1",
+               "--record.center_every", "10", "--record.checkpoint_seconds", "1"]
 
 
-@pytest.mark.parametrize("stop", ["requeue", "signal", "step"])
-def test_preemptible_job_resumes_the_same_file_after_requeue(slurm, tmp_path, stop):
-    """requeue: SIGTERM to the whole job (an admin, preemption); signal: USR1 to the batch shell
-    (the time-limit warning); step: SIGTERM to the training's step alone, as when Slurm cancels the
-    step (the late clean-up of a killed step with the same id did, once): it stops cleanly,
-    unfinished, and the job script resumes it, counted as a retry."""
+def test_preemptible_jobs_resume_the_same_file_after_every_kind_of_stop(slurm, tmp_path):
+    """preemptible.sbatch on two nodes, four jobs at once (the waits for Slurm overlap), each
+    stopped mid-run in its own way, each requeued and resumed to the end of the same file:
+      requeue  SIGTERM to the whole job (an admin, preemption: `scontrol requeue`);
+      signal   USR1 to the batch shell (the time-limit warning of --signal=B:USR1@120), which
+               stops the run through the ranks and requeues the job itself;
+      step     SIGTERM to the training's step alone, as when Slurm cancels the step (the late
+               clean-up of a killed step with the same id did, once): it stops cleanly,
+               unfinished, and the job script resumes it, counted as a retry;
+      kill     server 0 SIGKILLed (as by the OOM killer): every rank ends, the job script sees
+               the failure and requeues itself, and the requeued job resumes the run."""
     if not (has_command("status") and "--resume" in slurm.run("bash", "-c", '"$HPCOPT" train --help').stdout):
         pytest.skip("`hpcopt train --resume` / `hpcopt status` are not there yet (issue 4)")
-    run, out = tmp_path / "run", tmp_path / "job.out"
-    job = _preemptible_mid_run(slurm, run, out)
-    if stop == "requeue":
-        slurm.run("scontrol", "requeue", job)  # as an admin or a preempting job would: SIGTERM to all
-    elif stop == "signal":
-        # what --signal=B:USR1@120 does before the time limit: USR1 to the batch shell, which
-        # stops the run through the ranks and requeues the job itself
-        slurm.run("scancel", "--batch", "--signal=USR1", job)
-    else:
-        slurm.run("scancel", "--signal=TERM", f"{job}.0")
-    # A requeued job waits cred_expire + 1 s (11 s on the test cluster) and then starts by itself.
-    slurm.wait(job, lambda i: i.get("Restarts", "0") != "0", 120, "requeued", out)
-    info = slurm.wait_done(job, timeout=400, log=out)
-    text = out.read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}\n{slurm.controller_log(job)}"
-    assert "start 2 of job" in text and "resuming" in text
-    if stop == "step":
-        assert "got SIG" not in text and "stopped unfinished although this job was not told to stop" in text, text
-        assert (run / "failed-starts").read_text().strip() == "1"
-    else:
-        assert ("got SIGUSR1" in text and "requeueing job" in text) if stop == "signal" else "got SIGTERM" in text
+    kinds = ["requeue", "signal", "step", "kill"]
+    runs = {k: tmp_path / k for k in kinds}
+    outs = {k: tmp_path / f"{k}.out" for k in kinds}
+    jobs = {k: slurm.sbatch("-N", "2", "--ntasks-per-node=1", f"--output={outs[k]}", "jobscripts/preemptible.sbatch",
+                            str(runs[k]), *PREEMPTIBLE) for k in kinds}
 
-    s = inspect(run / "trajectory.h5")
-    assert s["status"] == "complete" and s["events"].get("resume", 0) >= 1, s
-    with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
-        snapshots = np.unique(f["center/meta"]["exchanges"][:])
-    assert snapshots[0] == 0 and len(snapshots) > 2
-    # the file goes on from the checkpoint: no hole wider than one snapshot interval
-    assert np.diff(snapshots).max() <= 10, snapshots
+    def mid_run(k) -> bool:
+        return read_status(runs[k]).get("exchanges", 0) >= 40 and (runs[k] / "checkpoint.h5").exists()
 
-
-def test_a_server_killed_in_a_preemptible_job_is_resumed_after_a_requeue(slurm, tmp_path):
-    """Issue 12: server 0 SIGKILLed mid-run (as by the OOM killer): every rank ends, the job
-    script sees the failure and requeues itself, and the requeued job resumes the run to the end."""
-    run, out = tmp_path / "run", tmp_path / "job.out"
-    job = _preemptible_mid_run(slurm, run, out)
-    os.kill(int(read_status(run)["pid"]), signal.SIGKILL)  # the nodes are simulated on this host
-    slurm.wait(job, lambda i: i.get("Restarts", "0") != "0", 180, "requeued", out)
-    info = slurm.wait_done(job, timeout=400, log=out)
-    text = out.read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}\n{slurm.controller_log(job)}"
-    assert "the training failed" in text and "resuming" in text, text
-    # at least one retry; on the simulated cluster the requeued start can also be cancelled by the
-    # late clean-up of the killed step (same step id): the next retry absorbs that too
-    assert 1 <= int((run / "failed-starts").read_text()) <= 3
-    s = inspect(run / "trajectory.h5")
-    assert s["status"] == "complete" and s["events"].get("resume", 0) >= 1, s
+    waiting, deadline = set(kinds), time.monotonic() + 300
+    while waiting:  # stop each as soon as it is mid-run, with a checkpoint
+        for k in sorted(waiting):
+            if not mid_run(k):
+                continue
+            waiting.discard(k)
+            if k == "requeue":
+                slurm.run("scontrol", "requeue", jobs[k])
+            elif k == "signal":
+                slurm.run("scancel", "--batch", "--signal=USR1", jobs[k])
+            elif k == "step":
+                slurm.run("scancel", "--signal=TERM", f"{jobs[k]}.0")
+            else:
+                os.kill(int(read_status(runs[k])["pid"]), signal.SIGKILL)  # the nodes are simulated on this host
+        if time.monotonic() > deadline:
+            raise AssertionError("not mid-run in 300 s: " + ", ".join(
+                f"{k}:\n{outs[k].read_text()[-2000:] if outs[k].exists() else ''}" for k in sorted(waiting)))
+        time.sleep(0.2)
+    for k in kinds:
+        # a requeued job waits cred_expire + 1 s (11 s on the test cluster), then starts by itself
+        slurm.wait(jobs[k], lambda i: i.get("Restarts", "0") != "0", 180, f"{k}: requeued", outs[k])
+    for k in kinds:
+        info = slurm.wait_done(jobs[k], timeout=400, log=outs[k])
+        text = outs[k].read_text()
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+            f"{k}: {info}\n{text}\n{slurm.controller_log(jobs[k])}"
+        assert "start 2 of job" in text and "resuming" in text, f"{k}: {text}"
+        if k == "step":
+            assert "got SIG" not in text and "stopped unfinished although this job was not told to stop" in text, text
+            assert (runs[k] / "failed-starts").read_text().strip() == "1"
+        elif k == "kill":
+            assert "the training failed" in text, text
+            # at least one retry; on the simulated cluster the requeued start can also be cancelled by
+            # the late clean-up of the killed step (same step id): the next retry absorbs that too
+            assert 1 <= int((runs[k] / "failed-starts").read_text()) <= 3
+        else:
+            assert ("got SIGUSR1" in text and "requeueing job" in text) if k == "signal" else "got SIGTERM" in text
+        s = inspect(runs[k] / "trajectory.h5")
+        assert s["status"] == "complete" and s["events"].get("resume", 0) >= 1, (k, s)
+        with h5py.File(runs[k] / "trajectory.h5", "r", locking=False) as f:
+            snapshots = np.unique(f["center/meta"]["exchanges"][:])
+        assert snapshots[0] == 0 and len(snapshots) > 2, (k, snapshots)
+        if k != "kill":  # the file goes on from the checkpoint: no hole wider than one snapshot interval
+            assert np.diff(snapshots).max() <= 10, (k, snapshots)
