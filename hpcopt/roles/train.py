@@ -308,10 +308,13 @@ def _open_trajectory(s: Setup, comm) -> TrajectoryWriter:
     # every recording rank failed the same way (one file): set it aside, start a new one from the checkpoint
     aside = comm.bcast(_set_aside(s.path) if comm.rank == 0 else None, root=0)
     if s.world.rank == 0:
-        s.log(f"hpcopt: {s.path} cannot be reopened ({error}); it is kept as {aside}, and a new trajectory "
-              f"file goes on from the checkpoint at exchange {s.ckpt['attrs']['exchanges']}")
+        why = f"cannot be reopened ({error}); it is kept as {aside}" if aside else "is not there"
+        s.log(f"hpcopt: {s.path} {why}, and a new trajectory file goes on from the checkpoint at exchange "
+              f"{s.ckpt['attrs']['exchanges']}")
+    if aside:
+        attrs["continues"] = os.path.basename(aside)
     try:
-        writer = TrajectoryWriter(s.path, comm, attrs={**attrs, "continues": os.path.basename(aside)}, **kw)
+        writer = TrajectoryWriter(s.path, comm, attrs=attrs, **kw)
     except (ValueError, OSError) as e:
         raise RuntimeError(f"cannot create {s.path}: {e}") from None
     # it starts with the checkpoint's center, written now: the checkpoint is rewritten next to
@@ -333,9 +336,14 @@ def _open_trajectory(s: Setup, comm) -> TrajectoryWriter:
     return writer
 
 
-def _set_aside(path: str) -> str:
+def _set_aside(path: str) -> str | None:
+    """Keep a trajectory that cannot go on beside the run; None when there is none (deleted, or a
+    kill between setting one aside and making the next)."""
     aside = f"{path[:-3]}.damaged-{time.strftime('%Y%m%dT%H%M%S')}.h5"
-    os.replace(path, aside)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return None
     return aside
 
 
@@ -436,8 +444,8 @@ def _stale_seconds(cfg: Config) -> float:
 def _check_resumable(run: RunDir, cfg: Config) -> None:
     if not run.path.is_dir():
         raise UsageError(f"--resume {run.path}: no such run directory")
-    if not run.trajectory.exists():
-        raise UsageError(f"--resume {run.path}: it has no trajectory.h5")
+    if not run.trajectory.exists() and not run.checkpoint.exists():
+        raise UsageError(f"--resume {run.path}: it has no trajectory.h5 and no checkpoint.h5 to go on from")
     _check_same_data(run, cfg)
     note = run.lock(_stale_seconds(cfg))
     if note:

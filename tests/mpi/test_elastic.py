@@ -508,6 +508,9 @@ def test_a_damaged_trajectory_is_set_aside_and_the_run_goes_on_from_its_checkpoi
     out = _resume_a_while(tmp_path, run)
     assert "does not belong to this checkpoint" in out and "a new trajectory file goes on" in out, out
     assert len(list(run.glob("trajectory.damaged-*.h5"))) == 2
+    (run / "trajectory.h5").unlink()  # deleted by hand, or a kill between setting one aside and the next
+    out = _resume_a_while(tmp_path, run, more=10)
+    assert "is not there, and a new trajectory file goes on" in out, out
 
 
 def test_a_trajectory_file_is_resumed_only_by_a_checkpoint_of_that_very_file(tmp_path):
