@@ -30,7 +30,8 @@ def serve(s, writer, evaluator) -> ServeSummary:
                    resumed_from=resumed)
     tensorboard = tb.for_run(cfg, resumed=resumed, log=s.log) if role.rank == 0 else None
     recorder = Recorder(role, writer, cfg.record, bounds=s.bounds, start=s.start, evaluator=evaluator, log=s.log,
-                        exchanges=resumed, center=rule.center.numpy(), run=s.run, info=info, tensorboard=tensorboard)
+                        exchanges=resumed, center=None if ckpt is not None else rule.center.numpy(), run=s.run,
+                        info=info, tensorboard=tensorboard)  # (a resumed file has its starting center already)
     server = CenterServer(
         world=s.world, servers=role, workers={w: (r, s.hosts[r], s.pids[r]) for r, w in s.workers.items()},
         bounds=s.bounds, rule=rule, recorder=recorder, comm=cfg.comm, start=s.start,

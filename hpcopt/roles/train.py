@@ -339,7 +339,7 @@ def _open_trajectory(s: Setup, comm) -> TrajectoryWriter:
 def _set_aside(path: str) -> str | None:
     """Keep a trajectory that cannot go on beside the run; None when there is none (deleted, or a
     kill between setting one aside and making the next)."""
-    aside = f"{path[:-3]}.damaged-{time.strftime('%Y%m%dT%H%M%S')}.h5"
+    aside = f"{path[:-3]}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.h5"  # (two in one second)
     try:
         os.replace(path, aside)
     except FileNotFoundError:
