@@ -34,7 +34,6 @@ def run_attributes(cfg, *, n_parameters: int, hosts: dict, bounds: list, n_serve
     the run's hpcopt.config.Config. `run_id` (a new random one if None) names the run: its
     checkpoints carry it too, so a resume refuses a trajectory of another run."""
     import datetime
-    import uuid
 
     import torch
 

@@ -238,7 +238,8 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         log(f"hpcopt {__version__}: {cfg.run.method} with {S} server(s) + {len(workers)} worker(s), "
             f"{n_params:,} parameters, tau={tau}, alpha={alpha:.4g}, {what}")
     s = Setup(cfg=cfg, world=world, role=role, run=run, path=path, data=data, flat=flat, bounds=bounds,
-              workers=workers, alpha=alpha, tau=tau, run_id=run_id, hosts=hosts, pids=pids, ckpt=ckpt, share=share, log=log)
+              workers=workers, alpha=alpha, tau=tau, run_id=run_id, hosts=hosts, pids=pids, ckpt=ckpt, share=share,
+              log=log)
     recording = world.rank == 0 if cfg.synchronous else is_server
     writer = evaluator = None
     if recording:
