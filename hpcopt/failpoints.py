@@ -4,6 +4,7 @@ them, so a run pays one dictionary lookup per point passed.
 
     HPCOPT_FAILPOINTS="trajectory.flush.params@3"   # SIGKILL at the third pass of that point
     HPCOPT_FAILPOINTS="a@1,b@2"                     # several points
+    HPCOPT_FAILPOINTS="trajectory.flush.params@3:stop"  # SIGSTOP instead: a hung, not a dead, process
 
 The kill is SIGKILL, as from the kernel's OOM killer, `kill -9` or Slurm after KillWait: no
 handler, no `finally`, no flush. A point given an `error` raises it instead (a failure the code
@@ -17,14 +18,16 @@ import signal
 import sys
 
 
-def _parse(spec: str) -> dict[str, int]:
+def _parse(spec: str) -> dict[str, tuple[int, int]]:
     points = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
-        name, _, nth = item.partition("@")
-        if not (nth or "1").isdigit():  # a typo must not break every command at import
-            print(f"hpcopt: ignoring HPCOPT_FAILPOINTS entry {item!r} (expected name@n)", file=sys.stderr)
+        name, _, rest = item.partition("@")
+        nth, _, action = rest.partition(":")
+        if not (nth or "1").isdigit() or action not in ("", "stop"):  # a typo must not break every command
+            print(f"hpcopt: ignoring HPCOPT_FAILPOINTS entry {item!r} (expected name@n or name@n:stop)",
+                  file=sys.stderr)
             continue
-        points[name] = int(nth or 1)
+        points[name] = (int(nth or 1), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
     return points
 
 
@@ -33,12 +36,13 @@ _PASSED: dict[str, int] = {}
 
 
 def failpoint(name: str, error: BaseException | None = None) -> None:
-    """Die here (SIGKILL), or raise `error` when given, if HPCOPT_FAILPOINTS arms `name` and
-    this is its armed pass."""
+    """Die here (SIGKILL; or stop, SIGSTOP), or raise `error` when given, if HPCOPT_FAILPOINTS
+    arms `name` and this is its armed pass."""
     if name not in _ARMED:
         return
     _PASSED[name] = _PASSED.get(name, 0) + 1
-    if _PASSED[name] == _ARMED[name]:
+    nth, how = _ARMED[name]
+    if _PASSED[name] == nth:
         if error is not None:
             raise error
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), how)

@@ -77,3 +77,18 @@ def _check(data: dict, name: str) -> dict:
     data["y_train"] = data["y_train"].astype(np.int64, copy=False)
     data["y_test"] = data["y_test"].astype(np.int64, copy=False)
     return data
+
+
+def fingerprint(data: dict) -> str:
+    """A digest of a loaded data set (its arrays as training sees them): a run keeps it, and a
+    resume or a join refuses a file that has changed under the same name since the run began
+    (the workers' saved data orders index the old rows)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in KEYS:
+        a = np.ascontiguousarray(data[k])
+        h.update(f"{k}{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+

@@ -3,6 +3,7 @@
     OUT/trajectory.h5     the trajectory (written by the servers through MPI-IO)
     OUT/config.toml       the run's config (a resume and a join read it)
     OUT/data.npz          the generated data set, so joiners read the very same data
+    OUT/data.json         or, for a user's data file, its digest: resumes and joins refuse a changed file
     OUT/token             the join token (mode 0600): a join must present it
     OUT/ompi-server.uri   the rendezvous server joins connect through (when joins are enabled)
     OUT/join.json         joins are open: how many servers (each request gets its own ports)

@@ -49,6 +49,26 @@ def record_outcome(code: int) -> None:
             pass
 
 
+def record_essential(ranks: dict[int, tuple[int, str, str]]) -> None:
+    """Under `hpcopt train -n`: name the ranks whose death ends the run (the servers; every rank
+    of a synchronous run) as {rank: (pid, host)}. In recovery mode mpirun ends nothing when one
+    dies, and the survivors would sit in a collective (a server killed inside a flush) until a
+    deadline of comm.timeout: the launcher watches these pids and ends the job at once.
+    `ranks` is {rank: (pid, host, what it is)}."""
+    import json
+
+    where = os.environ.get("HPCOPT_OUTCOME")
+    if not where:
+        return
+    try:
+        tmp = os.path.join(where, f".essential.{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump({str(r): [int(pid), host, what] for r, (pid, host, what) in ranks.items()}, f)
+        os.replace(tmp, os.path.join(where, "essential.json"))
+    except OSError:
+        pass  # (rank 0's own death is still seen through the run's lock)
+
+
 def _ask_launcher_to_end_job() -> None:
     """With Open MPI's recovery mode on (OMPI_MCA_orte_enable_recovery, set by `hpcopt train -n`),
     neither MPI_Abort nor a rank's death ends the other ranks: ask the launcher (this rank's

@@ -138,6 +138,7 @@ def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
         signal.signal(s, forward)
     if signals["pending"]:  # it came while ompi-server and mpirun started
         signals["n"] = 1
+    lost = ""  # the essential rank whose death ended the job
     try:
         while True:
             if signals["pending"] and signals["n"] == 1 and ready() and proc.poll() is None:
@@ -147,9 +148,14 @@ def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
                 code = proc.wait(timeout=1.0)
                 break
             except subprocess.TimeoutExpired:
-                if outcome is not None and _rank0_gone(run_dir, outcome, started):
+                if outcome is not None and not lost and (lost := _essential_gone(run_dir, outcome, started)):
+                    print(f"hpcopt: {lost} is gone without an exit status: ending the job (the checkpoint "
+                          f"is as the last complete flush left it; `hpcopt train -n N --resume {run_dir}` "
+                          f"goes on from there)", file=sys.stderr, flush=True)
                     _end(proc)
-        return code if outcome is None else _run_outcome(outcome, code)
+        if outcome is None:
+            return code
+        return 1 if lost else _run_outcome(outcome, code)
     finally:
         # the job is over: a second SIGTERM (scancel, timeout) must not kill this process while it
         # tidies up and exits with the job's status (Python restores the default handlers at exit)
@@ -186,29 +192,40 @@ def _rank0_started(run_dir: Path, since: float) -> bool:
         return False
 
 
-def _rank0_gone(run_dir: Path, outcome: Path, since: float) -> bool:
-    """Whether the training's rank 0 (server 0: it holds RUN/lock) died without an exit status.
-    In recovery mode nothing else ends the job then: the workers would wait comm.timeout."""
+def _essential_gone(run_dir: Path, outcome: Path, since: float) -> str:
+    """Which rank the training cannot lose died without an exit status, if one did: server 0 (it
+    holds RUN/lock, so seen even before it names the others), another server, or any rank of a
+    synchronous run (named by rank 0 in OUTCOME/essential.json). In recovery mode nothing else
+    ends the job then: the others would wait in a collective or for replies until comm.timeout.
+    Only ranks on this host can be checked; on others the deadlines remain."""
     import json
     import socket
 
+    here = socket.gethostname()
+    watched: dict[int, tuple[int, str, str]] = {}
     try:
         lock = json.loads((run_dir / "lock").read_text())
-        pid, host, t = int(lock["pid"]), lock["host"], float(lock["since"])
+        if float(lock["since"]) >= since:  # (not an earlier launch's)
+            watched[0] = (int(lock["pid"]), lock["host"], "rank 0")
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if host != socket.gethostname() or t < since or (outcome / "0").exists():
-        return False  # another host's, an earlier launch's, or it ended properly
-    try:
-        os.kill(pid, 0)
-        return False
-    except ProcessLookupError:
         pass
-    except PermissionError:
-        return False
-    print(f"hpcopt: rank 0 (server 0, pid {pid}) is gone without an exit status: ending the job",
-          file=sys.stderr, flush=True)
-    return True
+    try:
+        named = json.loads((outcome / "essential.json").read_text())
+        watched.update({int(r): (int(pid), host, what) for r, (pid, host, what) in named.items()})
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for rank, (pid, host, what) in sorted(watched.items()):
+        if host != here or (outcome / str(rank)).exists():
+            continue  # another host's, or it ended properly
+        try:
+            os.kill(pid, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        return f"{what} (rank {rank}, pid {pid})"
+    return ""
 
 
 def _end(proc: subprocess.Popen) -> None:

@@ -23,7 +23,7 @@ from hpcopt import __version__
 from hpcopt.config import Config
 from hpcopt.data import load_data
 from hpcopt.io.trajectory import TrajectoryWriter, run_attributes
-from hpcopt.launch.env import Environment
+from hpcopt.launch.env import Environment, record_essential
 from hpcopt.models import FlatModel, build_model
 from hpcopt.io.rundir import RunDir, write_atomic
 from hpcopt.io import tensorboard as tb
@@ -81,20 +81,54 @@ def _load_data(cfg: Config, world, run: RunDir | None = None) -> dict:
                 return {k: f[k] for k in f.files}
 
         return _on_root(world, read)
-    if cfg.data.name.endswith((".h5", ".hdf5", ".hdf")):
+    if _is_data_file(cfg.data.name):
         try:  # a user file: every rank reads it on its own
-            return load_data(cfg.data.name, cfg.data.seed)
+            data, error = load_data(cfg.data.name, cfg.data.seed), None
         except ValueError as e:
-            raise UsageError(str(e)) from None
+            data, error = None, str(e)
+        if world.allreduce(error is not None):  # (one rank's failure is every rank's: no hang)
+            raise UsageError(error or f"data file {cfg.data.name} could not be read on another rank")
+        if run is not None:
+            _on_root(world, lambda: _check_data_file(run, cfg.data.name, data))
+        return data
     return _on_root(world, lambda: load_data(cfg.data.name, cfg.data.seed))
+
+
+def _is_data_file(name: str) -> bool:
+    return name.endswith((".h5", ".hdf5", ".hdf"))
+
+
+def _check_data_file(run: RunDir, name: str, data: dict) -> None:
+    """A user's data file must be the one the run began with (OUT/data.json keeps its digest):
+    rewritten in place, with fewer rows, it crashed every resumed worker; with the same rows in
+    another order, the run would go on with other data, silently."""
+    import json
+
+    from hpcopt.data import fingerprint
+
+    try:
+        kept = json.loads((run.path / "data.json").read_text())
+    except (OSError, ValueError):
+        return  # a run from before data.json: nothing to compare with
+    if kept.get("sha256") != fingerprint(data):
+        raise UsageError(f"data file {name} has changed since the run began (its content differs from the one "
+                         f"recorded in {run.path / 'data.json'}); the run's workers index its rows: restore the file, "
+                         f"or start a new run")
 
 
 def _share_data(run: RunDir, cfg: Config, data: dict) -> None:
     """Rank 0: keep the generated data set in the run directory (OUT/data.npz), so joining and
     resumed workers read exactly the same data instead of generating it again. A user's HDF5
-    file is read from where it is."""
-    if cfg.data.name.endswith((".h5", ".hdf5", ".hdf")):
+    file is read from where it is: its digest goes to OUT/data.json, checked by resumes and joins."""
+    if _is_data_file(cfg.data.name):
+        import json
+
+        from hpcopt.data import fingerprint
+
+        write_atomic(run.path / "data.json", json.dumps({"file": cfg.data.name, "sha256": fingerprint(data)}) + "\n")
+        (run.path / "data.npz").unlink(missing_ok=True)  # an earlier run's (--force): resumes would read it
         return
+    (run.path / "data.json").unlink(missing_ok=True)
     import io
 
     buf = io.BytesIO()
@@ -162,6 +196,8 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
     if world.size < S + 1:
         raise UsageError(f"{world.size} rank(s) cannot hold {S} server(s) and at least one worker; "
                          f"run e.g. `mpirun -n {S + 4} hpcopt train ...` (S servers + 4 workers)")
+    if _is_data_file(cfg.data.name):  # one name for the file from any folder a resume is started in
+        cfg.data.name = os.path.abspath(cfg.data.name)
     if resume:
         _on_root(world, lambda: _check_not_recorded(RunDir(cfg.run.out)))
     if resume and cfg.synchronous:
@@ -231,6 +267,9 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         run.new_token()
     hosts = dict(enumerate(world.allgather(env.host)))
     pids = world.allgather(os.getpid())
+    if world.rank == 0:  # the ranks the run cannot lose: `hpcopt train -n` ends the job when one dies
+        record_essential({r: (pids[r], hosts[r], f"rank {r}" if cfg.synchronous else f"server {r}")
+                          for r in (range(world.size) if cfg.synchronous else range(S))})
     # one id for every rank (attributes are written collectively); a resume keeps its run's
     run_id = world.bcast((ckpt["attrs"].get("run_id") if ckpt else None) or uuid.uuid4().hex, root=0)
     if world.rank == 0:
@@ -467,6 +506,8 @@ def _check_same_data(run: RunDir, cfg: Config) -> None:
     for key in ("data.name", "data.seed", "model.name", "model.kwargs"):
         section, field = key.split(".")
         theirs, ours = getattr(getattr(own, section), field), getattr(getattr(cfg, section), field)
+        if key == "data.name" and _is_data_file(theirs):  # (runs from before file names were made absolute)
+            theirs = os.path.abspath(theirs)
         if theirs != ours:
             raise UsageError(f"--resume {run.path}: the run trains with {key} = {theirs!r}; a resume cannot change "
                              f"it (to {ours!r}): start a new run for that")
