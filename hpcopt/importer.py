@@ -24,7 +24,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
 SUFFIXES = (".pt", ".pth", ".ckpt")  # .ckpt: Lightning's (the weights under state_dict, named model.*)
 WRAPPERS = ("state_dict", "model_state_dict", "model")  # where training scripts often keep the state_dict
@@ -114,6 +113,8 @@ def read_state_dict(path: Path) -> dict:
     """The state_dict a file holds (also inside a dict under state_dict, model_state_dict or
     model; a DDP or torch.compile prefix on every name is dropped). Loaded with
     weights_only=True: a checkpoint cannot run code."""
+    import torch  # (lazily: `hpcopt status`/`inspect` build this parser and need no torch)
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a truncated or foreign file
@@ -156,6 +157,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict:
 
 def check(path: Path, state: dict, model: torch.nn.Module, spec: str) -> None:
     """`state` must load into `model` strictly: the same keys, the same shapes, finite floats."""
+    import torch  # (lazily: `hpcopt status`/`inspect` build this parser and need no torch)
+
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
@@ -180,6 +183,8 @@ def import_checkpoints(sources: list[str], out, *, model_factory: str, model_kwa
                        overwrite: bool = False, log=print) -> Path:
     """Write the run `out` with the checkpoints as center snapshots; returns its trajectory file.
     With `data`, each snapshot is also evaluated on the test split (an /evals row)."""
+    import torch
+
     from hpcopt.models import build_model
     from hpcopt.models.flat import parameter_layout
     from hpcopt.record import RecorderError, RunFile, flat_parameters, recorded_config, untracked_note

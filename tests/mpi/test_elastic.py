@@ -397,10 +397,32 @@ def test_graceful_stop_then_resume_continues_every_worker_from_its_saved_state(t
         assert all(int(r["exchanges"]) > counted[int(r["worker_id"])] for r in f["workers"][...])
     with h5py.File(run / "trajectory.h5", "r", locking=False) as f:
         after = f["exchanges"][len(before):]
+        center_at = f["center/meta"]["exchanges"]
+    assert np.all(np.diff(center_at) > 0), center_at  # one center snapshot per exchange count
     for w, step in saved.items():
         mine = after[after["worker_id"] == w]
         # its first exchange after the resume is tau = 4 steps after where it stopped
         assert len(mine) and mine["step"][0] == step + 4, (w, step, mine["step"][:3])
+
+
+def test_a_resume_from_a_checkpoint_at_exchange_0_records_its_center_once(tmp_path):
+    """Killed after a checkpoint but before any exchange (tau far beyond the run), a resume
+    recorded the starting center again (center rows at exchanges 0, 0, 10, ...; one more 0 per resume)."""
+    run, log = tmp_path / "r", tmp_path / "train.log"
+    proc = launch("train", "-n", "3", "--out", str(run), "--train.epochs", "100000", *QUAD, "--easgd.tau", "1000000",
+                  log=log)
+    try:
+        wait_for("a checkpoint", lambda: (run / "checkpoint.h5").exists(), proc, log=log)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        subprocess.run(["pkill", "-9", "-f", str(run)], check=False)
+    with h5py.File(run / "checkpoint.h5", "r") as f:
+        assert int(f.attrs["exchanges"]) == 0
+    mpirun(3, "train", "--resume", str(run), "--train.epochs", "0.1", "--easgd.tau", "4")
+    with h5py.File(run / "trajectory.h5", "r") as f:
+        center_at = f["center/meta"]["exchanges"]
+    assert center_at[0] == 0 and np.all(np.diff(center_at) > 0), center_at
 
 
 def test_a_second_training_on_a_live_run_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):

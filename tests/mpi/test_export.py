@@ -214,6 +214,12 @@ def test_import_hpcopt_stays_cheap():
                         "print(sorted(m for m in ('torch', 'h5py', 'mpi4py') if m in sys.modules))"],
                        capture_output=True, text=True, timeout=60, check=True)
     assert p.stdout.strip() == "[]"
+    # the commands that only read a run's files answer at once: torch alone takes ~2 s to import
+    # (hpcopt status imported it through the import command's parser)
+    p = subprocess.run([sys.executable, "-c", "import sys; from hpcopt.cli import main; main(['status', '/nonexistent']); "
+                        "print(sorted(m for m in ('torch', 'mpi4py') if m in sys.modules), file=sys.stderr)"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.stderr.strip().splitlines()[-1] == "[]", p.stderr
 
 
 def _crashing_copy(run: Path, to: Path) -> Path:
