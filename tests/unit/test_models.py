@@ -59,10 +59,22 @@ def test_model_loader_errors():
         build_model("cnn1d", {"width": 3})
 
 
-def test_mnist1d_is_generated_locally():
-    d = load_data("mnist1d")
+def test_mnist1d_is_generated_locally_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPCOPT_CACHE", str(tmp_path))
+    d = load_data("mnist1d", 5)
     assert d["x_train"].shape == (4000, 40) and d["x_test"].shape == (1000, 40)
     assert d["x_train"].dtype == np.float32 and set(np.unique(d["y_train"])) == set(range(10))
+    [kept] = tmp_path.glob("mnist1d-*-seed5.npz")  # and no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kept.name]
+    again = load_data("mnist1d", 5)  # from the cache: the very same bits
+    assert all(np.array_equal(again[k], d[k]) and again[k].dtype == d[k].dtype for k in d)
+    kept.write_bytes(kept.read_bytes()[:5000])  # half written (by hand: the cache writes atomically)
+    again = load_data("mnist1d", 5)  # generated again, and the cache rewritten
+    assert all(np.array_equal(again[k], d[k]) for k in d) and kept.stat().st_size > 5000
+    monkeypatch.setenv("HPCOPT_CACHE", "off")
+    kept.unlink()
+    load_data("mnist1d", 5)
+    assert not kept.exists()
 
 
 def test_hdf5_data_file(tmp_path):
