@@ -53,6 +53,9 @@ def _cmd_train(args) -> int:
 
     if args.np is not None:
         return _launch_train(args, launch, under_mpi_launcher)
+    from hpcopt.launch.env import record_started
+
+    record_started()  # (under `hpcopt train -n`: the launcher watches this rank from now on)
     import mpi4py
 
     from hpcopt.comm.joins import joins_possible

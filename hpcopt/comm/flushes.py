@@ -90,7 +90,8 @@ class Flushes:
         longest any worker waits for the servers anyway, a watchdog ends the job. The checkpoint
         stays as the last complete flush left it."""
         with watchdog(self.server.timeout + self.server.worker_timeout,
-                      f"server {self.servers.rank}'s {'final ' if final else ''}flush"):
+                      f"server {self.servers.rank}'s {'final ' if final else ''}flush",
+                      "comm.timeout + comm.worker_timeout"):
             self._flush(final, evaluate, checkpoint)
 
     def _flush(self, final: bool, evaluate: bool, checkpoint: bool) -> None:

@@ -49,12 +49,27 @@ def record_outcome(code: int) -> None:
             pass
 
 
-def record_essential(ranks: dict[int, tuple[int, str, str]]) -> None:
-    """Under `hpcopt train -n`: name the ranks whose death ends the run (the servers; every rank
-    of a synchronous run) as {rank: (pid, host)}. In recovery mode mpirun ends nothing when one
-    dies, and the survivors would sit in a collective (a server killed inside a flush) until a
-    deadline of comm.timeout: the launcher watches these pids and ends the job at once.
-    `ranks` is {rank: (pid, host, what it is)}."""
+def record_started() -> None:
+    """Under `hpcopt train -n`, first thing on every rank (before MPI_Init): OUTCOME/started/RANK
+    holds "pid host". Until the setup is over (record_essential) every rank is essential: the
+    setup is collective, and one rank's death would leave the others in it."""
+    where, rank = os.environ.get("HPCOPT_OUTCOME"), os.environ.get("OMPI_COMM_WORLD_RANK")
+    if not where or rank is None:
+        return
+    try:
+        os.makedirs(os.path.join(where, "started"), exist_ok=True)
+        with open(os.path.join(where, "started", rank), "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    except OSError:
+        pass
+
+
+def record_essential(ranks: dict[int, tuple[int, str, str]], *, resumable: bool) -> None:
+    """Under `hpcopt train -n`, once the setup is over: name the ranks whose death ends the run
+    (the servers; every rank of a synchronous run), {rank: (pid, host, what it is)}, and whether
+    `--resume` can go on after one dies (not for a synchronous run). In recovery mode mpirun ends
+    nothing when one dies, and the survivors would sit in a collective (a server killed inside a
+    flush) until a deadline of comm.timeout: the launcher watches these pids and ends the job at once."""
     import json
 
     where = os.environ.get("HPCOPT_OUTCOME")
@@ -63,7 +78,8 @@ def record_essential(ranks: dict[int, tuple[int, str, str]]) -> None:
     try:
         tmp = os.path.join(where, f".essential.{os.getpid()}")
         with open(tmp, "w") as f:
-            json.dump({str(r): [int(pid), host, what] for r, (pid, host, what) in ranks.items()}, f)
+            json.dump({"resumable": resumable,
+                       "ranks": {str(r): [int(pid), host, what] for r, (pid, host, what) in ranks.items()}}, f)
         os.replace(tmp, os.path.join(where, "essential.json"))
     except OSError:
         pass  # (rank 0's own death is still seen through the run's lock)
@@ -90,7 +106,7 @@ def abort_job(comm) -> None:
 
 
 @contextlib.contextmanager
-def watchdog(seconds: float, what: str):
+def watchdog(seconds: float, what: str, limit: str = "comm.timeout"):
     """End this process, and the job, if the block has not completed after `seconds`: for
     collective calls with no deadline of their own (MPI-IO, HDF5), which a dead peer would hang
     forever. From a timer thread, so no MPI call (the main thread is inside one): the launcher
@@ -99,7 +115,7 @@ def watchdog(seconds: float, what: str):
     def fire():
         try:
             sys.stderr.write(f"[hpcopt {socket.gethostname()} pid {os.getpid()}] {what} did not complete within "
-                             f"{seconds:g} s (comm.timeout): another rank is dead or the file system hangs; "
+                             f"{seconds:g} s ({limit}): another rank is dead or the file system hangs; "
                              f"ending the job\n")
             sys.stderr.flush()
             record_outcome(1)

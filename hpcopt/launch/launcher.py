@@ -149,9 +149,8 @@ def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
                 break
             except subprocess.TimeoutExpired:
                 if outcome is not None and not lost and (lost := _essential_gone(run_dir, outcome, started)):
-                    print(f"hpcopt: {lost} is gone without an exit status: ending the job (the checkpoint "
-                          f"is as the last complete flush left it; `hpcopt train -n N --resume {run_dir}` "
-                          f"goes on from there)", file=sys.stderr, flush=True)
+                    print(f"hpcopt: {lost} is gone without an exit status: ending the job"
+                          f"{_after_loss(run_dir, outcome)}", file=sys.stderr, flush=True)
                     _end(proc)
         if outcome is None:
             return code
@@ -193,11 +192,12 @@ def _rank0_started(run_dir: Path, since: float) -> bool:
 
 
 def _essential_gone(run_dir: Path, outcome: Path, since: float) -> str:
-    """Which rank the training cannot lose died without an exit status, if one did: server 0 (it
-    holds RUN/lock, so seen even before it names the others), another server, or any rank of a
-    synchronous run (named by rank 0 in OUTCOME/essential.json). In recovery mode nothing else
-    ends the job then: the others would wait in a collective or for replies until comm.timeout.
-    Only ranks on this host can be checked; on others the deadlines remain."""
+    """Which rank the training cannot lose died without an exit status, if one did: any rank
+    until the setup is over (OUTCOME/started/RANK: the setup is collective), then those rank 0
+    names in OUTCOME/essential.json (the servers; every rank of a synchronous run); and server
+    0, which holds RUN/lock, from the moment it takes it. In recovery mode nothing else ends the
+    job then: the others would wait in a collective, or for replies until comm.timeout. Only
+    ranks on this host can be checked; on others the deadlines remain."""
     import json
     import socket
 
@@ -210,8 +210,15 @@ def _essential_gone(run_dir: Path, outcome: Path, since: float) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:
-        named = json.loads((outcome / "essential.json").read_text())
+        named = json.loads((outcome / "essential.json").read_text())["ranks"]
         watched.update({int(r): (int(pid), host, what) for r, (pid, host, what) in named.items()})
+    except FileNotFoundError:  # still setting up
+        for f in (outcome / "started").glob("*") if (outcome / "started").is_dir() else ():
+            try:
+                pid, host = f.read_text().split()
+                watched.setdefault(int(f.name), (int(pid), host, f"rank {int(f.name)}"))
+            except (OSError, ValueError):
+                pass  # (half written: seen at the next poll)
     except (OSError, ValueError, KeyError, TypeError):
         pass
     for rank, (pid, host, what) in sorted(watched.items()):
@@ -224,8 +231,32 @@ def _essential_gone(run_dir: Path, outcome: Path, since: float) -> str:
             pass
         except PermissionError:
             continue
-        return f"{what} (rank {rank}, pid {pid})"
+        return f"{what} (pid {pid})" if what == f"rank {rank}" else f"{what} (rank {rank}, pid {pid})"
     return ""
+
+
+def _after_loss(run_dir: Path, outcome: Path) -> str:
+    """What is left of the run once an essential rank died: what the user can do next."""
+    import json
+
+    try:
+        resumable = bool(json.loads((outcome / "essential.json").read_text())["resumable"])
+    except FileNotFoundError:
+        return " (it died while the job was setting up: nothing was trained in this launch)"
+    except (OSError, ValueError, KeyError, TypeError):
+        resumable = False
+    try:
+        state = json.loads((run_dir / "status.json").read_text()).get("state")
+    except (OSError, ValueError, AttributeError):
+        state = None
+    if state == "complete":
+        return " (the training had completed: its trajectory is whole)"
+    if not resumable:
+        return " (a synchronous run cannot be resumed: start it again)"
+    if not (run_dir / "checkpoint.h5").exists():
+        return (f" (no checkpoint yet: `hpcopt train -n N --resume {run_dir}` goes on from the trajectory's last "
+                f"center snapshot, if it has one)")
+    return f" (`hpcopt train -n N --resume {run_dir}` goes on from its last checkpoint)"
 
 
 def _end(proc: subprocess.Popen) -> None:

@@ -23,6 +23,7 @@ from hpcopt import __version__
 from hpcopt.config import Config
 from hpcopt.data import load_data
 from hpcopt.io.trajectory import TrajectoryWriter, run_attributes
+from hpcopt.failpoints import failpoint
 from hpcopt.launch.env import Environment, record_essential
 from hpcopt.models import FlatModel, build_model
 from hpcopt.io.rundir import RunDir, write_atomic
@@ -206,6 +207,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
     torch.manual_seed(cfg.run.seed)
     is_server = world.rank < S
     role = world.Split(0 if is_server else 1, world.rank)
+    failpoint(f"train.setup.rank{world.rank}")  # (a test kills one rank inside the collective setup)
     run = RunDir(cfg.run.out)
 
     if resume:
@@ -267,9 +269,6 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         run.new_token()
     hosts = dict(enumerate(world.allgather(env.host)))
     pids = world.allgather(os.getpid())
-    if world.rank == 0:  # the ranks the run cannot lose: `hpcopt train -n` ends the job when one dies
-        record_essential({r: (pids[r], hosts[r], f"rank {r}" if cfg.synchronous else f"server {r}")
-                          for r in (range(world.size) if cfg.synchronous else range(S))})
     # one id for every rank (attributes are written collectively); a resume keeps its run's
     run_id = world.bcast((ckpt["attrs"].get("run_id") if ckpt else None) or uuid.uuid4().hex, root=0)
     if world.rank == 0:
@@ -299,6 +298,11 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         world.Split_type(MPI.COMM_TYPE_SHARED).Free()  # collective over world
     # everyone starts the clock together; a rank that never arrives is an error, not a hang
     wait_all([world.Ibarrier()], cfg.comm.timeout, "every rank to finish setting up")
+    if world.rank == 0:  # every rank was essential to the setup's collectives; from now on only the
+        # ones the run cannot lose (`hpcopt train -n` ends the job when one of them dies)
+        record_essential({r: (pids[r], hosts[r], f"rank {r}" if cfg.synchronous else f"server {r}")
+                          for r in (range(world.size) if cfg.synchronous else range(S))},
+                         resumable=not cfg.synchronous)
     s.start = time.monotonic() - (float(ckpt["attrs"]["time"]) if resume else 0.0)
     try:
         return _run_role(s, is_server, writer, evaluator)

@@ -668,19 +668,21 @@ def test_resume_with_another_model_or_a_corrupt_checkpoint_is_a_clear_error(tmp_
     assert p.returncode == 2 and "config.toml" in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("victim", [0, 1])
+@pytest.mark.parametrize("victim", ["server 0", "server 1", "rank 3"])
 def test_a_dead_server_ends_every_rank_without_waiting_for_comm_timeout(tmp_path, victim):
     """Issue 12, item 8: with the default comm.timeout (120 s), a dead server ends the job at once,
     non-zero, with the checkpoint intact: server 0 SIGKILLed mid-run, or server 1 SIGKILLed inside
     a collective flush (server 0 waits there in MPI-IO, past every deadline but its watchdog's, and
-    the workers for comm.timeout: it took two minutes). The launcher watches every server's pid."""
+    the workers for comm.timeout: it took two minutes). The launcher watches every server's pid,
+    and every rank's while they set up together (a worker killed there hung the job for good)."""
     run, log = tmp_path / "r", tmp_path / "train.log"
+    point = {"server 1": "trajectory.flush.resized.server1@20",  # (about the tenth flush, after a checkpoint)
+             "rank 3": "train.setup.rank3@1"}.get(victim, "")
     proc = subprocess.Popen([sys.executable, "-m", "hpcopt", "train", "-n", "4", "--out", str(run), "--train.epochs",
                              "100000", *QUAD, "--run.servers", "2"], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True,  # (the 20th pass: about the tenth flush, after a checkpoint)
-                            env=mpi_env({"HPCOPT_FAILPOINTS": "trajectory.flush.resized.server1@20"} if victim else {}))
+                            start_new_session=True, env=mpi_env({"HPCOPT_FAILPOINTS": point}))
     try:
-        if victim == 0:
+        if victim == "server 0":
             wait_for("a checkpoint", lambda: (run / "checkpoint.h5").exists() and status(run).get("exchanges", 0) > 20,
                      proc, log=log)
             os.kill(_rank_pids(run)[0], signal.SIGKILL)
@@ -689,8 +691,13 @@ def test_a_dead_server_ends_every_rank_without_waiting_for_comm_timeout(tmp_path
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run(["pkill", "-9", "-f", str(run)], check=False)
-    assert proc.returncode != 0, out
-    assert f"server {victim} (rank {victim}, pid" in out and "is gone without an exit status" in out, out
+    assert proc.returncode == 1, out
+    if victim == "rank 3":
+        assert "rank 3 (pid" in out and "while the job was setting up" in out, out
+        return
+    rank = victim[-1]
+    assert f"{victim} (rank {rank}, pid" in out and "is gone without an exit status" in out, out
+    assert f"--resume {run}` goes on from its last checkpoint" in out, out
     with h5py.File(run / "checkpoint.h5", "r") as f:
         assert np.isfinite(f["center"][...]).all()
 
