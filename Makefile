@@ -15,8 +15,11 @@ demo: setup
 	mpirun --oversubscribe -n $(NP) $(VENV)/bin/hpcopt train --config configs/mnist1d_easgd.toml --out runs/demo --force
 	$(VENV)/bin/hpcopt inspect runs/demo/trajectory.h5
 
+# Two tests at a time (pytest-xdist): one test's ranks mostly wait on each other, importing torch
+# or on a deadline, so one at a time used 1.2 of a 2-core machine's cores. TEST_JOBS=0: one at a time, in one process.
+TEST_JOBS ?= 2
 test: setup
-	$(VENV)/bin/python -m pytest -q --durations=20 tests
+	$(VENV)/bin/python -m pytest -q --durations=20 -n $(TEST_JOBS) --dist loadgroup tests
 
 bench: setup
 	mpirun --oversubscribe -n 2 $(VENV)/bin/python benchmarks/exchange.py
