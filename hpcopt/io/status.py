@@ -30,9 +30,29 @@ def read_status(run_dir) -> dict:
     if problem:
         raise ValueError(f"malformed status.json ({run.status}): {problem}")
     status["age_seconds"] = round(time.time() - float(status.get("updated", 0)), 1)
-    if status.get("state") == "running" and status["age_seconds"] > STALE_SECONDS:
+    if status.get("state") in ("running", "stopping") and _writer_gone(status):
+        status["state"] = "killed"  # server 0 died before it could say how the run ended
+    elif status.get("state") == "running" and status["age_seconds"] > STALE_SECONDS:
         status["state"] = "unresponsive"
     return status
+
+
+def _writer_gone(status: dict) -> bool:
+    """Whether server 0, which writes status.json, is known dead: it is on this host and its pid
+    is gone (elsewhere only the age of the file can tell, after STALE_SECONDS)."""
+    import os
+    import socket
+
+    pid = status.get("pid")
+    if status.get("host") != socket.gethostname() or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
 
 
 _NUMBERS = ("updated", "elapsed_seconds", "exchanges_per_second")
@@ -79,7 +99,9 @@ def format_status(s: dict) -> str:
     updated = datetime.datetime.fromtimestamp(s.get("updated", 0)).strftime("%Y-%m-%d %H:%M:%S")
     lines = [
         f"state        {s.get('state')}   (updated {updated}, {s['age_seconds']:.0f} s ago"
-        + ("; the servers stopped updating it: crashed or hung?)" if s.get("state") == "unresponsive" else ")"),
+        + ("; the servers stopped updating it: crashed or hung?)" if s.get("state") == "unresponsive" else
+           f"; its server 0, pid {s.get('pid')}, is gone: `hpcopt train -n N --resume RUN` goes on)"
+           if s.get("state") == "killed" else ")"),
         f"method       {s.get('method')}   servers on {', '.join(s.get('servers', []))}   "
         f"joins {'open' if s.get('joins_enabled') else 'disabled'}",
         f"elapsed      {s.get('elapsed_seconds', 0):.1f} s   exchanges {s.get('exchanges')} "

@@ -1,6 +1,7 @@
 """Bad input is refused with a clear error and loses nothing (no MPI)."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -190,6 +191,20 @@ def test_status_of_a_good_status_file_and_of_a_non_object(tmp_path, capsys):
         "exchanges": 2, "exchanges_per_second": 2.0, "center_test_accuracy": None, "workers": [w]}))
     assert main(["status", str(tmp_path)]) == 0
     assert "workers      1" in capsys.readouterr().out
+    # written by a server 0 on this host that is gone: killed, said at once (not 30 s later)
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    fresh = json.loads((tmp_path / "status.json").read_text())
+    (tmp_path / "status.json").write_text(json.dumps({**fresh, "host": socket.gethostname(), "pid": dead.pid}))
+    assert main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("state        killed") and f"server 0, pid {dead.pid}, is gone" in out, out
+    (tmp_path / "status.json").write_text(json.dumps({**fresh, "host": socket.gethostname(), "pid": os.getpid()}))
+    assert main(["status", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("state        running")
 
 
 # ---------------------------------------------------------------- hpcopt train -n2
