@@ -28,26 +28,43 @@ def mnist1d(seed: int = 42) -> dict:
         try:  # (no pickles: a file in a cache is data, never code)
             with np.load(path, allow_pickle=False) as f:
                 d = {k: f[k] for k in KEYS}
-            if len(d["x_train"]) == 4000 and len(d["x_test"]) == 1000:
+            if {k: a.shape for k, a in d.items()} == _MNIST1D_SHAPES:
                 return d
         except Exception:  # noqa: BLE001 (zipfile, OS, value, key errors: any failure just regenerates)
             pass  # damaged or foreign: generated again below, and rewritten
+    import random
+
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
     args.seed = seed
-    with contextlib.redirect_stdout(io.StringIO()):  # the generator prints progress
-        g = make_dataset(args)
+    # the generator seeds NumPy's and Python's global generators: keep the caller's as they were,
+    # so a model built after the data is the same whether the data came from the cache or not
+    states = np.random.get_state(), random.getstate()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the generator prints progress
+            g = make_dataset(args)
+    finally:
+        np.random.set_state(states[0])
+        random.setstate(states[1])
     d = {"x_train": g["x"], "y_train": g["y"], "x_test": g["x_test"], "y_test": g["y_test"]}
     if path is not None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
             np.savez(tmp, **d)
             os.replace(tmp, path)  # readers see a whole file or none
         except OSError:
-            pass  # a read-only home: generated each time, as before
+            pass  # a read-only home or a full disk: generated each time, as before
+        finally:
+            try:
+                tmp.unlink(missing_ok=True)  # (a failed write's leftover)
+            except OSError:
+                pass
     return d
+
+
+_MNIST1D_SHAPES = {"x_train": (4000, 40), "y_train": (4000,), "x_test": (1000, 40), "y_test": (1000,)}
 
 
 def _cache_dir() -> Path | None:
@@ -59,7 +76,9 @@ def _cache_dir() -> Path | None:
         return None
     if where:
         return Path(where)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # (the XDG spec: a relative one is ignored)
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "hpcopt"
 
 

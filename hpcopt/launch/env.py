@@ -64,12 +64,24 @@ def record_started() -> None:
         pass
 
 
+def record_set_up() -> None:
+    """Under `hpcopt train -n`, on an asynchronous worker past the setup barrier: OUTCOME/ready/RANK.
+    The launcher stops watching it: from now on its death costs that worker only."""
+    where, rank = os.environ.get("HPCOPT_OUTCOME"), os.environ.get("OMPI_COMM_WORLD_RANK")
+    if not where or rank is None:
+        return
+    try:
+        os.makedirs(os.path.join(where, "ready"), exist_ok=True)
+        open(os.path.join(where, "ready", rank), "w").close()
+    except OSError:
+        pass  # (watched as essential then: its crash would end the run, as before elasticity)
+
+
 def record_essential(ranks: dict[int, tuple[int, str, str]], *, resumable: bool) -> None:
-    """Under `hpcopt train -n`, once the setup is over: name the ranks whose death ends the run
-    (the servers; every rank of a synchronous run), {rank: (pid, host, what it is)}, and whether
-    `--resume` can go on after one dies (not for a synchronous run). In recovery mode mpirun ends
-    nothing when one dies, and the survivors would sit in a collective (a server killed inside a
-    flush) until a deadline of comm.timeout: the launcher watches these pids and ends the job at once."""
+    """Under `hpcopt train -n`, once the setup is over (rank 0): what the ranks whose death ends
+    the run are (the servers; every rank of a synchronous run), {rank: (pid, host, what it is)},
+    and whether `--resume` can go on after one dies (not for a synchronous run): the launcher's
+    words when one dies. (Which ranks it watches: every started one but the workers set up.)"""
     import json
 
     where = os.environ.get("HPCOPT_OUTCOME")
@@ -82,7 +94,7 @@ def record_essential(ranks: dict[int, tuple[int, str, str]], *, resumable: bool)
                        "ranks": {str(r): [int(pid), host, what] for r, (pid, host, what) in ranks.items()}}, f)
         os.replace(tmp, os.path.join(where, "essential.json"))
     except OSError:
-        pass  # (rank 0's own death is still seen through the run's lock)
+        pass  # (then the launcher says "rank N" and advises as for a death during the setup)
 
 
 def _ask_launcher_to_end_job() -> None:

@@ -192,12 +192,13 @@ def _rank0_started(run_dir: Path, since: float) -> bool:
 
 
 def _essential_gone(run_dir: Path, outcome: Path, since: float) -> str:
-    """Which rank the training cannot lose died without an exit status, if one did: any rank
-    until the setup is over (OUTCOME/started/RANK: the setup is collective), then those rank 0
-    names in OUTCOME/essential.json (the servers; every rank of a synchronous run); and server
-    0, which holds RUN/lock, from the moment it takes it. In recovery mode nothing else ends the
-    job then: the others would wait in a collective, or for replies until comm.timeout. Only
-    ranks on this host can be checked; on others the deadlines remain."""
+    """Which rank the training cannot lose died without an exit status, if one did. Every rank
+    from its start (OUTCOME/started/RANK: the setup is collective, one rank's death would leave
+    the others in it), except an asynchronous worker once it is set up (OUTCOME/ready/RANK: the
+    run goes on without it); server 0 also from the moment it holds RUN/lock. Named as rank 0
+    says in OUTCOME/essential.json. In recovery mode nothing else ends the job: the others would
+    wait in a collective, or for replies until comm.timeout. Only ranks on this host can be
+    checked; on others the deadlines remain."""
     import json
     import socket
 
@@ -209,16 +210,19 @@ def _essential_gone(run_dir: Path, outcome: Path, since: float) -> str:
             watched[0] = (int(lock["pid"]), lock["host"], "rank 0")
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    try:
-        named = json.loads((outcome / "essential.json").read_text())["ranks"]
-        watched.update({int(r): (int(pid), host, what) for r, (pid, host, what) in named.items()})
-    except FileNotFoundError:  # still setting up
-        for f in (outcome / "started").glob("*") if (outcome / "started").is_dir() else ():
-            try:
+    started, ready = outcome / "started", outcome / "ready"
+    for f in started.glob("*") if started.is_dir() else ():
+        try:
+            if not (ready / f.name).exists():
                 pid, host = f.read_text().split()
                 watched.setdefault(int(f.name), (int(pid), host, f"rank {int(f.name)}"))
-            except (OSError, ValueError):
-                pass  # (half written: seen at the next poll)
+        except (OSError, ValueError):
+            pass  # (half written: seen at the next poll)
+    try:
+        named = json.loads((outcome / "essential.json").read_text())["ranks"]
+        for r, (pid, host, what) in named.items():
+            if int(r) in watched:
+                watched[int(r)] = (int(pid), host, what)
     except (OSError, ValueError, KeyError, TypeError):
         pass
     for rank, (pid, host, what) in sorted(watched.items()):

@@ -24,7 +24,7 @@ from hpcopt.config import Config
 from hpcopt.data import load_data
 from hpcopt.io.trajectory import TrajectoryWriter, run_attributes
 from hpcopt.failpoints import failpoint
-from hpcopt.launch.env import Environment, record_essential
+from hpcopt.launch.env import Environment, record_essential, record_set_up
 from hpcopt.models import FlatModel, build_model
 from hpcopt.io.rundir import RunDir, write_atomic
 from hpcopt.io import tensorboard as tb
@@ -298,6 +298,8 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         world.Split_type(MPI.COMM_TYPE_SHARED).Free()  # collective over world
     # everyone starts the clock together; a rank that never arrives is an error, not a hang
     wait_all([world.Ibarrier()], cfg.comm.timeout, "every rank to finish setting up")
+    if not is_server and not cfg.synchronous:
+        record_set_up()  # an asynchronous worker: the run can lose it from now on
     if world.rank == 0:  # every rank was essential to the setup's collectives; from now on only the
         # ones the run cannot lose (`hpcopt train -n` ends the job when one of them dies)
         record_essential({r: (pids[r], hosts[r], f"rank {r}" if cfg.synchronous else f"server {r}")

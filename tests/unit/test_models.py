@@ -71,10 +71,22 @@ def test_mnist1d_is_generated_locally_and_cached(tmp_path, monkeypatch):
     kept.write_bytes(kept.read_bytes()[:5000])  # half written (by hand: the cache writes atomically)
     again = load_data("mnist1d", 5)  # generated again, and the cache rewritten
     assert all(np.array_equal(again[k], d[k]) for k in d) and kept.stat().st_size > 5000
+    # the generator seeds the global NumPy generator: a cache hit or miss must leave it alike
+    np.random.seed(1)
+    load_data("mnist1d", 5)
+    hit = np.random.rand()
+    kept.unlink()
+    np.random.seed(1)
+    load_data("mnist1d", 5)
+    assert np.random.rand() == hit
     monkeypatch.setenv("HPCOPT_CACHE", "off")
     kept.unlink()
     load_data("mnist1d", 5)
     assert not kept.exists()
+    monkeypatch.setenv("HPCOPT_CACHE", str(tmp_path / "c2"))
+    (tmp_path / "c2" / kept.name).mkdir(parents=True)  # a name it cannot be renamed to
+    load_data("mnist1d", 5)  # generated; the failed write's temporary removed
+    assert [p.name for p in (tmp_path / "c2").iterdir()] == [kept.name]
 
 
 def test_hdf5_data_file(tmp_path):
