@@ -146,4 +146,3 @@ def fingerprint(data: dict) -> str:
         h.update(f"{k}{a.dtype.str}{a.shape}".encode())
         h.update(memoryview(a).cast("B"))
     return h.hexdigest()
-

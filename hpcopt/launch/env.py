@@ -39,42 +39,38 @@ def record_outcome(code: int) -> None:
     """Under `hpcopt train -n` (HPCOPT_OUTCOME names a folder): leave this rank's exit status
     there. Open MPI's recovery mode, which keeps a run alive when a worker dies, also makes
     mpirun exit 0 whatever the ranks did; the launcher reads server 0's status from here."""
-    where = os.environ.get("HPCOPT_OUTCOME")
-    rank = os.environ.get("OMPI_COMM_WORLD_RANK")
-    if where and rank is not None:
+    _mark("", f"{int(code)}\n")
+
+
+def _mark(folder: str, text: str = "") -> None:
+    """Under `hpcopt train -n`: OUTCOME/folder/RANK holding `text`, a record for the launcher.
+    Never OUTCOME itself: the launcher removes it when the job is over, and a late rank must not
+    leave it behind."""
+    where, rank = os.environ.get("HPCOPT_OUTCOME"), os.environ.get("OMPI_COMM_WORLD_RANK")
+    if not where or rank is None:
+        return
+    try:
         try:
-            with open(os.path.join(where, rank), "w") as f:
-                f.write(f"{int(code)}\n")
-        except OSError:
+            os.mkdir(os.path.join(where, folder))
+        except FileExistsError:
             pass
+        with open(os.path.join(where, folder, rank), "w") as f:
+            f.write(text)
+    except OSError:
+        pass  # (unwatched then, or watched as essential: never a failure of the run itself)
 
 
 def record_started() -> None:
-    """Under `hpcopt train -n`, first thing on every rank (before MPI_Init): OUTCOME/started/RANK
-    holds "pid host". Until the setup is over (record_essential) every rank is essential: the
-    setup is collective, and one rank's death would leave the others in it."""
-    where, rank = os.environ.get("HPCOPT_OUTCOME"), os.environ.get("OMPI_COMM_WORLD_RANK")
-    if not where or rank is None:
-        return
-    try:
-        os.makedirs(os.path.join(where, "started"), exist_ok=True)
-        with open(os.path.join(where, "started", rank), "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
-    except OSError:
-        pass
+    """First thing on every rank (before MPI_Init): OUTCOME/started/RANK holds "pid host". The
+    launcher watches every started rank: the setup is collective, and one rank's death would
+    leave the others in it."""
+    _mark("started", f"{os.getpid()} {socket.gethostname()}\n")
 
 
 def record_set_up() -> None:
-    """Under `hpcopt train -n`, on an asynchronous worker past the setup barrier: OUTCOME/ready/RANK.
-    The launcher stops watching it: from now on its death costs that worker only."""
-    where, rank = os.environ.get("HPCOPT_OUTCOME"), os.environ.get("OMPI_COMM_WORLD_RANK")
-    if not where or rank is None:
-        return
-    try:
-        os.makedirs(os.path.join(where, "ready"), exist_ok=True)
-        open(os.path.join(where, "ready", rank), "w").close()
-    except OSError:
-        pass  # (watched as essential then: its crash would end the run, as before elasticity)
+    """On an asynchronous worker past the setup barrier: OUTCOME/ready/RANK. The launcher stops
+    watching it: from now on its death costs that worker only."""
+    _mark("ready")
 
 
 def record_essential(ranks: dict[int, tuple[int, str, str]], *, resumable: bool) -> None:

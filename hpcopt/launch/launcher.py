@@ -148,7 +148,7 @@ def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
                 code = proc.wait(timeout=1.0)
                 break
             except subprocess.TimeoutExpired:
-                if outcome is not None and not lost and (lost := _essential_gone(run_dir, outcome, started)):
+                if outcome is not None and not lost and (lost := _essential_gone(outcome)):
                     print(f"hpcopt: {lost} is gone without an exit status: ending the job"
                           f"{_after_loss(run_dir, outcome)}", file=sys.stderr, flush=True)
                     _end(proc)
@@ -191,12 +191,11 @@ def _rank0_started(run_dir: Path, since: float) -> bool:
         return False
 
 
-def _essential_gone(run_dir: Path, outcome: Path, since: float) -> str:
+def _essential_gone(outcome: Path) -> str:
     """Which rank the training cannot lose died without an exit status, if one did. Every rank
     from its start (OUTCOME/started/RANK: the setup is collective, one rank's death would leave
     the others in it), except an asynchronous worker once it is set up (OUTCOME/ready/RANK: the
-    run goes on without it); server 0 also from the moment it holds RUN/lock. Named as rank 0
-    says in OUTCOME/essential.json. In recovery mode nothing else ends the job: the others would
+    run goes on without it). Named as rank 0 says in OUTCOME/essential.json. In recovery mode nothing else ends the job: the others would
     wait in a collective, or for replies until comm.timeout. Only ranks on this host can be
     checked; on others the deadlines remain."""
     import json
@@ -204,18 +203,12 @@ def _essential_gone(run_dir: Path, outcome: Path, since: float) -> str:
 
     here = socket.gethostname()
     watched: dict[int, tuple[int, str, str]] = {}
-    try:
-        lock = json.loads((run_dir / "lock").read_text())
-        if float(lock["since"]) >= since:  # (not an earlier launch's)
-            watched[0] = (int(lock["pid"]), lock["host"], "rank 0")
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     started, ready = outcome / "started", outcome / "ready"
     for f in started.glob("*") if started.is_dir() else ():
         try:
             if not (ready / f.name).exists():
                 pid, host = f.read_text().split()
-                watched.setdefault(int(f.name), (int(pid), host, f"rank {int(f.name)}"))
+                watched[int(f.name)] = (int(pid), host, f"rank {int(f.name)}")
         except (OSError, ValueError):
             pass  # (half written: seen at the next poll)
     try:
