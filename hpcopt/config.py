@@ -244,7 +244,7 @@ class RecordConfig:
     eval_seconds: float = 2.0
     """the center is evaluated on the test set at most this often (at a flush)"""
     checkpoint_seconds: float = 10.0
-    """servers write OUT/checkpoint.h5 (at a flush) and workers their own state this often; a resume loses at most this interval"""
+    """servers write OUT/checkpoint.h5 (at a flush) this often, a resume loses at most this interval; workers save their own state as often, but in the background and spending at most 2 percent of their time on it"""
     tensorboard: bool = False
     """server 0 (rank 0 of a synchronous run) writes live metrics as TensorBoard event files to record.tensorboard_dir at every flush (needs pip install 'hpcopt[tensorboard]')"""
     tensorboard_dir: str = ""

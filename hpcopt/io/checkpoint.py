@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -152,18 +154,76 @@ def read(path, *, n_parameters: int, layout: dict, method: str) -> dict:
 
 def save_worker_state(path, *, step: int, exchange: int, params, trainer_state: dict) -> None:
     """A worker's own state (parameters, step, local optimizer and data order), atomically."""
-    import io
+    write_worker_state(path, worker_state(step=step, exchange=exchange, params=params, trainer_state=trainer_state))
 
+
+def worker_state(*, step: int, exchange: int, params, trainer_state: dict) -> dict:
+    """The state to save, with its own copy of the parameters in host memory (training may go on
+    changing them while it is written); trainer_state must be a copy already (state_dict())."""
+    return {"step": step, "exchange": exchange, "params": params.detach().to("cpu", copy=True),
+            "trainer": trainer_state, "n_parameters": params.numel()}
+
+
+def write_worker_state(path, state: dict) -> None:
+    """Checksum `state` and write it atomically (torch.save straight into the temporary file:
+    no serialised copy of a state that can be hundreds of MB)."""
     import torch
 
     from .rundir import write_atomic
 
-    state = {"step": step, "exchange": exchange, "params": params.detach().to("cpu", copy=True), "trainer": trainer_state,
-             "n_parameters": params.numel()}
     state["sha256"] = _digest(state)  # torch.load checks no checksum: a flipped bit would load
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+class WorkerStateSaver:
+    """Saves a worker's state for a resume, at most every `every` seconds, in a background thread.
+    The caller's thread only copies the state (`save`), so the training (and its GPU) goes on
+    while it is checksummed and written; a save waits for the previous one, so files never
+    land out of order. Paced by its own cost too: the next save comes no sooner than 49 times
+    the last one's duration after it ended, so saving takes at most 2% of the worker's time
+    (a 9.2M-parameter state with momentum costs ~0.5 s of CPU: every 10 s, with four workers
+    on a core, that was 18% of their compute). A failed write (a full disk) is said once, not fatal."""
+
+    SHARE = 0.02
+
+    def __init__(self, path, every: float, log=print, who: str = "worker"):
+        self.path, self.every, self.log, self.who = path, every, log, who
+        self.next_at = time.monotonic() + every  # no save before this
+        self.thread: threading.Thread | None = None
+        self.failed = False
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next_at and not self.busy
+
+    @property
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def save(self, *, step: int, exchange: int, params, trainer_state: dict, wait: bool = False) -> None:
+        self.wait()
+        state = worker_state(step=step, exchange=exchange, params=params, trainer_state=trainer_state)
+        t0 = time.monotonic()
+        self.next_at = t0 + self.every
+        # not a daemon: an interpreter exiting normally finishes the write rather than leave none
+        self.thread = threading.Thread(target=self._write, args=(state, t0), name="hpcopt-save-state")
+        self.thread.start()
+        if wait:
+            self.wait()
+
+    def _write(self, state: dict, t0: float) -> None:
+        try:
+            write_worker_state(self.path, state)
+        except OSError as e:
+            if not self.failed:
+                self.log(f"{self.who}: cannot save its state ({e.strerror or e}); training goes on without it")
+            self.failed = True
+        end = time.monotonic()
+        self.next_at = max(self.next_at, end + (end - t0) * (1 - self.SHARE) / self.SHARE)
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
 
 
 def _digest(state: dict) -> str:
@@ -178,7 +238,7 @@ def _digest(state: dict) -> str:
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # (its buffer: no copy)
         elif isinstance(x, dict):
             for k in sorted(x, key=repr):
                 if k != "sha256":

@@ -251,15 +251,19 @@ def hold_flock(path: Path) -> int | None:
     return fd
 
 
-def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path`: readers see the old
-    or the new file, never half of one, also after a crash."""
+def write_atomic(path: Path, data, mode: int = 0o644) -> None:
+    """Write `data` (str, bytes, or a function that writes into the binary file it is given) to
+    a temporary file beside `path`, then rename it over `path`: readers see the old or the new
+    file, never half of one, also after a crash."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)

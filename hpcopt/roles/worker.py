@@ -25,7 +25,7 @@ import torch
 
 from hpcopt.comm import protocol as P
 from hpcopt.config import Config
-from hpcopt.io.checkpoint import save_worker_state
+from hpcopt.io.checkpoint import WorkerStateSaver
 from hpcopt.io.rundir import RunDir
 from hpcopt.launch.device import HostMirror
 from hpcopt.launch.signals import SignalFlag, ignore_leave_signals
@@ -158,6 +158,7 @@ class Overlap:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.waited = 0.0  # seconds the training waited for exchanges in flight (the link, or the servers)
+        self.cpu = 0.0  # CPU seconds the exchanges' threads used (codec, copies, MPI): the training's cores
         self.moved = None  # a CUDA event: the last move's copy to the device has read `sent`
 
     @property
@@ -174,6 +175,7 @@ class Overlap:
         self.thread.start()
 
     def _run(self, header, copied) -> None:
+        cpu = time.thread_time()
         try:
             copied()
             if self.moved is not None:
@@ -182,6 +184,8 @@ class Overlap:
             self.client.exchange(header)  # (every wait in it has comm.timeout)
         except BaseException as e:  # raised where the training is: in finish()
             self.error = e
+        finally:
+            self.cpu += time.thread_time() - cpu  # (read in finish(), after the join)
 
     def poll(self) -> None:
         """Apply a completed exchange's move now (less stale than at the next exchange)."""
@@ -238,8 +242,9 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
     guard = DivergenceGuard(cfg.train.diverge_factor,
                             reference=ready.reference if math.isfinite(ready.reference) else None)
     resets, reason = 0, P.FINISHED
-    last_save, save_failed = time.monotonic(), False
-    t0 = time.perf_counter()
+    saver = None if run is None else WorkerStateSaver(run.worker_state(worker_id), cfg.record.checkpoint_seconds, log,
+                                                      f"worker {worker_id}")
+    t0, cpu0 = time.perf_counter(), time.process_time()
 
     def header(kind, step, **kw):
         # no batches since the last message: no loss to report (NaN), never a perfect 0.0
@@ -250,8 +255,8 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
 
     def exchange(step, last: bool = False):
         """(With overlap the previous exchange's move is applied already: see the loop.)"""
-        nonlocal loss_sum, loss_n, k, last_save
-        save = run is not None and time.monotonic() - last_save >= cfg.record.checkpoint_seconds
+        nonlocal loss_sum, loss_n, k
+        save = saver is not None and saver.due()
         if save and overlap is not None:  # before the next exchange leaves: a state with every
             save_state(step)  # move it has counted (after start() the one in flight would be missing)
         k += 1
@@ -262,20 +267,11 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
         loss_sum, loss_n = 0.0, 0
         if save and overlap is None:
             save_state(step)
-        if save:
-            last_save = time.monotonic()
 
-    def save_state(step):
-        """The worker's own state, for a resume; losing it costs the resumed worker its local state
-        only (it restarts from the center), so a failed write (a full disk) is said once, not fatal."""
-        nonlocal save_failed
-        try:
-            save_worker_state(run.worker_state(worker_id), step=step, exchange=k, params=flat.params,
-                              trainer_state=trainer.state_dict())
-        except OSError as e:
-            if not save_failed:
-                log(f"worker {worker_id}: cannot save its state ({e.strerror or e}); training goes on without it")
-            save_failed = True
+    def save_state(step, wait=False):
+        """The worker's own state, for a resume (losing it costs the resumed worker its local
+        state only: it restarts from the center); copied here, written in the background."""
+        saver.save(step=step, exchange=k, params=flat.params, trainer_state=trainer.state_dict(), wait=wait)
 
     def finite() -> bool:
         """The parameters the next exchange sends: a step with a finite loss can still produce
@@ -374,13 +370,16 @@ def run_worker(cfg: Config, worker_id: int, ready: Prepared, client, start: floa
             exchange(step, last=True)  # the last exchange: what the worker learnt since the previous one counts
         elif not reset(*bad):
             reason = P.GAVE_UP
-    if run is not None and reason in (P.SIGNALLED, P.STOPPED):
-        save_state(step)
+    if saver is not None:
+        if reason in (P.SIGNALLED, P.STOPPED):
+            save_state(step, wait=True)
+        saver.wait()
     client.done(worker_id, step, reason)
     ignore_leave_signals()
     if overlap is not None:
         spent = time.perf_counter() - t0
-        log(f"worker {worker_id}: waited {overlap.waited:.1f} s of {spent:.1f} s for overlapped exchanges to complete")
+        log(f"worker {worker_id}: waited {overlap.waited:.1f} s of {spent:.1f} s for overlapped exchanges to complete; "
+            f"their thread used {overlap.cpu:.1f} s of CPU, the whole process {time.process_time() - cpu0:.1f} s")
     if flags:
         log(f"worker {worker_id}: left on signal {signal.Signals(flags.received).name} at step {step}")
     return WorkerSummary(worker_id=worker_id, steps=step - first_step, samples=(step - first_step) * trainer.batch,

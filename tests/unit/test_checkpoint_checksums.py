@@ -91,3 +91,46 @@ def test_a_flipped_bit_in_a_worker_state_is_refused(tmp_path):
     _flip(path, raw.find(params.numpy().tobytes()[400:416]) + 1)
     assert checkpoint.load_worker_state(path, 1000, log=said.append) is None
     assert "checksum does not match" in said[0]
+
+
+def test_worker_states_saved_in_the_background_land_in_order_and_are_copies(tmp_path):
+    """The saver copies the parameters when asked (training goes on changing them while the
+    thread writes), waits for the previous write before the next, and its files load."""
+    path = tmp_path / "0.pt"
+    saver = checkpoint.WorkerStateSaver(path, every=0.0)
+    params = torch.zeros(200_000)
+    for step in range(1, 6):
+        params.fill_(step)
+        saver.save(step=step, exchange=step, params=params, trainer_state={"buf": params.clone()})
+        params.fill_(-1.0)  # the training moves on at once: the saved copy must not see it
+    saver.save(step=6, exchange=6, params=params, trainer_state={}, wait=True)
+    assert not saver.busy
+    state = checkpoint.load_worker_state(path, 200_000)
+    assert state["step"] == 6 and torch.equal(state["params"], torch.full((200_000,), -1.0))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_worker_state_saver_that_cannot_write_says_so_once_and_goes_on(tmp_path):
+    said = []
+    saver = checkpoint.WorkerStateSaver(tmp_path / "missing" / "0.pt", every=0.0, log=said.append, who="worker 3")
+    for step in range(3):
+        saver.save(step=step, exchange=step, params=torch.ones(10), trainer_state={}, wait=True)
+    assert saver.failed and len(said) == 1 and said[0].startswith("worker 3: cannot save its state")
+
+
+def test_a_worker_state_save_is_paced_by_its_own_cost(tmp_path, monkeypatch):
+    """A save that took d seconds allows the next no sooner than 49 d after it ended (2% of the
+    worker's time), however small record.checkpoint_seconds is."""
+    import time
+
+    real, ended = checkpoint.write_worker_state, []
+
+    def slow(path, state):  # a write that takes at least 50 ms
+        real(path, state)
+        time.sleep(0.05)
+        ended.append(time.monotonic())
+
+    monkeypatch.setattr(checkpoint, "write_worker_state", slow)
+    saver = checkpoint.WorkerStateSaver(tmp_path / "0.pt", every=0.0)
+    saver.save(step=1, exchange=1, params=torch.ones(10), trainer_state={}, wait=True)
+    assert saver.next_at >= ended[0] + 49 * 0.05
