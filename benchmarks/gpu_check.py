@@ -19,7 +19,8 @@ for, whether MPI is CUDA-aware), then one table:
   * the reset path (a worker's NaN loss, restarted from the center) and the resume path (a
     graceful stop, then --resume: every worker continues from its saved state);
   * per-exchange host copies (pull + push) and one local step of a 25M-parameter model;
-  * `hpcopt analyze` of a run.
+  * `hpcopt analyze` of a run, and its curvature on the device against the CPU (the same
+    eigenvalues and trace; the Lanczos basis kept on the GPU).
 
 Exit status 0 only when every check passed; 3 when --device cuda finds no GPU.
 """
@@ -315,6 +316,41 @@ def analyze(table: Table, base: Path, device: str) -> None:
         print("\n".join("    | " + line for line in (p.stdout + p.stderr).strip().splitlines()[-15:]))
 
 
+def hessian(table: Table, base: Path, device: str) -> None:
+    """The curvature (Lanczos eigenvalues, Hutchinson trace, SLQ density) of one run on the device
+    and with the GPUs hidden: the same seeds give the same probes, so the numbers must agree to
+    float32 rounding; on CUDA the Lanczos basis must have been kept on the GPU."""
+    import h5py
+    import numpy as np
+
+    run = next((p for p in sorted(base.glob(f"eamsgd-in-place-{device}")) if (p / "trajectory.h5").exists()), None)
+    if run is None:
+        table.add("hessian: device vs CPU", "no run to analyse", "-", False)
+        return
+    got, logs = {}, {}
+    for where in (device, "cpu"):
+        out = base / f"hessian-{where}"
+        p = subprocess.run([PY, "-m", "hpcopt", "analyze", str(run), "--out", str(out), "--no-report", "--no-progress",
+                            "--skip", "trajectory,pca,landscape,interpolation,sharpness", "--density",
+                            "--density-runs", "1", "--density-steps", "20", "--top-k", "3",
+                            "--curvature-samples", "1000", "--device", where], env=env(where), cwd=ROOT,
+                           capture_output=True, text=True, timeout=1200)
+        logs[where] = p.stdout + p.stderr
+        if p.returncode != 0:
+            table.add("hessian: device vs CPU", f"FAILED on {where}", "-", False)
+            print("\n".join("    | " + line for line in logs[where].strip().splitlines()[-15:]))
+            return
+        with h5py.File(out / "analysis.h5", "r") as f:
+            g = f["curvature"]
+            got[where] = (g["eigenvalues"][()], float(g.attrs["trace"]))
+    (ev_d, tr_d), (ev_c, tr_c) = got[device], got["cpu"]
+    rel = max(float(np.max(np.abs(ev_d - ev_c) / np.maximum(np.abs(ev_c), 1e-12))), abs(tr_d - tr_c) / max(abs(tr_c), 1e-12))
+    on_gpu = device == "cpu" or "Lanczos basis" in logs[device] and "on the GPU" in logs[device]
+    ok = rel <= 1e-3 and on_gpu
+    table.add("hessian: device vs CPU", f"top eigenvalue {ev_d[0]:.4g} vs {ev_c[0]:.4g}, trace {tr_d:.4g} vs {tr_c:.4g}",
+              f"max rel. diff {rel:.1e}" + ("" if on_gpu else ", basis NOT on the GPU"), ok)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -350,6 +386,7 @@ def main() -> int:
         copies_and_steps(table, args.device)
     if "analyze" in parts:
         analyze(table, base, args.device)
+        hessian(table, base, args.device)
     print(f"\n{len(table.rows) - table.failed}/{len(table.rows)} checks passed (runs in {base})")
     return 0 if table.failed == 0 else 1
 

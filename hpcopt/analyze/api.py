@@ -11,8 +11,9 @@ the data subsample, and every rank runs the same Lanczos / Hutchinson iterations
 products (so all ranks stop together without further messages).
 
 Each rank computes losses and products on its device (`opts.device`: by default the GPU of its
-node-local rank when it has one, as training's workers do); everything that crosses MPI, the
-Lanczos vectors and the results stay in host memory.
+node-local rank when it has one, as training's workers do); the Lanczos basis and the probes stay
+on that GPU when every rank has room for them there; what crosses MPI and the results go through
+host memory.
 """
 
 from __future__ import annotations
@@ -268,6 +269,22 @@ class _Session:
                         g["barrier"] = L.barrier(ts, g["loss"])
                         write_tree(self.f.require_group(f"grids/interp_{k}"), g["barrier"])
 
+    def basis_device(self, dim: int, steps: int) -> str:
+        """Where the Lanczos basis (steps x dim float64) lives: on this rank's GPU when every rank
+        computes on one and has room for it there (with a quarter to spare), else in host memory.
+        One decision for all ranks, so that they run the same arithmetic and stop together."""
+        fits = 0.0
+        if self.device != "cpu" and steps > 0:
+            free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            fits = float(1.25 * (steps + 2) * dim * 8 <= free)
+        agreed = par.allreduce_sum(self.comm, np.array([fits]), self.opts.timeout, "where the Lanczos basis lives")
+        on_gpu = steps > 0 and agreed[0] == self.size
+        if self.rank == 0 and self.device != "cpu" and steps > 0:
+            gib = (steps + 2) * dim * 8 / 2 ** 30
+            self.log(f"[hpcopt analyze] Lanczos basis ({steps} x {dim} float64, {gib:.2f} GiB) "
+                     + ("on the GPU" if on_gpu else "in host memory (not every rank's GPU has room for it)"))
+        return self.device if on_gpu else "cpu"
+
     def curvature(self) -> None:
         o = self.opts
         data = self.load_data()
@@ -286,18 +303,25 @@ class _Session:
 
         def hvp(v: torch.Tensor) -> torch.Tensor:
             count[0] += 1
-            return torch.from_numpy(par.allreduce_sum(self.comm, obj.hvp(w_dev, v).numpy(), o.timeout,
+            hv = obj.hvp(w_dev, v)
+            if self.comm is None or self.size == 1:
+                return hv
+            return torch.from_numpy(par.allreduce_sum(self.comm, hv.cpu().numpy(), o.timeout,
                                                    "a Hessian-vector product"))
 
+        steps = o.lanczos_steps or max(3 * o.top_k, 30)
+        basis = self.basis_device(P, max(steps if o.wants("hessian") else 0,
+                                         o.density_steps if o.wants("density") else 0))
         t0 = time.monotonic()
         if o.wants("hessian"):
-            steps = o.lanczos_steps or max(3 * o.top_k, 30)
             bar = _Progress(self.progress, steps, "hessian eigenvalues", "step")
-            eig = K.top_eigenvalues(hvp, P, o.top_k, steps=steps, seed=o.seed, progress=lambda j: bar.update())
+            eig = K.top_eigenvalues(hvp, P, o.top_k, steps=steps, seed=o.seed, progress=lambda j: bar.update(),
+                                    device=basis)
             bar.close()
             bar = _Progress(self.progress, o.trace_max_probes, "hessian trace", "probe")
             tr = K.hutchinson_trace(hvp, P, rtol=o.trace_rtol, max_probes=o.trace_max_probes, seed=o.seed + 1,
-                                    progress=lambda n, m, se: bar.update(1, trace=f"{m:.4g}", se=f"{se:.2g}"))
+                                    progress=lambda n, m, se: bar.update(1, trace=f"{m:.4g}", se=f"{se:.2g}"),
+                                    device=basis)
             bar.close()
             out["eigenvalues"] = eig.values
             out["eigen_residuals"] = eig.residuals
@@ -310,7 +334,7 @@ class _Session:
         if o.wants("density"):
             bar = _Progress(self.progress, o.density_runs * o.density_steps, "spectral density", "step")
             den = K.slq_density(hvp, P, runs=o.density_runs, steps=o.density_steps, seed=o.seed + 2,
-                                progress=lambda j: bar.update())
+                                progress=lambda j: bar.update(), device=basis)
             bar.close()
             out["density"] = {"grid": den.grid, "density": den.density, "nodes": den.nodes, "weights": den.weights,
                               "sigma": den.sigma}

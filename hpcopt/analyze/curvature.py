@@ -3,9 +3,11 @@ spectral density (stochastic Lanczos quadrature) and epsilon-sharpness (Keskar e
 
 Pure functions of a Hessian-vector product `hvp(v) -> H v` (and of a loss/gradient function for
 sharpness) on flat float tensors; how the products are computed (one process, or summed over MPI
-ranks) is the caller's business. Every random vector comes from a seeded torch.Generator, so all
-ranks that run these functions with the same seed and the same (reduced) products take the same
-steps and stop at the same time.
+ranks) is the caller's business. Every random vector comes from a seeded CPU torch.Generator (the
+same vectors whatever the device), so all ranks that run these functions with the same seed and
+the same (reduced) products take the same steps and stop at the same time. `device` is where the
+Lanczos basis and the probes live (the GPU of the products, when the basis fits there: its full
+reorthogonalisation reads the whole basis every step, steps x dim float64 values).
 
 References: Lanczos with full reorthogonalisation (Golub & Van Loan 10.1); Hutchinson 1989;
 stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Ghorbani, Krishnan & Xiao 2019);
@@ -25,19 +27,25 @@ Matvec = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _call(hvp: Matvec, v: torch.Tensor) -> torch.Tensor:
-    return hvp(v.to(torch.float32)).to(torch.float64)
+    """H v in float64 on v's device (the product itself may come back from anywhere)."""
+    return hvp(v.to(torch.float32)).to(device=v.device, dtype=torch.float64)
+
+
+def _rademacher(dim: int, gen: torch.Generator, device) -> torch.Tensor:
+    return (torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64) * 2 - 1).to(device)
 
 
 def lanczos(hvp: Matvec, dim: int, steps: int, *, start: torch.Tensor | None = None, seed: int = 0,
-            progress=None) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+            progress=None, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """`steps` Lanczos iterations with full reorthogonalisation (float64). Returns the
-    tridiagonal's diagonal `alpha`, off-diagonal `beta` (len(alpha) - 1) and the basis Q [m, dim].
-    Stops early when the Krylov space is exhausted (beta ~ 0)."""
+    tridiagonal's diagonal `alpha`, off-diagonal `beta` (len(alpha) - 1) and the basis Q [m, dim]
+    (on `device`). Stops early when the Krylov space is exhausted (beta ~ 0)."""
     steps = max(1, min(steps, dim))
     if start is None:
         start = torch.randn(dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    q = start.to(torch.float64) / start.norm()
-    Q = torch.zeros(steps, dim, dtype=torch.float64)
+    q = start.to(device=device, dtype=torch.float64)
+    q = q / q.norm()
+    Q = torch.zeros(steps, dim, dtype=torch.float64, device=device)
     alpha, beta = [], []
     for j in range(steps):
         Q[j] = q
@@ -72,15 +80,15 @@ class Eigen:
 
 
 def top_eigenvalues(hvp: Matvec, dim: int, k: int = 5, *, steps: int = 0, seed: int = 0,
-                    progress=None) -> Eigen:
+                    progress=None, device: str | torch.device = "cpu") -> Eigen:
     """The k algebraically largest Hessian eigenvalues by Lanczos (`steps` iterations, default
     max(3k, 30)); each residual is measured with one extra product, so it is a true error bound
     (|lambda - lambda_true| <= residual for the nearest true eigenvalue)."""
     steps = steps or max(3 * k, 30)
-    alpha, beta, Q = lanczos(hvp, dim, steps, seed=seed, progress=progress)
+    alpha, beta, Q = lanczos(hvp, dim, steps, seed=seed, progress=progress, device=device)
     theta, S = tridiagonal_eig(alpha, beta)
     order = np.argsort(theta)[::-1][:k]
-    vecs = (torch.from_numpy(S[:, order]).T @ Q)
+    vecs = torch.from_numpy(S[:, order]).T.to(Q.device) @ Q
     res = []
     for lam, v in zip(theta[order], vecs):
         res.append(float((_call(hvp, v) - lam * v).norm()))
@@ -96,13 +104,13 @@ class Trace:
 
 
 def hutchinson_trace(hvp: Matvec, dim: int, *, rtol: float = 0.01, min_probes: int = 10, max_probes: int = 500,
-                     seed: int = 0, progress=None) -> Trace:
+                     seed: int = 0, progress=None, device: str | torch.device = "cpu") -> Trace:
     """Hutchinson's estimator tr(H) ~ mean z^T H z with Rademacher z; stops as soon as the
     standard error is at most rtol |estimate| (after at least min_probes) or at max_probes."""
     gen = torch.Generator().manual_seed(seed)
     samples = []
     while True:
-        z = torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64) * 2 - 1
+        z = _rademacher(dim, gen, device)
         samples.append(float(z @ _call(hvp, z)))
         n = len(samples)
         mean = float(np.mean(samples))
@@ -123,16 +131,16 @@ class Density:
 
 
 def slq_density(hvp: Matvec, dim: int, *, runs: int = 3, steps: int = 60, sigma: float = 0.0, points: int = 1000,
-                seed: int = 0, progress=None) -> Density:
+                seed: int = 0, progress=None, device: str | torch.device = "cpu") -> Density:
     """Spectral density by stochastic Lanczos quadrature: `runs` Lanczos runs of `steps` from
     Rademacher starts; the Ritz values with weights (first components squared) are smoothed by a
     Gaussian of width sigma (default: 1% of the spectrum's span)."""
     gen = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
     for r in range(runs):
-        z = torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64) * 2 - 1
+        z = _rademacher(dim, gen, device)
         done = r * steps
-        alpha, beta, _ = lanczos(hvp, dim, steps, start=z,
+        alpha, beta, _ = lanczos(hvp, dim, steps, start=z, device=device,
                                  progress=(lambda j, done=done: progress(done + j)) if progress else None)
         theta, S = tridiagonal_eig(alpha, beta)
         pad = steps - len(theta)

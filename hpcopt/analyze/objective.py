@@ -9,8 +9,9 @@ The loss is the mean cross-entropy of the module's output, or the module's own `
 (taken as the mean loss of the batch it is given) when it has one; accuracy is NaN then.
 
 The model and the data live on `device` (a GPU or the CPU). Vectors come in as NumPy arrays or
-tensors on any device and go out on the CPU (float32 tensors, Python floats): what callers do
-next -- sums over MPI ranks, Lanczos in float64, the results file -- happens in host memory.
+tensors on any device; gradients go out on the CPU (float32 tensors, Python floats: what callers
+do next -- sums over MPI ranks, the results file -- happens in host memory), Hessian-vector
+products stay on the device (a caller keeping its Lanczos basis there moves nothing).
 Sums over batches stay on the device in float64 (the same operations, in the same order, as on
 Python floats, so CPU results do not depend on it), with one host sync per call.
 """
@@ -104,7 +105,7 @@ class Objective:
         return total.item(), grad.detach().cpu()
 
     def hvp(self, w, v) -> torch.Tensor:
-        """Weighted Hessian-vector product H(w) v (double backward, batch by batch), on the CPU."""
+        """Weighted Hessian-vector product H(w) v (double backward, batch by batch), on the device."""
         w = self.on_device(w).detach().requires_grad_(True)
         v = self.on_device(v)
         params = self._params(w)
@@ -114,7 +115,7 @@ class Objective:
             g, = torch.autograd.grad(loss, w, create_graph=True)
             hv, = torch.autograd.grad(g @ v, w)
             out += hv
-        return out.detach().cpu()
+        return out.detach()
 
 
 def subsample(n: int, samples: int, seed: int) -> np.ndarray:
