@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -100,7 +101,8 @@ def launch(n: int, hpcopt_args: list[str], run_dir: Path, *, own_server: bool,
         # join: its exit status, which recovery mode hides, tells whether the join worked.)
         env.setdefault("OMPI_MCA_orte_enable_recovery", "1")
         # recovery mode makes mpirun exit 0 whatever happened: rank 0 says how the run ended
-        outcome = run_dir / f".outcome-{os.getpid()}"
+        _remove_stale_outcomes(run_dir)
+        outcome = run_dir / f".outcome-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(outcome, ignore_errors=True)
         outcome.mkdir()
         env["HPCOPT_OUTCOME"] = str(outcome.resolve())
@@ -199,7 +201,6 @@ def _essential_gone(outcome: Path) -> str:
     wait in a collective, or for replies until comm.timeout. Only ranks on this host can be
     checked; on others the deadlines remain."""
     import json
-    import socket
 
     here = socket.gethostname()
     watched: dict[int, tuple[int, str, str]] = {}
@@ -232,6 +233,22 @@ def _essential_gone(outcome: Path) -> str:
     return ""
 
 
+def _remove_stale_outcomes(run_dir: Path) -> None:
+    """The outcome folders of this host's launchers that are gone (killed with SIGKILL, they
+    could not remove theirs). Another host's are left alone: their PIDs mean nothing here."""
+    prefix = f".outcome-{socket.gethostname()}-"
+    for old in run_dir.glob(prefix + "*"):
+        try:
+            pid = int(old.name[len(prefix):])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            continue
+
+
 def _after_loss(run_dir: Path, outcome: Path) -> str:
     """What is left of the run once an essential rank died: what the user can do next."""
     import json
@@ -251,9 +268,25 @@ def _after_loss(run_dir: Path, outcome: Path) -> str:
     if not resumable:
         return " (a synchronous run cannot be resumed: start it again)"
     if not (run_dir / "checkpoint.h5").exists():
+        snapshots = _center_snapshots(run_dir / "trajectory.h5")
+        if snapshots == 0:
+            return (" (no checkpoint yet and no center snapshot in the trajectory: nothing to resume from; start "
+                    "the run again, with --force)")
         return (f" (no checkpoint yet: `hpcopt train -n N --resume {run_dir}` goes on from the trajectory's last "
-                f"center snapshot, if it has one)")
+                f"center snapshot{'' if snapshots else ', if it has one'})")
     return f" (`hpcopt train -n N --resume {run_dir}` goes on from its last checkpoint)"
+
+
+def _center_snapshots(path: Path) -> int | None:
+    """How many center snapshots the trajectory holds (what a resume without a checkpoint starts
+    from), or None when it cannot be read (a server died writing it)."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r", locking=False) as f:
+            return int(min(f["center/params"].shape[0], f["center/meta"].shape[0]))
+    except Exception:  # (a half-written file, a missing one: unknown, not "none")
+        return None
 
 
 def _end(proc: subprocess.Popen) -> None:

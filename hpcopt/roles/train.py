@@ -115,6 +115,8 @@ def _check_data_file(run: RunDir, name: str, data: dict) -> None:
         raise UsageError(f"data file {name} has changed since the run began (its content differs from the one "
                          f"recorded in {run.path / 'data.json'}); the run's workers index its rows: restore the file, "
                          f"or start a new run")
+    if kept.get("file") != name:  # the same data under a new name (moved): where it is now
+        write_atomic(run.path / "data.json", json.dumps({**kept, "file": name}) + "\n")
 
 
 def _share_data(run: RunDir, cfg: Config, data: dict) -> None:
@@ -514,6 +516,8 @@ def _check_same_data(run: RunDir, cfg: Config) -> None:
         theirs, ours = getattr(getattr(own, section), field), getattr(getattr(cfg, section), field)
         if key == "data.name" and _is_data_file(theirs):  # (runs from before file names were made absolute)
             theirs = os.path.abspath(theirs)
+            if _is_data_file(ours) and (run.path / "data.json").exists():
+                continue  # a file moved or renamed: its digest (data.json) says whether it is the same data
         if theirs != ours:
             raise UsageError(f"--resume {run.path}: the run trains with {key} = {theirs!r}; a resume cannot change "
                              f"it (to {ours!r}): start a new run for that")

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import h5py
@@ -496,6 +497,17 @@ def test_a_resume_refuses_a_data_file_changed_since_the_run_began(tmp_path):
     write(400)
     p = mpirun(3, "train", "--resume", str(run), "--data.name", "../d.h5", cwd=run)  # the same file, named otherwise
     assert "resuming" in p.stdout, p.stdout + p.stderr
+    # moved: the same content under another name resumes (the digest proves it), another does not
+    with h5py.File(run / "trajectory.h5", "r+") as f:
+        f.attrs["status"] = "running"
+    (tmp_path / "d.h5").rename(tmp_path / "moved.h5")
+    write(300)
+    p = mpirun(3, "train", "--resume", str(run), "--data.name", str(tmp_path / "d.h5"), check=False)
+    assert p.returncode == 2 and "has changed since the run began" in p.stderr, p.stdout + p.stderr
+    p = mpirun(3, "train", "--resume", str(run), "--data.name", str(tmp_path / "moved.h5"))
+    assert "resuming" in p.stdout, p.stdout + p.stderr
+    assert json.loads((run / "data.json").read_text())["file"] == str(tmp_path / "moved.h5")
+    assert tomllib.loads((run / "config.toml").read_text())["data"]["name"] == str(tmp_path / "moved.h5")
 
 
 @pytest.mark.parametrize("args", [["--data.name", "/nope.h5"], ["--model.name", "no_such_module:f"]])

@@ -286,3 +286,53 @@ def test_the_launcher_refuses_a_launch_lock_it_cannot_take_and_a_run_dir_it_cann
     p = _launcher("--resume", str(tmp_path / "typo"))
     assert p.returncode == 2 and "no run there" in p.stderr, p.stderr
     assert not (tmp_path / "typo").exists()
+
+
+def test_the_advice_after_a_dead_server_says_whether_the_trajectory_can_be_resumed_from(tmp_path):
+    """Before the first checkpoint a resume starts from the trajectory's last center snapshot: the
+    launcher's message says so when there is one, that there is nothing to resume from when there
+    is none, and hedges only when the file cannot be read (a server died writing it)."""
+    import json
+
+    import h5py
+    import numpy as np
+
+    from hpcopt.launch.launcher import _after_loss
+
+    run, outcome = tmp_path / "run", tmp_path / "run" / "OUTCOME"
+    outcome.mkdir(parents=True)
+    (outcome / "essential.json").write_text(json.dumps({"resumable": True, "ranks": {}}))
+
+    def trajectory(rows):
+        with h5py.File(run / "trajectory.h5", "w") as f:
+            f.create_dataset("center/params", data=np.zeros((rows, 4), np.float32), maxshape=(None, 4))
+            f.create_dataset("center/meta", data=np.zeros((rows, 3)), maxshape=(None, 3))
+
+    trajectory(0)
+    assert "nothing to resume from" in _after_loss(run, outcome)
+    trajectory(2)
+    said = _after_loss(run, outcome)
+    assert "goes on from the trajectory's last center snapshot)" in said and "if it has one" not in said
+    (run / "trajectory.h5").write_bytes(b"half an HDF5 file")
+    assert "center snapshot, if it has one" in _after_loss(run, outcome)
+    (run / "checkpoint.h5").write_bytes(b"")
+    assert "goes on from its last checkpoint" in _after_loss(run, outcome)
+
+
+def test_a_launcher_removes_the_outcome_folders_of_killed_launchers_of_its_host(tmp_path):
+    """A launcher killed with SIGKILL cannot remove its .outcome folder: the next one on the host
+    does, if that launcher is gone; a live one's and another host's stay."""
+    import socket
+    import subprocess
+
+    from hpcopt.launch.launcher import _remove_stale_outcomes
+
+    here = socket.gethostname()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for name in (f".outcome-{here}-{gone.pid}", f".outcome-{here}-{os.getpid()}", f".outcome-elsewhere-{gone.pid}",
+                 f".outcome-{here}-notapid"):
+        (tmp_path / name / "started").mkdir(parents=True)
+    _remove_stale_outcomes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f".outcome-{here}-{os.getpid()}", f".outcome-elsewhere-{gone.pid}", f".outcome-{here}-notapid"])
