@@ -25,11 +25,13 @@ Timings on a shared machine are noisy: run it more than once.
 
 --variants runs every asynchronous method in each variant: "plain", a codec of comm.compress
 ("bf16", "int8", "int4"), "overlap" (comm.overlap), or both joined by "+" ("int4+overlap"); the
-synchronous methods run plain. With --utilisation a first run measures the workers' compute
-alone (EAMSGD with one exchange at the end), and the table gets each run's worker compute
-utilisation: its workers' samples per second over that run's (1.0: communication costs nothing).
-Both are measured in runs whose center is evaluated only at the end, so each hpcopt row runs
-twice: once for the accuracy columns, once for its utilisation. A run with no exchanges has no
+synchronous methods run plain. With --utilisation, after the accuracy runs, --rounds R rounds
+each measure the workers' compute alone (EAMSGD with one exchange at the end), then run every
+hpcopt row again: a row's worker compute utilisation in a round is its workers' samples per second
+over the compute-alone run's of that round (1.0: communication costs nothing), and the table
+gives the median over the rounds (one round of the same code gave 0.75 and 0.97 on two
+invocations here: the machine's speed drifts). Both are measured in runs whose center is
+evaluated only at the end, so each hpcopt row runs 1 + R times. A run with no exchanges has no
 new center to evaluate, and evaluating the wide setting's 9.2M-parameter center every second
 took 0.18 of the 2 cores (server 0.33 core with evaluations, 0.13 without): counted in, it
 looked like a cost of communication (one invocation, the same variant: 0.70 vs 0.79).
@@ -39,6 +41,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -203,6 +206,9 @@ def main():
                     help="comma-separated: plain, bf16, int8, int4, int2, top8, overlap, or joined by + (int4+overlap)")
     ap.add_argument("--utilisation", action="store_true",
                     help="first measure the workers' compute alone, then report each run's utilisation")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="utilisation: alternate the compute-alone run and every row's utilisation run this many "
+                         "times and report the median of the rounds' ratios")
     ap.add_argument("--server-cores", default=None, metavar="SERVER:WORKERS",
                     help="utilisation runs only: pin the server rank and the workers to these cores (taskset "
                          "lists, e.g. 0:1), in the compute-alone run too: the server has cores of its own, as on "
@@ -221,26 +227,32 @@ def main():
         setup_netns(args.rate)
     tmp = Path(tempfile.mkdtemp(prefix="hpcopt-compare-"))
     rows = []
-    alone = None
-    if args.utilisation:  # one exchange, at the end: the workers' compute with no communication
-        print("running eamsgd without communication (compute alone) ...", flush=True)
-        alone = run_hpcopt("eamsgd", args.workers, epochs, args.budget, tmp / "alone", wide, "alone", evals=False,
-                           server_cores=cores)
-        alone["utilisation_samples_per_second"] = alone["samples_per_second"]
-        rows.append(("compute alone", alone))
+    util: dict[str, list[float]] = {}  # row -> its utilisation in each round
+    runs = []  # (name, method, variant, stem) of the hpcopt rows
     variants = args.variants.split(",")
     for method in methods:
         for variant in (["plain"] if method in SYNC else variants):
             name = method if variant == "plain" else f"{method} [{variant}]"
             print(f"running {name} ...", flush=True)
             stem = tmp / name.replace(" ", "_").replace("[", "").replace("]", "")
-            r = run_hpcopt(method, args.workers, epochs, args.budget, stem, wide, variant)
-            if args.utilisation:
-                print(f"running {name} again, evaluated only at the end (utilisation) ...", flush=True)
-                u = run_hpcopt(method, args.workers, epochs, args.budget, Path(f"{stem}-util"), wide, variant,
-                               evals=False, server_cores=cores)
-                r["utilisation_samples_per_second"] = u["samples_per_second"]
-            rows.append((name, r))
+            rows.append((name, run_hpcopt(method, args.workers, epochs, args.budget, stem, wide, variant)))
+            runs.append((name, method, variant, stem))
+    # utilisation: rounds of the compute alone (one exchange, at the end), then each row again
+    # evaluated only at the end; each round's ratios are taken within it (this machine's speed
+    # drifts between runs) and the table gives their median
+    for rnd in range(args.rounds if args.utilisation else 0):
+        print(f"utilisation round {rnd + 1} of {args.rounds}: eamsgd without communication (compute alone) ...",
+              flush=True)
+        alone = run_hpcopt("eamsgd", args.workers, epochs, args.budget, tmp / f"alone-{rnd}", wide, "alone",
+                           evals=False, server_cores=cores)
+        if rnd == 0:
+            rows.insert(0, ("compute alone", alone))
+        util.setdefault("compute alone", []).append(1.0)
+        for name, method, variant, stem in runs:
+            print(f"utilisation round {rnd + 1}: {name}, evaluated only at the end ...", flush=True)
+            u = run_hpcopt(method, args.workers, epochs, args.budget, Path(f"{stem}-util-{rnd}"), wide, variant,
+                           evals=False, server_cores=cores)
+            util.setdefault(name, []).append(u["samples_per_second"] / alone["samples_per_second"])
     ddp = None
     if not args.no_ddp:
         print("running torch DDP (gloo) ...", flush=True)
@@ -256,7 +268,6 @@ def main():
           f"per worker, batch 100 per worker (logs in {tmp})")
     ddp_final = ddp["curve"][-1][2] if ddp and ddp["curve"] else float("nan")
     last = f"s to {100 * ddp_final:.1f}%" if wide else "reached 94%"
-    util = alone["utilisation_samples_per_second"] if alone else None
     print(f"{'method':26s} {'final acc':>9s} {'wall s':>7s} {'s to 90%':>9s} {'MB/worker':>10s}"
           + (f" {'util':>5s}" if util else "") + f"  {last}")
     for name, r in rows:
@@ -271,11 +282,16 @@ def main():
             cut = r["wall_seconds"] >= args.budget - 0.5  # stopped by the budget, not by its epochs
             note = (f"yes ({t94:.1f} s)" if t94 is not None
                     else f"no (budget {args.budget:g} s)" if cut else f"no ({epochs:g} epochs)")
-        u = r.get("utilisation_samples_per_second")
+        u = statistics.median(util[name]) if name in util else None
         print(f"{name:26s} {100 * acc:8.2f}% {r['wall_seconds']:7.1f} "
               f"{(f'{t90:9.1f}' if t90 is not None else '    never'):>9s} {r['bytes_per_worker'] / 1e6:10.1f}"
-              + ((f" {u / util:5.2f}" if u else "     -") if util else "") + f"  {note}"
+              + ((f" {u:5.2f}" if u else "     -") if util else "") + f"  {note}"
               + (f"  (exit {r['rc']})" if r.get("rc") not in (0, None) else ""))
+    if args.rounds > 1 and util:
+        print(f"\nutilisation in each of {args.rounds} rounds (the table: their median):")
+        for name, values in util.items():
+            if name != "compute alone":
+                print(f"  {name:26s} " + " ".join(f"{v:.2f}" for v in values))
     for name, ref in rows:  # the goal against an external peer: its final accuracy, sooner
         if name.startswith("torchft") and ref["curve"]:
             target = ref["curve"][-1][2]
