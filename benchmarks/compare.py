@@ -39,6 +39,7 @@ looked like a cost of communication (one invocation, the same variant: 0.70 vs 0
 
 import argparse
 import json
+import math
 import os
 import signal
 import statistics
@@ -219,6 +220,8 @@ def main():
     args = ap.parse_args()
     wide = args.setting == "wide"
     cores = tuple(args.server_cores.split(":")) if args.server_cores else None
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     if cores and (len(cores) != 2 or not args.utilisation):
         raise SystemExit("--server-cores SERVER:WORKERS (e.g. 0:1) goes with --utilisation")
     epochs = args.epochs or (50 if wide else 30)
@@ -282,7 +285,8 @@ def main():
             cut = r["wall_seconds"] >= args.budget - 0.5  # stopped by the budget, not by its epochs
             note = (f"yes ({t94:.1f} s)" if t94 is not None
                     else f"no (budget {args.budget:g} s)" if cut else f"no ({epochs:g} epochs)")
-        u = statistics.median(util[name]) if name in util else None
+        ok = [v for v in util.get(name, []) if math.isfinite(v)]  # (a failed run's NaN is not ordered)
+        u = statistics.median(ok) if ok else None
         print(f"{name:26s} {100 * acc:8.2f}% {r['wall_seconds']:7.1f} "
               f"{(f'{t90:9.1f}' if t90 is not None else '    never'):>9s} {r['bytes_per_worker'] / 1e6:10.1f}"
               + ((f" {u:5.2f}" if u else "     -") if util else "") + f"  {note}"

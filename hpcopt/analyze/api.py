@@ -269,19 +269,31 @@ class _Session:
                         g["barrier"] = L.barrier(ts, g["loss"])
                         write_tree(self.f.require_group(f"grids/interp_{k}"), g["barrier"])
 
-    def basis_device(self, dim: int, steps: int) -> str:
-        """Where the Lanczos basis (steps x dim float64) lives: on this rank's GPU when every rank
-        computes on one and has room for it there (with a quarter to spare), else in host memory.
-        One decision for all ranks, so that they run the same arithmetic and stop together."""
+    def basis_device(self, dim: int, rows: int) -> str:
+        """Where the Lanczos basis (rows x dim float64) lives: on this rank's GPU when every rank
+        computes on one and has room for it there, else in host memory. The room: what the GPU
+        has free (and its allocator holds unused), shared by the ranks on it, less 40% left for
+        the products' graphs. One decision for all ranks, so they run the same arithmetic."""
+        import zlib
+
+        need = rows * dim * 8
+        # ranks per GPU: a count per (host, GPU) slot of a small table (a collision counts more
+        # ranks, never fewer); the same allreduce says whether every rank has room
+        table = np.zeros(257)
+        if self.device != "cpu" and rows > 0:
+            table[zlib.crc32(f"{socket.gethostname()}:{self.device}".encode()) % 256] = 1
+        counts = par.allreduce_sum(self.comm, table, self.opts.timeout, "where the Lanczos basis lives")
         fits = 0.0
-        if self.device != "cpu" and steps > 0:
-            free, _ = torch.cuda.mem_get_info(torch.device(self.device))
-            fits = float(1.25 * (steps + 2) * dim * 8 <= free)
+        if self.device != "cpu" and rows > 0:
+            dev = torch.device(self.device)
+            free, _ = torch.cuda.mem_get_info(dev)
+            free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+            sharing = counts[zlib.crc32(f"{socket.gethostname()}:{self.device}".encode()) % 256]
+            fits = float(need * sharing <= 0.6 * free)
         agreed = par.allreduce_sum(self.comm, np.array([fits]), self.opts.timeout, "where the Lanczos basis lives")
-        on_gpu = steps > 0 and agreed[0] == self.size
-        if self.rank == 0 and self.device != "cpu" and steps > 0:
-            gib = (steps + 2) * dim * 8 / 2 ** 30
-            self.log(f"[hpcopt analyze] Lanczos basis ({steps} x {dim} float64, {gib:.2f} GiB) "
+        on_gpu = rows > 0 and agreed[0] == self.size
+        if self.rank == 0 and self.device != "cpu" and rows > 0:
+            self.log(f"[hpcopt analyze] Lanczos basis ({rows} x {dim} float64, {need / 2 ** 30:.2f} GiB) "
                      + ("on the GPU" if on_gpu else "in host memory (not every rank's GPU has room for it)"))
         return self.device if on_gpu else "cpu"
 
@@ -310,8 +322,9 @@ class _Session:
                                                    "a Hessian-vector product"))
 
         steps = o.lanczos_steps or max(3 * o.top_k, 30)
-        basis = self.basis_device(P, max(steps if o.wants("hessian") else 0,
-                                         o.density_steps if o.wants("density") else 0))
+        # rows of vectors alive at once: the basis, then the k Ritz vectors beside it, and a few more
+        rows = max(steps + o.top_k if o.wants("hessian") else 0, o.density_steps if o.wants("density") else 0)
+        basis = self.basis_device(P, rows + 4 if rows else 0)
         t0 = time.monotonic()
         if o.wants("hessian"):
             bar = _Progress(self.progress, steps, "hessian eigenvalues", "step")

@@ -89,7 +89,10 @@ def _interrupted() -> int:
 def _run(args) -> int:
     import mpi4py
 
+    from hpcopt.launch.device import narrow_mig_early
+
     mpi4py.rc.thread_level = "funneled"
+    narrow_mig_early()  # (as training does: a CUDA-aware MPI may start CUDA in MPI_Init)
     from mpi4py import MPI
 
     from hpcopt.io.inspect import TrajectoryError

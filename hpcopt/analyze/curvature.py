@@ -140,8 +140,9 @@ def slq_density(hvp: Matvec, dim: int, *, runs: int = 3, steps: int = 60, sigma:
     for r in range(runs):
         z = _rademacher(dim, gen, device)
         done = r * steps
-        alpha, beta, _ = lanczos(hvp, dim, steps, start=z, device=device,
-                                 progress=(lambda j, done=done: progress(done + j)) if progress else None)
+        alpha, beta = lanczos(hvp, dim, steps, start=z, device=device,
+                                 progress=(lambda j, done=done: progress(done + j)) if progress else None)[:2]
+        # (the basis is dropped at once: the next run's must not be allocated beside it)
         theta, S = tridiagonal_eig(alpha, beta)
         pad = steps - len(theta)
         nodes.append(np.pad(theta, (0, pad)))

@@ -187,8 +187,10 @@ class WorkerStateSaver:
     SHARE = 0.02
 
     def __init__(self, path, every: float, log=print, who: str = "worker"):
-        self.path, self.every, self.log, self.who = path, every, log, who
+        self.path, self.every, self.log, self.who = Path(path), every, log, who
         self.next_at = time.monotonic() + every  # no save before this
+        for old in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # a write cut short by an earlier
+            old.unlink(missing_ok=True)  # process of this worker (an exit on an error path): never read
         self.thread: threading.Thread | None = None
         self.failed = False
 
@@ -213,12 +215,14 @@ class WorkerStateSaver:
     def _write(self, state: dict, t0: float) -> None:
         try:
             write_worker_state(self.path, state)
-        except OSError as e:
+        except Exception as e:  # (a full disk: OSError, or torch's zip writer's RuntimeError)
             if not self.failed:
-                self.log(f"{self.who}: cannot save its state ({e.strerror or e}); training goes on without it")
+                self.log(f"{self.who}: cannot save its state ({getattr(e, 'strerror', None) or e}); "
+                         f"training goes on without it")
             self.failed = True
-        end = time.monotonic()
-        self.next_at = max(self.next_at, end + (end - t0) * (1 - self.SHARE) / self.SHARE)
+        finally:
+            end = time.monotonic()
+            self.next_at = max(self.next_at, end + (end - t0) * (1 - self.SHARE) / self.SHARE)
 
     def wait(self) -> None:
         if self.thread is not None:

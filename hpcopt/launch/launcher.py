@@ -278,13 +278,19 @@ def _after_loss(run_dir: Path, outcome: Path) -> str:
 
 
 def _center_snapshots(path: Path) -> int | None:
-    """How many center snapshots the trajectory holds (what a resume without a checkpoint starts
-    from), or None when it cannot be read (a server died writing it)."""
+    """Whether the trajectory holds a finite center snapshot (what a resume without a checkpoint
+    starts from): 1, 0, or None when that is unknown (a server died writing the file, or its
+    last rows are not finite: a resume looks further back than the launcher does)."""
     try:
         import h5py
+        import numpy as np
 
         with h5py.File(path, "r", locking=False) as f:
-            return int(min(f["center/params"].shape[0], f["center/meta"].shape[0]))
+            rows = int(min(f["center/params"].shape[0], f["center/meta"].shape[0]))
+            if rows == 0:
+                return 0
+            return 1 if any(np.isfinite(f["center/params"][i]).all() for i in range(rows - 1, max(rows - 3, 0) - 1, -1)) \
+                else None
     except Exception:  # (a half-written file, a missing one: unknown, not "none")
         return None
 

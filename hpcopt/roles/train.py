@@ -115,7 +115,18 @@ def _check_data_file(run: RunDir, name: str, data: dict) -> None:
         raise UsageError(f"data file {name} has changed since the run began (its content differs from the one "
                          f"recorded in {run.path / 'data.json'}); the run's workers index its rows: restore the file, "
                          f"or start a new run")
-    if kept.get("file") != name:  # the same data under a new name (moved): where it is now
+
+
+def _note_moved_data(run: RunDir, name: str) -> None:
+    """A resume with the run's data file under a new name (moved; its digest was checked):
+    data.json says where it is now, as config.toml does."""
+    import json
+
+    try:
+        kept = json.loads((run.path / "data.json").read_text())
+    except (OSError, ValueError):
+        return
+    if kept.get("file") != name:
         write_atomic(run.path / "data.json", json.dumps({**kept, "file": name}) + "\n")
 
 
@@ -268,6 +279,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         alpha, tau = cfg.easgd.alpha or default_alpha(cfg.easgd.beta, len(workers)), cfg.easgd.tau
     if resume and world.rank == 0:  # (once every check passed: a refused resume changes nothing)
         write_atomic(run.config, cfg.to_toml())  # the config as resumed (overrides included): joiners read it
+        _note_moved_data(run, cfg.data.name)
         run.new_token()
     hosts = dict(enumerate(world.allgather(env.host)))
     pids = world.allgather(os.getpid())

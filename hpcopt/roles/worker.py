@@ -176,6 +176,8 @@ class Overlap:
 
     def _run(self, header, copied) -> None:
         cpu = time.thread_time()
+        if self.mirror.tensor.is_cuda:  # a new thread's current device is GPU 0: its events and copies
+            torch.cuda.set_device(self.mirror.tensor.device)  # would open a context there
         try:
             copied()
             if self.moved is not None:

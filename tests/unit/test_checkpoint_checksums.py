@@ -134,3 +134,30 @@ def test_a_worker_state_save_is_paced_by_its_own_cost(tmp_path, monkeypatch):
     saver = checkpoint.WorkerStateSaver(tmp_path / "0.pt", every=0.0)
     saver.save(step=1, exchange=1, params=torch.ones(10), trainer_state={}, wait=True)
     assert saver.next_at >= ended[0] + 49 * 0.05
+
+
+def test_a_worker_state_saver_on_a_full_disk_says_so_once_and_leaves_no_file(tmp_path):
+    """A real full file system: torch's writer reports ENOSPC as a RuntimeError, not an OSError;
+    the worker must still say once that it cannot save, and leave no temporary file behind."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root in a machine that allows it)")
+    try:
+        said = []
+        saver = checkpoint.WorkerStateSaver(where / "0.pt", every=0.0, log=said.append, who="worker 1")
+        for step in range(3):
+            saver.save(step=step, exchange=step, params=torch.ones(100_000), trainer_state={}, wait=True)
+        assert saver.failed and len(said) == 1 and said[0].startswith("worker 1: cannot save its state"), said
+        assert list(where.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_worker_state_saver_removes_a_write_an_earlier_process_left(tmp_path):
+    (tmp_path / ".worker-00001.pt.12345.tmp").write_bytes(b"half")
+    (tmp_path / ".worker-00002.pt.12345.tmp").write_bytes(b"another worker's")
+    checkpoint.WorkerStateSaver(tmp_path / "worker-00001.pt", every=1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".worker-00002.pt.12345.tmp"]

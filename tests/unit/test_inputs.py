@@ -313,6 +313,9 @@ def test_the_advice_after_a_dead_server_says_whether_the_trajectory_can_be_resum
     trajectory(2)
     said = _after_loss(run, outcome)
     assert "goes on from the trajectory's last center snapshot)" in said and "if it has one" not in said
+    with h5py.File(run / "trajectory.h5", "r+") as f:  # a diverged center: a resume looks further back
+        f["center/params"][...] = np.nan
+    assert "center snapshot, if it has one" in _after_loss(run, outcome)
     (run / "trajectory.h5").write_bytes(b"half an HDF5 file")
     assert "center snapshot, if it has one" in _after_loss(run, outcome)
     (run / "checkpoint.h5").write_bytes(b"")
