@@ -41,14 +41,3 @@ def slurm():
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     return tmp_path / "run"
-
-
-
-
-def pytest_collection_modifyitems(config, items):
-    # under pytest-xdist (make test), every Slurm test on one worker: they share one simulated
-    # cluster, which the worker whose session started it stops at its end
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.xdist_group("slurm"))

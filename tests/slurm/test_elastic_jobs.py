@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from slurmlib import has_command, inspect, read_status, wait_for
 
-pytestmark = pytest.mark.timeout(900)
+# every Slurm test on one pytest-xdist worker (make test: --dist loadgroup): they share one
+# simulated cluster, which the worker whose session started it stops at its end
+pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("slurm")]
 
 # Long enough to be still running when the test is done with it: the test ends it itself.
 LONG = ["--train.epochs", "2000", "--record.flush_seconds", "0.5", "--record.eval_seconds", "1",

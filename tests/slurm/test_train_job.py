@@ -7,7 +7,9 @@ import pytest
 from slurmlib import has_command, inspect
 
 # The first test of a session may install and start the cluster (apt-get: a minute or two).
-pytestmark = pytest.mark.timeout(900)
+# every Slurm test on one pytest-xdist worker (make test: --dist loadgroup): they share one
+# simulated cluster, which the worker whose session started it stops at its end
+pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("slurm")]
 
 SHORT = ["--train.epochs", "5", "--record.flush_seconds", "0.5", "--record.eval_seconds", "0.5"]
 
