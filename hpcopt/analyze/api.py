@@ -277,22 +277,22 @@ class _Session:
         import zlib
 
         need = rows * dim * 8
+        wants = self.device != "cpu" and rows > 0
         # ranks per GPU: a count per (host, GPU) slot of a small table (a collision counts more
-        # ranks, never fewer); the same allreduce says whether every rank has room
-        table = np.zeros(257)
-        if self.device != "cpu" and rows > 0:
-            table[zlib.crc32(f"{socket.gethostname()}:{self.device}".encode()) % 256] = 1
+        # ranks, never fewer); a second sum then says whether every rank has room
+        slot = zlib.crc32(f"{socket.gethostname()}:{self.device}".encode()) % 256
+        table = np.zeros(256)
+        table[slot] = wants
         counts = par.allreduce_sum(self.comm, table, self.opts.timeout, "where the Lanczos basis lives")
         fits = 0.0
-        if self.device != "cpu" and rows > 0:
+        if wants:
             dev = torch.device(self.device)
             free, _ = torch.cuda.mem_get_info(dev)
             free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-            sharing = counts[zlib.crc32(f"{socket.gethostname()}:{self.device}".encode()) % 256]
-            fits = float(need * sharing <= 0.6 * free)
+            fits = float(need * counts[slot] <= 0.6 * free)
         agreed = par.allreduce_sum(self.comm, np.array([fits]), self.opts.timeout, "where the Lanczos basis lives")
         on_gpu = rows > 0 and agreed[0] == self.size
-        if self.rank == 0 and self.device != "cpu" and rows > 0:
+        if self.rank == 0 and wants:
             self.log(f"[hpcopt analyze] Lanczos basis ({rows} x {dim} float64, {need / 2 ** 30:.2f} GiB) "
                      + ("on the GPU" if on_gpu else "in host memory (not every rank's GPU has room for it)"))
         return self.device if on_gpu else "cpu"

@@ -176,9 +176,9 @@ class Overlap:
 
     def _run(self, header, copied) -> None:
         cpu = time.thread_time()
-        if self.mirror.tensor.is_cuda:  # a new thread's current device is GPU 0: its events and copies
-            torch.cuda.set_device(self.mirror.tensor.device)  # would open a context there
         try:
+            if self.mirror.tensor.is_cuda:  # a new thread's current device is GPU 0: its events and
+                torch.cuda.set_device(self.mirror.tensor.device)  # copies would open a context there
             copied()
             if self.moved is not None:
                 self.moved.synchronize()
