@@ -89,5 +89,8 @@ fi
 say "installing hpcopt (editable) with extras [$EXTRAS]"
 "${PIP[@]}" --no-build-isolation -e ".[$EXTRAS]"
 
+say "compiling the compressed exchanges' codec loops (numba; cached for every later run)"
+"$VENV/bin/python" -c "from hpcopt.comm import codec; codec.warm('int8')"
+
 echo "$KEY" > "$STAMP"
 say "done: $("$VENV/bin/python" -c 'import h5py, mpi4py, torch; from mpi4py import MPI; print(f"torch {torch.__version__}, mpi4py {mpi4py.__version__}, h5py {h5py.__version__} (parallel HDF5 {h5py.version.hdf5_version}), {MPI.Get_library_version().split(chr(0))[0].splitlines()[0]}")')"

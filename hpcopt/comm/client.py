@@ -83,7 +83,6 @@ class CenterClient:
                             .astype(int) for c in self.chunks]
             self.up = [np.empty(int(o[-1]), dtype=np.uint8) for o in self.offsets]
             self.down = [np.empty(int(o[-1]), dtype=np.uint8) for o in self.offsets]
-            self.scratch = np.empty(max(b - a for c in self.chunks for a, b in c), dtype=np.float32)
 
     # ------------------------------------------------------------------ notices
     def poll_notices(self) -> bool:
@@ -112,18 +111,31 @@ class CenterClient:
         self.last_sent = time.monotonic()
 
     # ------------------------------------------------------------------ exchanges
-    def exchange(self, header: np.ndarray) -> None:
+    def exchange(self, header: np.ndarray, moves: np.ndarray | None = None) -> None:
         """One elastic exchange: the parameters go to the servers, which move the center and
         reply with the worker's new parameters (EASGD: x - alpha (x - center); the other rules:
-        see protocol.py); each reply chunk lands in place as soon as that chunk's send is done."""
+        see protocol.py); each reply chunk lands in place as soon as that chunk's send is done.
+        `moves` (a float32 vector like x; only where moves_only(header)): the exchange writes
+        the move there instead, x - moves being the new parameters, and leaves x as it was sent
+        (an overlapped worker applies the move to parameters that went on meanwhile)."""
+        if moves is not None and not self.moves_only(header):
+            raise ValueError("this exchange replies with parameters (or updates them in place), not moves")
         if self.leaders:
             self._lead_exchange(header)
-        elif self.codec and self.synced and not (
-                self.exact_every and int(header[P.EXCHANGE_INDEX]) % self.exact_every == 0):
-            self._compressed_exchange(header)
+        elif self._compresses(header):
+            self._compressed_exchange(header, moves)
         else:
             self._transfer(header, send=True)
             self._synced()
+
+    def _compresses(self, header: np.ndarray) -> bool:
+        return bool(self.codec and self.synced and not (
+            self.exact_every and int(header[P.EXCHANGE_INDEX]) % self.exact_every == 0))
+
+    def moves_only(self, header: np.ndarray) -> bool:
+        """Whether exchange(header) can hand back the move alone: compressed, and no server
+        updates x in place (a decoded move is what both sides apply; a plain reply is parameters)."""
+        return self._compresses(header) and not self.shared
 
     def fetch(self, header: np.ndarray) -> None:
         """x <- center (a FETCH when joining, a RESET after divergence): the servers send the
@@ -142,10 +154,10 @@ class CenterClient:
             self.ref[:] = self.x
             self.synced = True
 
-    def _compressed_exchange(self, header: np.ndarray) -> None:
+    def _compressed_exchange(self, header: np.ndarray, moves: np.ndarray | None) -> None:
         """protocol.py, compressed: per chunk, the change x - ref goes up in the codec's format
-        (ref += its decoded value, as on the server) and the move comes back (x and ref -= its
-        decoded value). Servers in `shared` exchange in place as in _transfer."""
+        (ref += its decoded value, as on the server) and the move comes back (x, or `moves` :=,
+        and ref -= its decoded value). Servers in `shared` exchange in place as in _transfer."""
         header = header.copy()
         header[P.KIND] = P.EXCHANGE_Q
         fmt, x, ref = self.codec, self.x, self.ref
@@ -173,9 +185,7 @@ class CenterClient:
             while to_send[s] and len(flying[s]) < SEND_WINDOW:
                 i, (a, b) = to_send[s].pop(0)
                 o, p = self.offsets[s][i], self.offsets[s][i + 1]
-                change = np.subtract(x[a:b], ref[a:b], out=self.scratch[:b - a])
-                codec.encode(fmt, change, self.up[s][o:p], decoded=change)  # (no decode pass)
-                ref[a:b] += change
+                codec.encode_change(fmt, x[a:b], ref[a:b], self.up[s][o:p])  # (ref += what it decodes to)
                 flying[s].append(comm.Isend(self.up[s][o:p], dest=rank, tag=P.TAG_PARAMS_Q))
 
         deadline, backoff = time.monotonic() + self.timeout, Backoff(cap=BUSY_CAP, relative=WAIT_SHARE)
@@ -192,9 +202,10 @@ class CenterClient:
                 if recvs[j][1] is not None:
                     s, i, a, b = recvs[j][1]
                     o, p = self.offsets[s][i], self.offsets[s][i + 1]
-                    move = codec.decode(fmt, self.down[s][o:p], b - a, out=self.scratch[:b - a])
-                    x[a:b] -= move
-                    ref[a:b] -= move
+                    if moves is None:
+                        codec.apply(fmt, self.down[s][o:p], b - a, minus=(x[a:b], ref[a:b]))
+                    else:
+                        codec.apply(fmt, self.down[s][o:p], b - a, out=moves[a:b], minus=(ref[a:b],))
             self._pace(progress, deadline, backoff,
                        lambda: [recvs[j][0] for j in pending] + [r for f in flying.values() for r in f])
         self._wait(headers, "the servers to take the exchange header")

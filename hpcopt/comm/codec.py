@@ -17,6 +17,11 @@ Both sides decode with this same code on the same bytes, so their references sta
 (what the tests check). The rounding error is not lost: it stays in the difference between the
 worker's parameters and the reference, and the next exchange sends it (error feedback).
 Non-finite input gives non-finite output (a NaN scale), never a plausible finite value.
+
+The block formats run as compiled single-pass loops (hpcopt.comm._blocks, numba), with fused
+forms for the exchange's sender (encode_change: payload of x - ref, ref += its decoded value) and
+receiver (apply: the decoded move subtracted from / added to one or two vectors); bf16 and top8
+are NumPy (and torch's topk).
 """
 
 from __future__ import annotations
@@ -43,16 +48,6 @@ def payload_size(fmt: str, n: int) -> int:
     raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS[1:])})")
 
 
-def _scales(x: np.ndarray, levels: int) -> np.ndarray:
-    """absmax / levels per block (the last block may be short)."""
-    n = x.size
-    full = n // BLOCK * BLOCK
-    amax = np.abs(x[:full]).reshape(-1, BLOCK).max(axis=1) if full else np.empty(0, np.float32)
-    if full < n:
-        amax = np.append(amax, np.abs(x[full:]).max())
-    return _scale_of(amax, levels)
-
-
 def _scale_of(amax: np.ndarray, levels: int) -> np.ndarray:
     # max() propagates NaN, so a NaN in a block makes its scale (and its decoded values) NaN
     scales = (amax / np.float32(levels)).astype(np.float32)
@@ -62,16 +57,36 @@ def _scale_of(amax: np.ndarray, levels: int) -> np.ndarray:
     return scales
 
 
-# the integer formats work through a vector SUB values at a time, so the half-dozen passes each
-# value takes (scale, divide, round, clip, cast, pack) run in cache rather than in memory
-SUB = 1024 * BLOCK  # 1 MiB of float32: a core's L2 here (measured: 20.7 ms to encode 9.2M int4 values vs 36.9 in one piece)
+_NONE = np.empty(0, np.float32)  # "no such array" for the compiled loops (one signature for all calls)
+
+
+def _kernels():
+    from hpcopt.comm import _blocks  # numba: imported (and compiled, the first time) by compressed runs only
+
+    return _blocks
+
+
+def warm(fmt: str) -> None:
+    """Have what `fmt` needs loaded (the block formats' compiled loops: the first time on a
+    machine numba compiles them, ~5 s, else it loads them from its cache, ~1 s), before a run's
+    clocks start: a rank stalled in its first exchange would look dead to the others."""
+    if fmt in _BITS:
+        x = np.linspace(-1, 1, BLOCK + 3, dtype=np.float32)
+        ref, payload = np.zeros_like(x), np.empty(payload_size(fmt, x.size), np.uint8)
+        encode_change(fmt, x, ref, payload)
+        apply(fmt, payload, x.size, out=x, minus=(ref,), plus=(x,))
+        encode(fmt, x, payload, decoded=x)
+
+
+def _int_layout(fmt: str, payload: np.ndarray, n: int):
+    nb = -(-n // BLOCK)
+    return payload[:4 * nb].view(np.float32), payload[4 * nb:]
 
 
 def encode(fmt: str, x: np.ndarray, out: np.ndarray, decoded: np.ndarray | None = None) -> np.ndarray:
     """x (float32) -> out (uint8, payload_size(fmt, x.size) bytes). Returns out. With `decoded`
     (float32, x.size; it may be x itself) it also gets what decode(fmt, out) gives, bit for bit,
     without a decode pass."""
-    n = x.size
     if fmt == "bf16":
         u = x.view(np.uint32)
         rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
@@ -82,60 +97,24 @@ def encode(fmt: str, x: np.ndarray, out: np.ndarray, decoded: np.ndarray | None 
         return out
     if fmt == "top8":
         return _encode_top(x, out, decoded)
-    nb = -(-n // BLOCK)
-    per_byte = 8 // _BITS[fmt]
-    scales, values = out[:4 * nb].view(np.float32), out[4 * nb:]
-    for lo in range(0, n, SUB):  # (SUB is a multiple of BLOCK and of per_byte: pieces align)
-        hi = min(n, lo + SUB)
-        _encode_int(fmt, x[lo:hi], scales[lo // BLOCK:-(-hi // BLOCK)], values[lo // per_byte:-(-hi // per_byte)],
-                    None if decoded is None else decoded[lo:hi])
+    scales, values = _int_layout(fmt, out, x.size)
+    _kernels().encode(x, _NONE, BLOCK, _LEVELS[fmt], _BITS[fmt], scales, values,
+                      _NONE if decoded is None else decoded, _NONE)
     return out
 
 
-def _encode_int(fmt: str, x: np.ndarray, scales_out: np.ndarray, values: np.ndarray,
-                decoded: np.ndarray | None) -> None:
-    n, levels = x.size, _LEVELS[fmt]
-    scales = _scales(x, levels)
-    scales_out[:] = scales
-    safe = np.where(scales > 0, scales, np.float32(1))  # an all-zero block: zeros
-    v = np.empty(n, dtype=np.float32)
-    full = n // BLOCK * BLOCK
-    with np.errstate(invalid="ignore"):  # Inf / Inf in a block whose scale is Inf: zeroed below
-        if full:  # per block, the scale broadcast (never a per-value copy of the scales)
-            np.divide(x[:full].reshape(-1, BLOCK), safe[:full // BLOCK, None], out=v[:full].reshape(-1, BLOCK))
-        if full < n:
-            np.divide(x[full:], safe[-1], out=v[full:])
-    np.rint(v, out=v)
-    np.clip(v, -levels, levels, out=v)
-    with np.errstate(invalid="ignore"):  # NaN only in a block whose scale is NaN/Inf: it decodes
-        q = v.astype(np.int8)  # non-finite whatever its values (and pairs of values never span blocks)
-    if fmt == "int8":
-        values.view(np.int8)[:] = q
-    else:  # 8 / bits values per byte, lowest bits first, each as q + levels + 1 (int4: 1..15)
-        bits = _BITS[fmt]
-        per_byte = 8 // bits
-        field = q.view(np.uint8) + np.uint8(levels + 1)  # (two's complement wraps -levels.. to 1..)
-        if n % per_byte:
-            field = np.append(field, np.full(per_byte - n % per_byte, levels + 1, np.uint8))
-        group = field.reshape(-1, per_byte)
-        np.copyto(values, group[:, 0])
-        for i in range(1, per_byte):
-            values |= group[:, i] << np.uint8(bits * i)
-    if decoded is not None:  # decode's arithmetic on the same integers and scales
-        decoded[:] = q
-        _scale_blocks(decoded, scales)
-
-
-def _scale_blocks(out: np.ndarray, scales: np.ndarray) -> None:
-    """out (integers as float32) *= the scale of its block, in place."""
-    n = out.size
-    full = n // BLOCK * BLOCK
-    with np.errstate(invalid="ignore"):  # 0 x Inf scale: NaN, as it should be
-        if full:
-            blocks = out[:full].reshape(-1, BLOCK)
-            np.multiply(blocks, scales[:full // BLOCK, None], out=blocks)
-        if full < n:
-            np.multiply(out[full:], scales[-1], out=out[full:])
+def encode_change(fmt: str, x: np.ndarray, ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out <- the payload of x - ref, and ref += what it decodes to (a compressed exchange's
+    sender: its reference moves by what was sent, exactly as the receiver's). One pass for the
+    block formats."""
+    if fmt in _BITS:
+        scales, values = _int_layout(fmt, out, x.size)
+        _kernels().encode(x, ref, BLOCK, _LEVELS[fmt], _BITS[fmt], scales, values, _NONE, ref)
+        return out
+    change = x - ref
+    encode(fmt, change, out, decoded=change)
+    ref += change
+    return out
 
 
 def decode(fmt: str, payload: np.ndarray, n: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -147,28 +126,28 @@ def decode(fmt: str, payload: np.ndarray, n: int, out: np.ndarray | None = None)
         return out
     if fmt == "top8":
         return _decode_top(payload, n, out)
-    nb = -(-n // BLOCK)
-    scales, values = payload[:4 * nb].view(np.float32), payload[4 * nb:]
-    per_byte = 8 // _BITS[fmt]
-    for lo in range(0, n, SUB):
-        hi = min(n, lo + SUB)
-        _decode_int(fmt, scales[lo // BLOCK:-(-hi // BLOCK)], values[lo // per_byte:-(-hi // per_byte)], out[lo:hi])
+    apply(fmt, payload, n, out=out)
     return out
 
 
-def _decode_int(fmt: str, scales: np.ndarray, values: np.ndarray, out: np.ndarray) -> None:
-    n = out.size
-    if fmt == "int8":
-        out[:] = values.view(np.int8)[:n]
-    else:
-        bits, levels = _BITS[fmt], _LEVELS[fmt]
-        per_byte, mask = 8 // bits, np.uint8((1 << bits) - 1)
-        group = np.empty((values.size, per_byte), dtype=np.int8)
-        for i in range(per_byte):
-            np.bitwise_and(values >> np.uint8(bits * i), mask, out=group[:, i].view(np.uint8))
-        group -= np.int8(levels + 1)
-        out[:] = group.reshape(-1)[:n]
-    _scale_blocks(out, scales)
+def apply(fmt: str, payload: np.ndarray, n: int, *, out: np.ndarray | None = None,
+          minus: tuple = (), plus: tuple = ()) -> None:
+    """What a payload carries, m: into `out` (if given), subtracted from each array in `minus`
+    and added to each in `plus` (at most two in all), in one pass for the block formats; the
+    same bits as decode() followed by those NumPy operations."""
+    if len(minus) + len(plus) > 2:
+        raise ValueError("at most two arrays to update")
+    if fmt in _BITS:
+        accs = [(a, -1.0) for a in minus] + [(a, 1.0) for a in plus] + [(_NONE, 1.0)] * 2
+        scales, values = _int_layout(fmt, payload, n)
+        _kernels().decode(scales, values, n, BLOCK, _LEVELS[fmt], _BITS[fmt], _NONE if out is None else out,
+                          accs[0][0], accs[0][1], accs[1][0], accs[1][1])
+        return
+    m = decode(fmt, payload, n, out)
+    for a in minus:
+        a -= m
+    for a in plus:
+        a += m
 
 
 def _blocks(x: np.ndarray) -> np.ndarray:

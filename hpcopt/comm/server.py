@@ -205,6 +205,7 @@ class CenterServer:
         # records) the bytes of one, all shards cut into chunks as each server cuts its own
         self.codec = comm.compress if comm.compress != "none" and rule.carries_params else None
         if self.codec:
+            codec.warm(self.codec)  # (before the workers' liveness clocks start)
             step = max(1, int(comm.chunk_mb * 1e6 / 4))
             self.q_bytes = self.bytes_per_exchange - 2 * 4 * n_params + 2 * sum(
                 codec.payload_size(self.codec, b - a) for lo, hi in bounds for a, b in P.chunk_bounds(0, hi - lo, step))
@@ -625,7 +626,7 @@ class CenterServer:
                 self._report(ex)
             view = ref.x[a:b]
             one, two = self.scratch[0, :b - a], self.scratch[1, :b - a]
-            view += codec.decode(fmt, ref.up[o:p], b - a, out=one)  # the worker's parameters, as this server knows them
+            codec.apply(fmt, ref.up[o:p], b - a, plus=(view,))  # the worker's parameters, as this server knows them
             if not _finite(torch.from_numpy(view)):  # its own values were checked before it sent: a broken sender
                 raise _Malformed("sent a compressed change that decodes to non-finite (or overflowing) parameters")
             if ex.snapshot is not None:

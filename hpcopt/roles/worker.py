@@ -127,6 +127,10 @@ def prepare(cfg: Config, worker_id: int, flat: FlatModel, data: dict, *, shared:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     flat, mirror = on_device(flat, log, shared, node_rank, separate=cfg.comm.overlap and not cfg.synchronous)
+    if cfg.comm.compress != "none":
+        from hpcopt.comm import codec
+
+        codec.warm(cfg.comm.compress)
     trainer = LocalTrainer(cfg, worker_id, flat, data)
     reference = trainer.initial_loss()
     if flat.params.is_cuda:
@@ -154,7 +158,9 @@ class Overlap:
         self.norms = client.layer_norms
         if self.norms is not None:
             client.layer_norms = self.norms.copy()
+        # the copy an exchange sent, then the move it made of it (a compressed exchange: the move only)
         self.sent = torch.empty(mirror.host.numel(), dtype=mirror.host.dtype, pin_memory=mirror.tensor.is_cuda)
+        self.direct = False  # whether `sent` holds the move already
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.waited = 0.0  # seconds the training waited for exchanges in flight (the link, or the servers)
@@ -182,8 +188,13 @@ class Overlap:
             copied()
             if self.moved is not None:
                 self.moved.synchronize()
-            self.sent.copy_(self.mirror.host)  # before the exchange rewrites the host copy
-            self.client.exchange(header)  # (every wait in it has comm.timeout)
+            if self.client.moves_only(header):  # compressed: the client writes the move itself
+                self.client.exchange(header, moves=self.sent.numpy())  # (every wait in it has comm.timeout)
+                self.direct = True
+            else:
+                self.sent.copy_(self.mirror.host)  # before the exchange rewrites the host copy
+                self.client.exchange(header)
+                self.direct = False
         except BaseException as e:  # raised where the training is: in finish()
             self.error = e
         finally:
@@ -206,7 +217,8 @@ class Overlap:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
-        move = self.sent.sub_(self.mirror.host)  # what the exchange did to the copy it sent
+        # what the exchange did to the copy it sent (a compressed one wrote it into `sent`)
+        move = self.sent if self.direct else self.sent.sub_(self.mirror.host)
         self.mirror.tensor.sub_(move.to(self.mirror.tensor.device, non_blocking=True))
         if self.mirror.tensor.is_cuda:  # the next exchange rewrites `sent` only once that copy has read it
             self.moved = torch.cuda.Event()

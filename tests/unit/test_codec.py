@@ -6,6 +6,7 @@ import torch
 
 from hpcopt.comm import codec
 
+PIECE = 1 << 18  # (long vectors: more than one cache-sized piece of any implementation)
 SIZES = [1, 2, 7, 255, 256, 257, 1000, 4099]
 
 
@@ -79,13 +80,13 @@ def test_the_decoded_values_encode_gives_are_decodes_bit_for_bit(fmt):
     """encode(..., decoded=) spares the decode pass both sides make after encoding (the
     references must stay bit-identical); across the codec's SUB pieces, with non-finite and
     huge values, and written over x itself."""
-    n = 2 * codec.SUB + 301
+    n = 2 * PIECE + 301
     rng = np.random.default_rng(3)
     x = (rng.standard_normal(n) * 10.0 ** rng.integers(-6, 3, n)).astype(np.float32)
     x[rng.integers(0, n, 5)] = np.nan
     x[rng.integers(0, n, 3)] = np.inf
     x[rng.integers(0, n, 3)] = 3.4e38
-    x[codec.SUB - 10:codec.SUB + 10] = 0
+    x[PIECE - 10:PIECE + 10] = 0
     payload, again = (np.empty(codec.payload_size(fmt, n), dtype=np.uint8) for _ in range(2))
     decoded = np.empty(n, np.float32)
     with np.errstate(all="ignore"):
@@ -100,9 +101,9 @@ def test_the_decoded_values_encode_gives_are_decodes_bit_for_bit(fmt):
 
 @pytest.mark.parametrize("fmt,levels", [("int8", 127), ("int4", 7), ("int2", 1)])
 def test_block_formats_across_the_codecs_pieces(fmt, levels):
-    n = 2 * codec.SUB + 300  # (the codec works through long vectors SUB values at a time)
+    n = 2 * PIECE + 300  # (the codec works through long vectors SUB values at a time)
     x = np.random.default_rng(5).standard_normal(n).astype(np.float32)
-    x[codec.SUB:codec.SUB + 1000] *= 1e-4
+    x[PIECE:PIECE + 1000] *= 1e-4
     blocks = np.zeros(-(-n // codec.BLOCK) * codec.BLOCK, np.float32)
     blocks[:n] = x
     blocks = blocks.reshape(-1, codec.BLOCK)

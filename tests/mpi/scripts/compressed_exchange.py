@@ -4,7 +4,10 @@ server 1 over messages, so one exchange mixes both paths. The worker replays eve
 NumPy (the codec's encode/decode, the elastic move, error feedback) and checks its parameters
 against the replay exactly; every EXACT_EVERY-th exchange goes plain. At the end each side saves
 its reference (worker_ref.npy, server1_ref.npy) and the replayed one (replay_ref.npy), the
-centers (server{0,1}_center.npy, replay_center.npy) into argv[1], and the worker prints OK."""
+centers (server{0,1}_center.npy, replay_center.npy) into argv[1], and the worker prints OK.
+With argv[3] == "moves" both servers go over messages and the worker asks compressed exchanges
+for the move alone (as an overlapped worker does): its parameters must stay as sent, and minus
+the move they must be the replay's, bit for bit."""
 
 import sys
 import time
@@ -29,6 +32,7 @@ N, ALPHA, CHUNK, EXCHANGES, EXACT_EVERY = 1003, 0.3, 50, 40, 7
 
 def main():
     out, fmt = sys.argv[1], sys.argv[2]
+    moves = sys.argv[3:] == ["moves"]
     world = MPI.COMM_WORLD
     assert world.size == 3, "run with mpirun -n 3"
     share = share_node(world, 2, N)
@@ -46,7 +50,8 @@ def main():
                             bounds=bounds, start=start, center=rule.center.numpy())
         server = CenterServer(world=world, servers=servers, workers={0: (2, "")}, bounds=bounds, rule=rule,
                               recorder=recorder, comm=CommConfig(timeout=60, chunk_mb=CHUNK * 4 / 1e6, compress=fmt),
-                              start=start, shared=share.workers if world.rank == 0 else None, sync=share.sync)
+                              start=start, shared=share.workers if world.rank == 0 and not moves else None,
+                              sync=share.sync)
         kept, remove = [], server._remove
 
         def keep_reference(wid, forget=True):  # (the server frees it when the worker leaves)
@@ -62,10 +67,11 @@ def main():
         return
     params = share.params
     rng = np.random.default_rng(0)
-    client = CenterClient([(world, 0), (world, 1)], bounds, params, chunk=CHUNK, timeout=60, shared={0},
-                          sync=share.sync, compress=fmt, exact_every=EXACT_EVERY)
-    lo, hi = bounds[1]  # the shard over messages
-    pieces = [(a, min(a + CHUNK, hi)) for a in range(lo, hi, CHUNK)]
+    client = CenterClient([(world, 0), (world, 1)], bounds, params, chunk=CHUNK, timeout=60,
+                          shared=set() if moves else {0}, sync=share.sync, compress=fmt, exact_every=EXACT_EVERY)
+    lo, hi = (0, N) if moves else bounds[1]  # what goes over messages
+    pieces = [(a, min(a + CHUNK, b)) for s_lo, b in bounds for a in range(s_lo, b, CHUNK) if s_lo >= lo]
+    moved = np.empty(N, np.float32)  # (moves mode)
     center = torch.from_numpy(center0.copy())
     x = params.numpy()
     x[:] = center0 + rng.standard_normal(N).astype(np.float32)
@@ -78,7 +84,7 @@ def main():
             elastic_exchange_(center, want, ALPHA)
             ref[:], err[:] = want.numpy(), 0
         else:  # in place on shard 0, the codec on shard 1 (per chunk, as the wire cuts it)
-            elastic_exchange_(center[:lo], want[:lo], ALPHA)
+            elastic_exchange_(center[:lo], want[:lo], ALPHA)  # (nothing with moves: lo = 0)
             for a, b in pieces:
                 ref[a:b] += codec.decode(fmt, codec.encode(fmt, x[a:b] - ref[a:b], np.empty(
                     codec.payload_size(fmt, b - a), np.uint8)), b - a)
@@ -90,7 +96,16 @@ def main():
                 err[a:b] = move - sent
                 ref[a:b] -= sent
                 want[a:b] -= torch.from_numpy(sent)
-        client.exchange(make_header(EXCHANGE, 0, k, k))
+        header = make_header(EXCHANGE, 0, k, k)
+        if moves:
+            assert client.moves_only(header) == (not plain)
+        if moves and not plain:
+            sent_x = x.copy()
+            client.exchange(header, moves=moved)
+            np.testing.assert_array_equal(x, sent_x)  # as sent: the move is for parameters that went on
+            x -= moved
+        else:
+            client.exchange(header)
         np.testing.assert_array_equal(x, want.numpy(), err_msg=f"exchange {k} ({'plain' if plain else fmt})")
     client.done(0, EXCHANGES)
     np.save(f"{out}/worker_ref.npy", client.ref[lo:hi])
