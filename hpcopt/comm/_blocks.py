@@ -53,20 +53,21 @@ def _pack(q, m, bits, values, at):
 
 
 @njit(cache=True, nogil=True)
-def encode(x, sub, block, levels, bits, scales, values, decoded, acc):
-    """Per block of x - sub (x where sub is empty): scale = absmax / levels (NaN if a value is
-    NaN; a finite absmax never gives a scale whose levels-fold overflows), q = clip(rint(v /
-    scale), -levels, levels) (an all-zero block: 0; a block with a non-finite scale: 0), packed
-    (_pack). What decoding gives, q * scale (NaN throughout a block with a non-finite scale),
-    goes into `decoded` and is added to `acc`, each when not empty; `acc` may be `sub` (the
-    reference moves by what was sent) and `decoded` may be x."""
+def encode(x, sub, err, block, levels, bits, scales, values, decoded, acc, sign):
+    """Per block of d = (x - sub) + err (without sub or err where those are empty): scale =
+    absmax / levels (NaN if a value is NaN; a finite absmax never gives a scale whose levels-fold
+    overflows), q = clip(rint(d / scale), -levels, levels) (an all-zero block: 0; a block with a
+    non-finite scale: 0), packed (_pack). What decoding gives, m = q * scale (NaN throughout a
+    block with a non-finite scale), goes into `decoded`, sign * m is added to `acc`, and err
+    becomes d - m (error feedback), each when not empty; `acc` may be `sub` or x, `decoded` x."""
     n = x.size
     lv = np.float32(levels)
     per_byte = 8 // bits
     buf = np.empty(block, np.float32)
     mag = buf.view(np.uint32)
     q = np.empty(block, np.int32)
-    has_sub, has_dec, has_acc = sub.size > 0, decoded.size > 0, acc.size > 0
+    has_sub, has_err, has_dec, has_acc = sub.size > 0, err.size > 0, decoded.size > 0, acc.size > 0
+    s = np.float32(sign)
     for blk in range((n + block - 1) // block):
         lo = blk * block
         m = min(n, lo + block) - lo
@@ -76,6 +77,9 @@ def encode(x, sub, block, levels, bits, scales, values, decoded, acc):
         else:
             for j in range(m):
                 buf[j] = x[lo + j]
+        if has_err:
+            for j in range(m):
+                buf[j] += err[lo + j]
         top = np.uint32(0)  # |v|'s bits: ordered as the magnitudes, NaN above Inf
         for j in range(m):
             top = max(top, mag[j] & np.uint32(0x7FFFFFFF))
@@ -98,7 +102,10 @@ def encode(x, sub, block, levels, bits, scales, values, decoded, acc):
                 decoded[lo + j] = np.float32(q[j]) * scale
         if has_acc:
             for j in range(m):
-                acc[lo + j] += np.float32(q[j]) * scale
+                acc[lo + j] += s * (np.float32(q[j]) * scale)
+        if has_err:
+            for j in range(m):
+                err[lo + j] = buf[j] - np.float32(q[j]) * scale
 
 
 @njit(cache=True, nogil=True)

@@ -185,7 +185,7 @@ class CenterClient:
             while to_send[s] and len(flying[s]) < SEND_WINDOW:
                 i, (a, b) = to_send[s].pop(0)
                 o, p = self.offsets[s][i], self.offsets[s][i + 1]
-                codec.encode_change(fmt, x[a:b], ref[a:b], self.up[s][o:p])  # (ref += what it decodes to)
+                codec.encode_change(fmt, x[a:b], ref[a:b], self.up[s][o:p], plus=ref[a:b])
                 flying[s].append(comm.Isend(self.up[s][o:p], dest=rank, tag=P.TAG_PARAMS_Q))
 
         deadline, backoff = time.monotonic() + self.timeout, Backoff(cap=BUSY_CAP, relative=WAIT_SHARE)

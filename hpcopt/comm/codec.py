@@ -73,7 +73,8 @@ def warm(fmt: str) -> None:
     if fmt in _BITS:
         x = np.linspace(-1, 1, BLOCK + 3, dtype=np.float32)
         ref, payload = np.zeros_like(x), np.empty(payload_size(fmt, x.size), np.uint8)
-        encode_change(fmt, x, ref, payload)
+        encode_change(fmt, x, ref, payload, err=np.zeros_like(x), plus=ref)
+        encode_change(fmt, x, ref, payload, minus=x)
         apply(fmt, payload, x.size, out=x, minus=(ref,), plus=(x,))
         encode(fmt, x, payload, decoded=x)
 
@@ -98,22 +99,35 @@ def encode(fmt: str, x: np.ndarray, out: np.ndarray, decoded: np.ndarray | None 
     if fmt == "top8":
         return _encode_top(x, out, decoded)
     scales, values = _int_layout(fmt, out, x.size)
-    _kernels().encode(x, _NONE, BLOCK, _LEVELS[fmt], _BITS[fmt], scales, values,
-                      _NONE if decoded is None else decoded, _NONE)
+    _kernels().encode(x, _NONE, _NONE, BLOCK, _LEVELS[fmt], _BITS[fmt], scales, values,
+                      _NONE if decoded is None else decoded, _NONE, 1.0)
     return out
 
 
-def encode_change(fmt: str, x: np.ndarray, ref: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out <- the payload of x - ref, and ref += what it decodes to (a compressed exchange's
-    sender: its reference moves by what was sent, exactly as the receiver's). One pass for the
-    block formats."""
+def encode_change(fmt: str, x: np.ndarray, sub: np.ndarray, out: np.ndarray, *, err: np.ndarray | None = None,
+                  plus: np.ndarray | None = None, minus: np.ndarray | None = None) -> np.ndarray:
+    """out <- the payload of d = x - sub (+ err, if given); what it decodes to, m, is added to
+    `plus` or subtracted from `minus` (either may be sub or x), and err becomes d - m (error
+    feedback). A sender's reference moves by what was sent (plus=ref), the server's move is
+    sent with what rounding withheld before (err) and applied (minus=x) -- in one pass for the
+    block formats, the same bits as the NumPy operations written out."""
     if fmt in _BITS:
         scales, values = _int_layout(fmt, out, x.size)
-        _kernels().encode(x, ref, BLOCK, _LEVELS[fmt], _BITS[fmt], scales, values, _NONE, ref)
+        acc, sign = (plus, 1.0) if plus is not None else (minus, -1.0)
+        _kernels().encode(x, sub, _NONE if err is None else err, BLOCK, _LEVELS[fmt], _BITS[fmt], scales, values,
+                          _NONE, _NONE if acc is None else acc, sign)
         return out
-    change = x - ref
-    encode(fmt, change, out, decoded=change)
-    ref += change
+    change = x - sub
+    if err is not None:
+        change += err
+    sent = np.empty_like(change)
+    encode(fmt, change, out, decoded=sent)
+    if err is not None:
+        np.subtract(change, sent, out=err)
+    if plus is not None:
+        plus += sent
+    if minus is not None:
+        minus -= sent
     return out
 
 

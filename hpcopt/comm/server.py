@@ -197,8 +197,8 @@ class CenterServer:
         self.shared = shared if rule.carries_params else None
         self.sync = sync
         self.chunks = P.chunk_bounds(0, self.hi - self.lo, max(1, int(comm.chunk_mb * 1e6 / 4)))
-        # two chunks of float32 for the compressed path, reused (no allocation per chunk)
-        self.scratch = np.empty((2, max((b - a for a, b in self.chunks), default=0)), dtype=np.float32)
+        # a chunk of float32 for the compressed path, reused (no allocation per chunk)
+        self.scratch = np.empty(max((b - a for a, b in self.chunks), default=0), dtype=np.float32)
         n_params, S = bounds[-1][1], len(bounds)
         self.bytes_per_exchange = 2 * 4 * n_params + S * P.HEADER_SIZE * 8 + S * 8 * n_layers
         # compressed exchanges over messages (comm.compress): the format, and (server 0, for the
@@ -625,7 +625,7 @@ class CenterServer:
             if i == 0:
                 self._report(ex)
             view = ref.x[a:b]
-            one, two = self.scratch[0, :b - a], self.scratch[1, :b - a]
+            one = self.scratch[:b - a]
             codec.apply(fmt, ref.up[o:p], b - a, plus=(view,))  # the worker's parameters, as this server knows them
             if not _finite(torch.from_numpy(view)):  # its own values were checked before it sent: a broken sender
                 raise _Malformed("sent a compressed change that decodes to non-finite (or overflowing) parameters")
@@ -633,12 +633,9 @@ class CenterServer:
                 ex.snapshot[a:b] = view
             np.copyto(one, view)
             self.rule.exchange_(ex.wid, torch.from_numpy(one), a, b)  # one: where the worker goes
-            move = np.subtract(view, one, out=one)
-            move += ref.err[a:b]
-            sent = two
-            codec.encode(fmt, move, ref.down[o:p], decoded=sent)  # (no decode pass)
-            np.subtract(move, sent, out=ref.err[a:b])
-            view -= sent
+            # the move, view - one, with what rounding withheld from the last ones (err, which then
+            # keeps what it withholds now) goes back; view follows what it decodes to, as the worker's does
+            codec.encode_change(fmt, view, one, ref.down[o:p], err=ref.err[a:b], minus=view)
             ex.replies.append(peer.comm.Isend(ref.down[o:p], dest=peer.rank, tag=P.TAG_REPLY_Q))
             ex.next_chunk += 1
             progress = True

@@ -61,10 +61,7 @@ class CompressedAverage:
 
     def mean_(self, buf: HostMirror, timeout: float, what: str) -> None:
         x = buf.pull().numpy()
-        change = x - self.ref
-        change += self.err
-        codec.encode(self.fmt, change, self.mine, decoded=self.err)
-        np.subtract(change, self.err, out=self.err)
+        codec.encode_change(self.fmt, x, self.ref, self.mine, err=self.err)  # (x - ref + err; err keeps the rest)
         req = self.comm.Iallgather(self.mine, self.all)
         wait_all([req], timeout, what)
         total = np.zeros_like(x)
