@@ -66,6 +66,7 @@ def inner(args):
     import torch
     from mpi4py import MPI
 
+    from hpcopt.comm import codec
     from hpcopt.comm.client import CenterClient
     from hpcopt.comm.protocol import EXCHANGE, make_header, shard_bounds
     from hpcopt.comm.server import CenterServer
@@ -115,6 +116,7 @@ def inner(args):
         params = share.params if share.params is not None else torch.zeros(n)
         client = CenterClient([(world, r) for r in range(S)], bounds, params, chunk=int(1e6 / 4), timeout=120,
                               shared=share.servers, sync=share.sync, compress=compress)
+        codec.warm(compress)  # as a training's worker does before its clock starts (the codec's compiled loops)
         k, t_end, cpu0 = 0, time.monotonic() + args.seconds, time.process_time()
         rng = np.random.default_rng(wid)
         noise = torch.from_numpy(rng.standard_normal(min(n, 4096)).astype(np.float32) * 1e-3)

@@ -61,9 +61,32 @@ _NONE = np.empty(0, np.float32)  # "no such array" for the compiled loops (one s
 
 
 def _kernels():
-    from hpcopt.comm import _blocks  # numba: imported (and compiled, the first time) by compressed runs only
+    """The compiled loops (numba: imported, and compiled the first time, by compressed runs only)."""
+    try:
+        from hpcopt.comm import _blocks
+    except RuntimeError as e:  # numba finds nowhere writable to keep its cache (a read-only install
+        if "cannot cache" not in str(e):  # and home): a private one, compiled in this process
+            raise
+        import atexit
+        import shutil
+        import tempfile
 
+        import numba
+
+        numba.config.CACHE_DIR = tempfile.mkdtemp(prefix="hpcopt-numba-")  # (private: never another user's code)
+        atexit.register(shutil.rmtree, numba.config.CACHE_DIR, ignore_errors=True)
+        from hpcopt.comm import _blocks
     return _blocks
+
+
+def _check(fmt: str, payload: np.ndarray, n: int, *arrays) -> None:
+    """The compiled loops trust their arguments (no bounds checks): what they get must fit."""
+    if payload.dtype != np.uint8 or payload.size != payload_size(fmt, n):
+        raise ValueError(f"a {fmt} payload of {n} values is {payload_size(fmt, n)} bytes (uint8), not "
+                         f"{payload.size} ({payload.dtype})")
+    for a in arrays:
+        if a is not None and (a.dtype != np.float32 or a.size != n or a.ndim != 1):
+            raise ValueError(f"expected {n} float32 values in one dimension, got {a.shape} {a.dtype}")
 
 
 def warm(fmt: str) -> None:
@@ -98,6 +121,7 @@ def encode(fmt: str, x: np.ndarray, out: np.ndarray, decoded: np.ndarray | None 
         return out
     if fmt == "top8":
         return _encode_top(x, out, decoded)
+    _check(fmt, out, x.size, x, decoded)
     scales, values = _int_layout(fmt, out, x.size)
     _kernels().encode(x, _NONE, _NONE, BLOCK, _LEVELS[fmt], _BITS[fmt], scales, values,
                       _NONE if decoded is None else decoded, _NONE, 1.0)
@@ -111,7 +135,10 @@ def encode_change(fmt: str, x: np.ndarray, sub: np.ndarray, out: np.ndarray, *, 
     feedback). A sender's reference moves by what was sent (plus=ref), the server's move is
     sent with what rounding withheld before (err) and applied (minus=x) -- in one pass for the
     block formats, the same bits as the NumPy operations written out."""
+    if plus is not None and minus is not None:
+        raise ValueError("one of plus and minus")
     if fmt in _BITS:
+        _check(fmt, out, x.size, x, sub, err, plus, minus)
         scales, values = _int_layout(fmt, out, x.size)
         acc, sign = (plus, 1.0) if plus is not None else (minus, -1.0)
         _kernels().encode(x, sub, _NONE if err is None else err, BLOCK, _LEVELS[fmt], _BITS[fmt], scales, values,
@@ -152,6 +179,7 @@ def apply(fmt: str, payload: np.ndarray, n: int, *, out: np.ndarray | None = Non
     if len(minus) + len(plus) > 2:
         raise ValueError("at most two arrays to update")
     if fmt in _BITS:
+        _check(fmt, payload, n, out, *minus, *plus)
         accs = [(a, -1.0) for a in minus] + [(a, 1.0) for a in plus] + [(_NONE, 1.0)] * 2
         scales, values = _int_layout(fmt, payload, n)
         _kernels().decode(scales, values, n, BLOCK, _LEVELS[fmt], _BITS[fmt], _NONE if out is None else out,

@@ -205,7 +205,7 @@ class CenterServer:
         # records) the bytes of one, all shards cut into chunks as each server cuts its own
         self.codec = comm.compress if comm.compress != "none" and rule.carries_params else None
         if self.codec:
-            codec.warm(self.codec)  # (before the workers' liveness clocks start)
+            codec.warm(self.codec)  # (a training's servers did before its clock started: then a no-op)
             step = max(1, int(comm.chunk_mb * 1e6 / 4))
             self.q_bytes = self.bytes_per_exchange - 2 * 4 * n_params + 2 * sum(
                 codec.payload_size(self.codec, b - a) for lo, hi in bounds for a, b in P.chunk_bounds(0, hi - lo, step))

@@ -310,6 +310,10 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
                           shared=share.params, node_rank=node_rank, log=log_all)
     else:
         world.Split_type(MPI.COMM_TYPE_SHARED).Free()  # collective over world
+        if cfg.comm.compress != "none":  # the codec's compiled loops, loaded before the clock starts
+            from hpcopt.comm import codec
+
+            codec.warm(cfg.comm.compress)
     # everyone starts the clock together; a rank that never arrives is an error, not a hang
     wait_all([world.Ibarrier()], cfg.comm.timeout, "every rank to finish setting up")
     if not is_server and not cfg.synchronous:

@@ -110,3 +110,42 @@ def test_block_formats_across_the_codecs_pieces(fmt, levels):
     scale = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(levels)
     want = (np.clip(np.rint(blocks / scale), -levels, levels) * scale).reshape(-1)[:n]
     np.testing.assert_array_equal(roundtrip(fmt, x), want)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int2", "bf16", "top8"])
+def test_the_fused_forms_give_the_steps_they_stand_for(fmt):
+    """encode_change and apply (one pass for the block formats) against the NumPy steps they
+    replace, on a sender's reference, a server's move with error feedback and a receiver."""
+    n = 3 * codec.BLOCK + 77
+    rng = np.random.default_rng(11)
+    x, sub = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    err = (rng.standard_normal(n) * 1e-2).astype(np.float32)
+    size = codec.payload_size(fmt, n)
+    want_payload, payload = np.empty(size, np.uint8), np.empty(size, np.uint8)
+    change = (x - sub) + err
+    sent = np.empty(n, np.float32)
+    codec.encode(fmt, change, want_payload, decoded=sent)
+    got_x, got_err = x.copy(), err.copy()
+    codec.encode_change(fmt, got_x, sub, payload, err=got_err, minus=got_x)  # the server's form
+    np.testing.assert_array_equal(payload, want_payload)
+    np.testing.assert_array_equal(got_err, change - sent)
+    np.testing.assert_array_equal(got_x, x - sent)
+    got_out, got_a, got_b = np.empty(n, np.float32), x.copy(), sub.copy()
+    codec.apply(fmt, payload, n, out=got_out, minus=(got_a,), plus=(got_b,))
+    np.testing.assert_array_equal(got_out, sent)
+    np.testing.assert_array_equal(got_a, x - sent)
+    np.testing.assert_array_equal(got_b, sub + sent)
+
+
+def test_the_fused_forms_refuse_what_does_not_fit():
+    n = 300
+    payload = np.empty(codec.payload_size("int8", n), np.uint8)
+    x = np.ones(n, np.float32)
+    with pytest.raises(ValueError, match="one of plus and minus"):
+        codec.encode_change("int8", x, x.copy(), payload, plus=x, minus=x)
+    with pytest.raises(ValueError, match="float32"):  # the compiled loops would write past its end
+        codec.apply("int8", payload, n, out=np.empty(n - 1, np.float32))
+    with pytest.raises(ValueError, match="payload"):
+        codec.encode("int4", x, payload)
+    with pytest.raises(ValueError, match="float32"):
+        codec.encode_change("int2", x.astype(np.float64), x, np.empty(codec.payload_size("int2", n), np.uint8))
