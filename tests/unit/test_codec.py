@@ -78,7 +78,7 @@ def test_ratios_and_unknown_format():
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int2", "top8"])
 def test_the_decoded_values_encode_gives_are_decodes_bit_for_bit(fmt):
     """encode(..., decoded=) spares the decode pass both sides make after encoding (the
-    references must stay bit-identical); across the codec's SUB pieces, with non-finite and
+    references must stay bit-identical); across long vectors, with non-finite and
     huge values, and written over x itself."""
     n = 2 * PIECE + 301
     rng = np.random.default_rng(3)
@@ -101,7 +101,7 @@ def test_the_decoded_values_encode_gives_are_decodes_bit_for_bit(fmt):
 
 @pytest.mark.parametrize("fmt,levels", [("int8", 127), ("int4", 7), ("int2", 1)])
 def test_block_formats_across_the_codecs_pieces(fmt, levels):
-    n = 2 * PIECE + 300  # (the codec works through long vectors SUB values at a time)
+    n = 2 * PIECE + 300  # (more than one cache-sized piece of any implementation)
     x = np.random.default_rng(5).standard_normal(n).astype(np.float32)
     x[PIECE:PIECE + 1000] *= 1e-4
     blocks = np.zeros(-(-n // codec.BLOCK) * codec.BLOCK, np.float32)
