@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from hpcopt.data import load_data
+from hpcopt.launch.device import keep_freed_memory
 from hpcopt.models.evaluate import evaluate
 from hpcopt.models import CNN1D, build_model
 from hpcopt.optim.schedule import learning_rate
@@ -59,6 +60,7 @@ def main():
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", 0))
     size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", 1))
     torch.set_num_threads(1)
+    keep_freed_memory()  # as hpcopt's workers do: the comparison is of the methods, not of malloc
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=size)
     c = common(args, rank)
     model, opt = DistributedDataParallel(c.net), c.opt  # (DDP trains the same parameter tensors)

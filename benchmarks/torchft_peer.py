@@ -76,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
+from hpcopt.launch.device import keep_freed_memory
 from hpcopt.models.evaluate import evaluate
 from hpcopt.optim.schedule import learning_rate
 
@@ -171,6 +172,7 @@ def main():
     assert (rank, size) == (comm.rank, comm.size), "OMPI_COMM_WORLD_* disagree with MPI's world"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
+    keep_freed_memory()  # as hpcopt's workers do: the comparison is of the methods, not of malloc
     os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust side logs every quorum, commit, tick at info
 
     lighthouse, held = None, {}

@@ -189,15 +189,16 @@ class CenterClient:
                 flying[s].append(comm.Isend(self.up[s][o:p], dest=rank, tag=P.TAG_PARAMS_Q))
 
         deadline, backoff = time.monotonic() + self.timeout, Backoff(cap=BUSY_CAP, relative=WAIT_SHARE)
-        pending = list(range(len(recvs)))
-        while pending or any(flying.values()) or any(to_send.values()):
+        requests = [r for r, _ in recvs]  # one Testsome over them all: a Test each cost ~10 ms of
+        left = len(requests)  # CPU per exchange with 37 chunks (the completed become REQUEST_NULL)
+        while left or any(flying.values()) or any(to_send.values()):
             progress = False
             for s in over:
                 before = (len(to_send[s]), len(flying[s]))
                 send_more(s)
                 progress |= (len(to_send[s]), len(flying[s])) != before
-            for j in [j for j in pending if recvs[j][0].Test()]:
-                pending.remove(j)
+            for j in (MPI.Request.Testsome(requests) or []) if left else []:
+                left -= 1
                 progress = True
                 if recvs[j][1] is not None:
                     s, i, a, b = recvs[j][1]
@@ -207,7 +208,7 @@ class CenterClient:
                     else:
                         codec.apply(fmt, self.down[s][o:p], b - a, out=moves[a:b], minus=(ref[a:b],))
             self._pace(progress, deadline, backoff,
-                       lambda: [recvs[j][0] for j in pending] + [r for f in flying.values() for r in f])
+                       lambda: [r for r in requests if r != MPI.REQUEST_NULL] + [r for f in flying.values() for r in f])
         self._wait(headers, "the servers to take the exchange header")
         if in_place:
             self.sync()

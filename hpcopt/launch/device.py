@@ -228,6 +228,31 @@ def _clear_cuda_error() -> None:
         pass
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+KEEP_HEAP_VAR = "HPCOPT_KEEP_HEAP"
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep the memory a training step frees, for the next step.
+
+    A backward pass allocates each weight's gradient anew before adding it into the flat
+    gradient buffer; above glibc's mmap threshold (at most 32 MB) that is a fresh mmap, page-faulted
+    and zeroed by the kernel, and unmapped again at free: for the wide setting's 3000x3000 layer
+    ~9,400 page faults a step, 22% of its CPU time (`sys`), measured side by side (110-116 vs
+    86-90 ms a step, one thread). With no mmaps and a high trim threshold the heap keeps that
+    memory instead; what it costs is that memory freed below the heap's top is not given back to
+    the system. HPCOPT_KEEP_HEAP=0 leaves glibc's defaults. Returns whether it took effect (not
+    glibc, or turned off: False)."""
+    if os.environ.get(KEEP_HEAP_VAR, "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
 class HostMirror:
     """A host copy of a (flat, contiguous) tensor for MPI, or the tensor itself when it is on the CPU
     (unless `separate`: the overlapped exchanges of comm.overlap work on a copy).

@@ -15,6 +15,7 @@ import time
 import torch
 
 from hpcopt.io.rundir import RunDir, read_json
+from hpcopt.launch.device import keep_freed_memory
 from hpcopt.launch.env import Environment
 from hpcopt.models import FlatModel, build_model
 from hpcopt.roles.train import UsageError, _chunk, _layer_norms, _load_data, _on_root, _stale_seconds, log_all
@@ -52,6 +53,7 @@ def join(run_path: str, *, token: str | None = None, log=print) -> WorkerSummary
 
     t_start = time.monotonic()
     cfg = _on_root(world, load_cfg)
+    keep_freed_memory()  # a step's gradients reuse the last step's memory (device.py)
     torch.set_num_threads(cfg.run.threads)
     data = _load_data(cfg, world, run)
     t_data = time.monotonic()

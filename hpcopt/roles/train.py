@@ -24,6 +24,7 @@ from hpcopt.config import Config
 from hpcopt.data import load_data
 from hpcopt.io.trajectory import TrajectoryWriter, run_attributes
 from hpcopt.failpoints import failpoint
+from hpcopt.launch.device import keep_freed_memory
 from hpcopt.launch.env import Environment, record_essential, record_set_up
 from hpcopt.models import FlatModel, build_model
 from hpcopt.io.rundir import RunDir, write_atomic
@@ -216,6 +217,7 @@ def train(cfg: Config, *, force: bool = False, resume: bool = False, log=print) 
         _on_root(world, lambda: _check_not_recorded(RunDir(cfg.run.out)))
     if resume and cfg.synchronous:
         raise UsageError(f"--resume works for the asynchronous methods; {cfg.run.method} is synchronous")
+    keep_freed_memory()  # a step's gradients reuse the last step's memory (device.py)
     torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
     is_server = world.rank < S
