@@ -77,6 +77,7 @@ class CenterClient:
         self.codec = compress if compress != "none" and not leaders and len(self.shared) < len(links) else None
         self.exact_every = exact_every
         self.synced = False
+        self._ahead = None  # encode_ahead's exchange: None, "encoded", then "received"
         if self.codec:
             self.ref = np.zeros_like(self.x)
             self.offsets = [np.concatenate([[0], np.cumsum([codec.payload_size(self.codec, b - a) for a, b in c])])
@@ -111,19 +112,22 @@ class CenterClient:
         self.last_sent = time.monotonic()
 
     # ------------------------------------------------------------------ exchanges
-    def exchange(self, header: np.ndarray, moves: np.ndarray | None = None) -> None:
+    def exchange(self, header: np.ndarray, moves: np.ndarray | None = None, ahead: bool = False) -> None:
         """One elastic exchange: the parameters go to the servers, which move the center and
         reply with the worker's new parameters (EASGD: x - alpha (x - center); the other rules:
         see protocol.py); each reply chunk lands in place as soon as that chunk's send is done.
         `moves` (a float32 vector like x; only where moves_only(header)): the exchange writes
         the move there instead, x - moves being the new parameters, and leaves x as it was sent
-        (an overlapped worker applies the move to parameters that went on meanwhile)."""
-        if moves is not None and not self.moves_only(header):
+        (an overlapped worker applies the move to parameters that went on meanwhile).
+        `ahead`: send what encode_ahead() encoded and keep the answers for apply_ahead()."""
+        if (moves is not None or ahead) and not self.moves_only(header):
             raise ValueError("this exchange replies with parameters (or updates them in place), not moves")
+        if ahead != (self._ahead == "encoded"):
+            raise ValueError("exchange(ahead=True) sends what encode_ahead() encoded, and only that")
         if self.leaders:
             self._lead_exchange(header)
         elif self._compresses(header):
-            self._compressed_exchange(header, moves)
+            self._compressed_exchange(header, moves, ahead)
         else:
             self._transfer(header, send=True)
             self._synced()
@@ -136,6 +140,30 @@ class CenterClient:
         """Whether exchange(header) can hand back the move alone: compressed, and no server
         updates x in place (a decoded move is what both sides apply; a plain reply is parameters)."""
         return self._compresses(header) and not self.shared
+
+    def encode_ahead(self, header: np.ndarray, source: np.ndarray) -> None:
+        """comm.overlap on the CPU: the change of `source` -- the parameters being trained, read
+        here in the training's thread between two steps, so no copy of them is needed -- encoded
+        now for exchange(header, ahead=True), which only sends it and keeps the answers;
+        apply_ahead() then applies the move. Only where moves_only(header)."""
+        if not self.moves_only(header) or self._ahead is not None:
+            raise ValueError("encode_ahead() is for a compressed exchange over messages, one at a time")
+        for s in range(len(self.links)):
+            for i, (a, b) in enumerate(self.chunks[s]):
+                o, p = self.offsets[s][i], self.offsets[s][i + 1]
+                codec.encode_change(self.codec, source[a:b], self.ref[a:b], self.up[s][o:p], plus=self.ref[a:b])
+        self._ahead = "encoded"
+
+    def apply_ahead(self, target: np.ndarray) -> None:
+        """target -= the move the last exchange(ahead=True) received, as its decode is applied to
+        the reference: one pass per chunk, in the caller's thread."""
+        if self._ahead != "received":
+            raise ValueError("apply_ahead() follows an exchange(ahead=True) that completed")
+        for s in range(len(self.links)):
+            for i, (a, b) in enumerate(self.chunks[s]):
+                o, p = self.offsets[s][i], self.offsets[s][i + 1]
+                codec.apply(self.codec, self.down[s][o:p], b - a, minus=(target[a:b], self.ref[a:b]))
+        self._ahead = None
 
     def fetch(self, header: np.ndarray) -> None:
         """x <- center (a FETCH when joining, a RESET after divergence): the servers send the
@@ -154,10 +182,11 @@ class CenterClient:
             self.ref[:] = self.x
             self.synced = True
 
-    def _compressed_exchange(self, header: np.ndarray, moves: np.ndarray | None) -> None:
+    def _compressed_exchange(self, header: np.ndarray, moves: np.ndarray | None, ahead: bool = False) -> None:
         """protocol.py, compressed: per chunk, the change x - ref goes up in the codec's format
         (ref += its decoded value, as on the server) and the move comes back (x, or `moves` :=,
-        and ref -= its decoded value). Servers in `shared` exchange in place as in _transfer."""
+        and ref -= its decoded value; `ahead`: encoded already, and kept for apply_ahead).
+        Servers in `shared` exchange in place as in _transfer."""
         header = header.copy()
         header[P.KIND] = P.EXCHANGE_Q
         fmt, x, ref = self.codec, self.x, self.ref
@@ -185,7 +214,8 @@ class CenterClient:
             while to_send[s] and len(flying[s]) < SEND_WINDOW:
                 i, (a, b) = to_send[s].pop(0)
                 o, p = self.offsets[s][i], self.offsets[s][i + 1]
-                codec.encode_change(fmt, x[a:b], ref[a:b], self.up[s][o:p], plus=ref[a:b])
+                if not ahead:
+                    codec.encode_change(fmt, x[a:b], ref[a:b], self.up[s][o:p], plus=ref[a:b])
                 flying[s].append(comm.Isend(self.up[s][o:p], dest=rank, tag=P.TAG_PARAMS_Q))
 
         deadline, backoff = time.monotonic() + self.timeout, Backoff(cap=BUSY_CAP, relative=WAIT_SHARE)
@@ -200,7 +230,7 @@ class CenterClient:
             for j in (MPI.Request.Testsome(requests) or []) if left else []:
                 left -= 1
                 progress = True
-                if recvs[j][1] is not None:
+                if recvs[j][1] is not None and not ahead:
                     s, i, a, b = recvs[j][1]
                     o, p = self.offsets[s][i], self.offsets[s][i + 1]
                     if moves is None:
@@ -212,6 +242,8 @@ class CenterClient:
         self._wait(headers, "the servers to take the exchange header")
         if in_place:
             self.sync()
+        if ahead:
+            self._ahead = "received"
         self.last_sent = time.monotonic()
 
     def _transfer(self, header: np.ndarray, *, send: bool) -> None:

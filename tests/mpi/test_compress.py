@@ -39,11 +39,12 @@ def test_references_stay_identical_and_match_a_numpy_replay(tmp_path, fmt):
     assert len(sent) == 40 and sent.min() < sent.max()  # compressed rows carry fewer bytes than plain ones
 
 
-@pytest.mark.parametrize("fmt", ["int2", "top8"])
-def test_an_exchange_can_hand_back_the_move_alone(tmp_path, fmt):
-    """comm.overlap's path: both shards over messages, the worker asks for the move only
-    (checked against the replay in the script); the references still agree at the end."""
-    _mpirun(3, "compressed_exchange.py", tmp_path, fmt, "moves")
+@pytest.mark.parametrize("fmt,mode", [("int2", "moves"), ("top8", "moves"), ("int4", "ahead")])
+def test_an_exchange_can_hand_back_the_move_alone(tmp_path, fmt, mode):
+    """comm.overlap's paths: both shards over messages, the worker asks for the move only
+    (moves: on a GPU; ahead: on the CPU, encoded before and applied after by the training's
+    thread), checked against the replay in the script; the references still agree at the end."""
+    _mpirun(3, "compressed_exchange.py", tmp_path, fmt, mode)
     load = lambda name: np.load(tmp_path / f"{name}.npy")  # noqa: E731
     np.testing.assert_array_equal(load("worker_ref")[-len(load("server1_ref")):], load("server1_ref"))
     np.testing.assert_array_equal(load("worker_ref"), load("replay_ref"))

@@ -7,7 +7,9 @@ its reference (worker_ref.npy, server1_ref.npy) and the replayed one (replay_ref
 centers (server{0,1}_center.npy, replay_center.npy) into argv[1], and the worker prints OK.
 With argv[3] == "moves" both servers go over messages and the worker asks compressed exchanges
 for the move alone (as an overlapped worker does): its parameters must stay as sent, and minus
-the move they must be the replay's, bit for bit."""
+the move they must be the replay's, bit for bit. With "ahead" the same, as an overlapped CPU
+worker does it: encode_ahead(), then the exchange with the parameters overwritten (it must not
+read them), then apply_ahead() onto the parameters as they were."""
 
 import sys
 import time
@@ -32,7 +34,8 @@ N, ALPHA, CHUNK, EXCHANGES, EXACT_EVERY = 1003, 0.3, 50, 40, 7
 
 def main():
     out, fmt = sys.argv[1], sys.argv[2]
-    moves = sys.argv[3:] == ["moves"]
+    ahead = sys.argv[3:] == ["ahead"]
+    moves = sys.argv[3:] == ["moves"] or ahead
     world = MPI.COMM_WORLD
     assert world.size == 3, "run with mpirun -n 3"
     share = share_node(world, 2, N)
@@ -99,7 +102,15 @@ def main():
         header = make_header(EXCHANGE, 0, k, k)
         if moves:
             assert client.moves_only(header) == (not plain)
-        if moves and not plain:
+        if ahead and not plain:
+            client.encode_ahead(header, x)
+            sent_x = x.copy()
+            x[:] = np.nan  # (the training goes on: the exchange reads none of it)
+            client.exchange(header, ahead=True)
+            assert np.isnan(x).all()
+            x[:] = sent_x
+            client.apply_ahead(x)
+        elif moves and not plain:
             sent_x = x.copy()
             client.exchange(header, moves=moved)
             np.testing.assert_array_equal(x, sent_x)  # as sent: the move is for parameters that went on
