@@ -272,13 +272,16 @@ def main():
     print(f"\nMNIST-1D {what}, {args.workers} workers, budget {args.budget:g} s, at most {epochs:g} epochs "
           f"per worker, batch 100 per worker (logs in {tmp})")
     ddp_final = ddp["curve"][-1][2] if ddp and ddp["curve"] else float("nan")
-    last = f"s to {100 * ddp_final:.1f}%" if wide else "reached 94%"
+    last = ("reached 94%" if not wide else f"s to {100 * ddp_final:.1f}%" if ddp
+            else "s to DDP's final (--no-ddp)")
     print(f"{'method':26s} {'final acc':>9s} {'wall s':>7s} {'s to 90%':>9s} {'MB/worker':>10s}"
           + (f" {'util':>5s}" if util else "") + f"  {last}")
     for name, r in rows:
         acc = r["curve"][-1][2] if r["curve"] else float("nan")
         t90 = time_to(r["curve"], 0.90)
-        if wide:
+        if wide and not ddp:
+            note = "-"
+        elif wide:
             t = time_to(r["curve"], ddp_final)
             ratio = time_to(ddp["curve"], ddp_final) if ddp else None
             note = f"{t:.1f} ({ratio / t:.1f}x sooner than DDP)" if t is not None and ratio else "never"
