@@ -24,14 +24,16 @@ Timings on a shared machine are noisy: run it more than once.
 (benchmarks/torchft_peer.py; `pip install -e .[bench]`) on the same model, data, workers and link.
 
 --variants runs every asynchronous method in each variant: "plain", a codec of comm.compress
-("bf16", "int8", "int4"), "overlap" (comm.overlap), or both joined by "+" ("int4+overlap"); the
-synchronous methods run plain. With --utilisation, after the accuracy runs, --rounds R rounds
+("bf16", "int8", "int4", "int2", "top8"), "overlap" (comm.overlap), or both joined by "+"
+("int4+overlap"); Local SGD and DiLoCo run each codec without the overlap (their averages compress;
+there is no overlap of a synchronous round), DP-SGD plain. With --utilisation, after the accuracy runs, --rounds R rounds
 each measure the workers' compute alone (EAMSGD with one int2 exchange at the end), then run every
 hpcopt row again: a row's worker compute utilisation in a round is its workers' samples per second
 over the compute-alone run's of that round (1.0: communication costs nothing), and the table
 gives the median over the rounds (one round of the same code gave 0.75 and 0.97 on two
 invocations here: the machine's speed drifts). Both are measured in runs whose center is
-evaluated only at the end, so each hpcopt row runs 1 + R times. A run with no exchanges has no
+evaluated only at the end and whose workers save no state (the compute-alone run saves none: its
+workers save before an exchange), so each hpcopt row runs 1 + R times. A run with no exchanges has no
 new center to evaluate, and evaluating the wide setting's 9.2M-parameter center every second
 took 0.18 of the 2 cores (server 0.33 core with evaluations, 0.13 without): counted in, it
 looked like a cost of communication (one invocation, the same variant: 0.70 vs 0.79).
@@ -147,6 +149,19 @@ def samples_per_second(exchanges):
     return sum(rates) / len(rates) if rates else float("nan")
 
 
+def sync_variants(method, variants) -> list:
+    """The variants a synchronous method runs: its averages compress (Local SGD, DiLoCo; DP-SGD's
+    gradients do not), and it has no overlap; each at most once, in the order asked."""
+    if method == "dp-sgd":
+        return ["plain"]
+    out = []
+    for v in variants:
+        v = "+".join(p for p in v.split("+") if p != "overlap") or "plain"
+        if v not in out:
+            out.append(v)
+    return out
+
+
 def pinned(cmd, servers: int, server_cores: str, worker_cores: str) -> list:
     """cmd for every rank of an mpirun, the first `servers` ranks on `server_cores` and the others
     on `worker_cores` (taskset lists): a server with cores of its own, as on a cluster."""
@@ -243,7 +258,7 @@ def main():
     runs = []  # (name, method, variant, stem) of the hpcopt rows
     variants = args.variants.split(",")
     for method in methods:
-        for variant in (["plain"] if method in SYNC else variants):
+        for variant in sync_variants(method, variants) if method in SYNC else variants:
             name = method if variant == "plain" else f"{method} [{variant}]"
             print(f"running {name} ...", flush=True)
             stem = tmp / name.replace(" ", "_").replace("[", "").replace("]", "")
