@@ -214,7 +214,7 @@ def test_the_divergence_reference_is_the_runs_untrained_loss_for_every_worker():
     expected = 0.5 * (H * (x - XSTAR) ** 2).sum()
     assert fresh.initial_loss() == pytest.approx(expected, rel=1e-5)
     assert joiner.initial_loss() == fresh.initial_loss() > 100 * float(joiner.module.loss(
-        torch.from_numpy(data["x_train"][:10]), None))
+        torch.from_numpy(data["x_train"][:10]), None).detach())
     assert torch.equal(trained.params, torch.from_numpy(quadratic.optimum()))  # untouched
 
 
