@@ -287,7 +287,12 @@ def main():
         grid = [(1, 4, 5e3), (1, 4, 1e6), (2, 4, 1e6)]
     if args.repeat < 1:
         raise SystemExit("--repeat must be at least 1")
-    points = [p for f in args.load.split(",") for p in json.loads(Path(f).read_text())] if args.load else []
+    points = []
+    for f in args.load.split(",") if args.load else []:
+        try:
+            points += json.loads(Path(f).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--load {f}: {e}")
     sweeps = [] if args.load else [(path, S, W, P) for _ in range(args.repeat)
                                    for path in args.paths.split(",") for S, W, P in grid]
     for path, S, W, P in sweeps:
