@@ -26,8 +26,8 @@ Timings on a shared machine are noisy: run it more than once.
 --variants runs every asynchronous method in each variant: "plain", a codec of comm.compress
 ("bf16", "int8", "int4", "int2", "top8"), "overlap" (comm.overlap), or both joined by "+"
 ("int4+overlap"); Local SGD and DiLoCo run each codec without the overlap (their averages compress;
-there is no overlap of a synchronous round), DP-SGD plain. With --utilisation, after the accuracy runs, --rounds R rounds
-each measure the workers' compute alone (EAMSGD with one int2 exchange at the end), then run every
+there is no overlap of a synchronous round), DP-SGD plain. With --utilisation, after the accuracy
+runs, --rounds R rounds each measure the workers' compute alone (EAMSGD with one int2 exchange at the end), then run every
 hpcopt row again: a row's worker compute utilisation in a round is its workers' samples per second
 over the compute-alone run's of that round (1.0: communication costs nothing), and the table
 gives the median over the rounds (one round of the same code gave 0.75 and 0.97 on two
